@@ -1,0 +1,75 @@
+"""The GRPO flow: N iterations of sample prompts -> generate -> score -> advantages -> update.
+
+Every stage is a cached Prefect task keyed on the content of its inputs, the config and the code version: a new
+run with the same config after a crash replays the finished stages from the cache and resumes at the first
+unfinished one. One MLflow run per flow run holds the params, per-iteration metrics, the Parquet files and a
+registered model version per checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows.tracking import log_online_iteration, mlflow_run
+from rlhf_core.config import GRPOConfig
+from rlhf_core.data import dataset_fingerprint
+from rlhf_core.rewards import reward_source_fingerprint
+from tasks.advantages import compute_advantages
+from tasks.data import load_prompt_dataset, sample_prompts
+from tasks.models import resolve_model
+from tasks.paths import resolve_data_path
+from tasks.rollouts import generate_rollouts
+from tasks.scoring import score_rollouts
+from tasks.update import update_policy
+
+
+class StageClock(dict):
+    """Wall seconds per stage of one iteration."""
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        yield
+        self[stage] = time.perf_counter() - start
+
+
+@flow(name="grpo", log_prints=True)
+def grpo(config: GRPOConfig = GRPOConfig()) -> str:
+    """Train a policy with GRPO; returns the final checkpoint's folder."""
+    # Checked before any work: every reward function imports, the dataset is valid, the model loads.
+    reward_fingerprints = [reward_source_fingerprint(r.function) for r in config.rewards]
+    dataset = load_prompt_dataset(config.data, dataset_fingerprint(resolve_data_path(config.data.path)))
+    policy = resolve_model(config.model.name_or_path)
+    reference = policy if config.kl.coef > 0 else None  # beta = 0: no reference model at all
+    temperature = config.generation.temperature or 1.0
+    trust = config.model.trust_remote_code
+
+    with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker:
+        for iteration in range(config.iterations):
+            clock = StageClock()
+            with clock("prompts"):
+                prompts = sample_prompts(dataset, config.prompts_per_iteration, iteration, config.seed)
+            with clock("generation"):
+                rollouts = generate_rollouts(policy, prompts, config.generation, config.runtime,
+                                             config.data.system_prompt, config.seed, iteration, trust)
+            with clock("scoring"):
+                scored = score_rollouts(rollouts, config.rewards, reward_fingerprints, config.data.extra_columns,
+                                        reference, config.runtime, temperature, config.optim.micro_batch_size,
+                                        config.optim.logprob_chunk_size, trust)
+            with clock("advantages"):
+                batch = compute_advantages(scored, config.advantage.estimator)
+            with clock("update"):
+                update = update_policy(policy, batch, config.loss, config.kl, config.optim, config.runtime,
+                                       temperature, config.generation.max_new_tokens, config.seed + iteration, trust)
+            policy = update.checkpoint
+            with clock("tracking"):
+                log_online_iteration(tracker, iteration, {"prompts": prompts, "rollouts": rollouts, "scored": scored,
+                                                           "advantages": batch}, update, clock,
+                                     config.tracking.registered_model, config.tracking.log_rollouts)
+            print(f"iteration {iteration}: reward mean {scored.read()['rewards'].mean():.3f}, "
+                  f"{sum(clock.values()):.1f} s")
+    return policy.path

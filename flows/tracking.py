@@ -1,0 +1,163 @@
+"""MLflow glue: one MLflow run per Prefect flow run, metrics batched per iteration, checkpoints registered.
+
+Each logging call to a SQLite store is one fsync'd transaction (~20 ms), so metrics go out as one `log_batch`
+per iteration. Model versions are keyed by the checkpoint's content hash: a run resumed after a crash replays
+its cached iterations without registering the same weights twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+import pandas as pd
+from mlflow.entities import Metric, Param
+from pydantic import BaseModel
+
+from rlhf_core.checkpoint import OPTIMIZER_FILE
+from tasks.paths import rlhf_home
+
+MAX_PARAMS_PER_CALL = 100  # MLflow's limit per log_batch
+MAX_PARAM_LENGTH = 6000
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else a SQLite store in the data folder (absolute: never the CWD)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{rlhf_home() / 'mlflow' / 'mlflow.db'}"
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config -> dotted keys: {"optim": {"lr": 1e-5}} -> {"optim.lr": "1e-05"}."""
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, type(None))) else str(value)
+    return flat
+
+
+def ensure_experiment(name: str) -> str:
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if tracking_uri().startswith("sqlite:"):  # keep artifacts beside the database, not in ./mlruns
+        location = (rlhf_home() / "mlflow" / "artifacts" / name).as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+class Tracker:
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.client = mlflow.MlflowClient()
+
+    def log_params(self, config: BaseModel) -> None:
+        params = [Param(k, v[:MAX_PARAM_LENGTH]) for k, v in flatten(config.model_dump(mode="json")).items()]
+        for start in range(0, len(params), MAX_PARAMS_PER_CALL):
+            self.client.log_batch(self.run_id, params=params[start:start + MAX_PARAMS_PER_CALL])
+        self.log_json(config.model_dump(mode="json"), "config.json")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_json(self, value, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, value, artifact_file)
+
+    def log_files(self, paths: dict[str, str], artifact_path: str) -> None:
+        """Log small files under readable names: {name in MLflow: local path}."""
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, path in paths.items():
+                shutil.copyfile(path, Path(tmp) / name)
+            self.client.log_artifacts(self.run_id, tmp, artifact_path)
+
+    def log_table(self, df: pd.DataFrame, artifact_file: str) -> None:
+        self.client.log_table(self.run_id, data=df, artifact_file=artifact_file)
+
+    def register_checkpoint(self, checkpoint_dir: str, checkpoint_sha256: str, model_name: str, iteration: int,
+                            alias: str = "newest") -> str:
+        """Log the checkpoint's model files (not the optimizer state) and register them; returns the version."""
+        version = self._version_with_hash(model_name, checkpoint_sha256)
+        if version is None:
+            artifact_path = f"checkpoints/iter_{iteration:03d}"
+            for file in sorted(Path(checkpoint_dir).iterdir()):
+                if file.name != OPTIMIZER_FILE:  # training state stays local; the registry holds the model
+                    self.client.log_artifact(self.run_id, str(file), artifact_path)
+            run = self.client.get_run(self.run_id)
+            self._ensure_registered_model(model_name)
+            version = self.client.create_model_version(
+                model_name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=self.run_id,
+                tags={"iteration": str(iteration), "checkpoint_sha256": checkpoint_sha256}).version
+        self.client.set_registered_model_alias(model_name, alias, version)
+        return str(version)
+
+    def _ensure_registered_model(self, name: str) -> None:
+        try:
+            self.client.get_registered_model(name)
+        except mlflow.exceptions.MlflowException:
+            self.client.create_registered_model(name)
+
+    def _version_with_hash(self, name: str, sha256: str) -> str | None:
+        found = self.client.search_model_versions(f"name = '{name}' and tags.checkpoint_sha256 = '{sha256}'")
+        return str(found[0].version) if found else None
+
+
+@contextmanager
+def mlflow_run(experiment: str, config: BaseModel, flow_run_id: str | None, run_name: str | None) -> Iterator[Tracker]:
+    """The MLflow run of this Prefect flow run: created on the first attempt, resumed on a Prefect retry.
+    An exception inside marks the run FAILED."""
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment_id = ensure_experiment(experiment)
+    flow_run_id = flow_run_id or "local"
+    existing = mlflow.search_runs([experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
+                                  max_results=1, output_format="list") if flow_run_id != "local" else []
+    client = mlflow.MlflowClient()
+    if existing:
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run = client.create_run(experiment_id, run_name=run_name, tags={"prefect.flow_run_id": flow_run_id})
+        run_id = run.info.run_id
+    tracker = Tracker(run_id)
+    if not existing:
+        tracker.log_params(config)
+    try:
+        yield tracker
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+
+
+def log_online_iteration(tracker: Tracker, iteration: int, stage_refs: dict, update, stage_seconds: dict[str, float],
+                         registered_model: str, log_rollouts: bool) -> None:
+    """Everything one online iteration leaves in MLflow: metrics, Parquet files, samples, the checkpoint."""
+    from rlhf_core.metrics import rollout_metrics
+
+    batch = stage_refs["advantages"].read()
+    steps = update.metrics.read()
+    generated_tokens = float(batch["response_length"].sum())
+    metrics = {
+        **rollout_metrics(batch["rewards"].to_numpy(), batch["group_id"].to_numpy(),
+                          batch["response_length"].to_numpy(), batch["finished"].to_numpy()),
+        **steps.mean().to_dict(),
+        "perf/generated_tokens_per_s": generated_tokens / max(stage_seconds["generation"], 1e-9),
+        **{f"time/{stage}_s": seconds for stage, seconds in stage_seconds.items()},
+    }
+    tracker.log_metrics(metrics, step=iteration)
+    folder = f"iter_{iteration:03d}"
+    if log_rollouts:
+        tracker.log_files({f"{stage}.parquet": ref.path for stage, ref in stage_refs.items()}
+                          | {"update_metrics.parquet": update.metrics.path}, f"data/{folder}")
+    sample_columns = ["group_id", "prompt", "response", "rewards", "advantages"]
+    tracker.log_table(batch[sample_columns].head(16), f"samples/{folder}.json")
+    tracker.register_checkpoint(update.checkpoint.path, update.checkpoint.sha256, registered_model, iteration)

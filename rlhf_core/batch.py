@@ -1,0 +1,55 @@
+"""Rollout rows <-> padded tensors.
+
+A batch is a dict of tensors with leading dimension B: `prompt_ids`/`prompt_mask` [B, P] left-padded,
+`response_ids`/`response_mask` [B, T] right-padded (so every response starts at column P), and any per-token
+extras ([B, T], e.g. `old_logprobs`, `ref_logprobs`) aligned with the response columns.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from rlhf_core.generation import pad_sequences
+
+
+def collate(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int,
+            per_token: dict[str, Sequence[Sequence[float]]] | None = None,
+            per_seq: dict[str, Sequence[float]] | None = None, device="cpu") -> dict[str, Tensor]:
+    """Pad rows into a batch. per_token values are [B, T] floats aligned with responses; per_seq values [B]."""
+    prompt, prompt_mask = pad_sequences([list(p) for p in prompt_ids], pad_id, "left", device)
+    response, response_mask = pad_sequences([list(r) for r in response_ids], pad_id, "right", device)
+    batch = {"prompt_ids": prompt, "prompt_mask": prompt_mask, "response_ids": response,
+             "response_mask": response_mask}
+    width = response.shape[1]
+    for name, rows in (per_token or {}).items():
+        values = torch.zeros((len(rows), width), dtype=torch.float32)
+        for i, row in enumerate(rows):
+            values[i, :len(row)] = torch.as_tensor(list(row), dtype=torch.float32)
+        batch[name] = values.to(device)
+    for name, values in (per_seq or {}).items():
+        batch[name] = torch.as_tensor(list(values), dtype=torch.float32, device=device)
+    return batch
+
+
+def select_rows(batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+    """Rows of every tensor, with columns that are padding in all selected rows trimmed away, so short
+    micro-batches cost less."""
+    out = {k: v[rows] for k, v in batch.items()}
+    prompt_cols = out["prompt_mask"].any(0).nonzero()
+    response_cols = out["response_mask"].any(0).nonzero()
+    first = int(prompt_cols[0]) if len(prompt_cols) else 0
+    last = int(response_cols[-1]) + 1 if len(response_cols) else 1
+    for k, v in out.items():
+        if k.startswith("prompt_"):
+            out[k] = v[:, first:]
+        elif v.dim() == 2:  # every other [B, T] tensor is aligned with the response columns
+            out[k] = v[:, :last]
+    return out
+
+
+def response_lists(values: Tensor, mask: Tensor) -> list[list[float]]:
+    """[B, T] tensor -> one list per row holding the masked-in values (the inverse of collate's per_token)."""
+    return [row[m].tolist() for row, m in zip(values.detach().float().cpu(), mask.bool().cpu())]

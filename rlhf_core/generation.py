@@ -1,0 +1,131 @@
+"""Batched sampling of responses with a KV cache.
+
+Departs from `model.generate` in two ways that matter for RL:
+- every row samples from its own seeded generator (Gumbel-max), so a response depends on its seed and prompt
+  only, not on which other rows share its batch: sharding or re-batching the rollout stage changes nothing;
+- the log-prob recorded for each sampled token is taken from the tempered distribution *before* top-p
+  truncation, which is the distribution the trainer's log-probs are computed from (same temperature).
+
+Layout (shared with `logprobs.py`): prompts are left-padded to P columns, responses right-padded to T columns,
+so every response starts at column P. The response mask keeps the EOS token: the policy must learn to stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Rollouts:
+    """Plain Python lists, one entry per sampled response, ready for a Parquet table."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]  # no padding; ends with EOS when `finished`
+    sampling_logprobs: list[list[float]]  # log-prob of each response token under the sampling distribution
+    finished: list[bool]  # True when the response emitted EOS within max_new_tokens
+
+
+def chat_prompt_ids(tokenizer, prompts: list[str], system_prompt: str | None = None) -> list[list[int]]:
+    """Token ids of each prompt rendered with the tokenizer's chat template (plain encoding without one)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    out = []
+    for prompt in prompts:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def pad_sequences(seqs: list[list[int]], pad_id: int, side: str, device="cpu") -> tuple[Tensor, Tensor]:
+    """ids: [B, max_len] padded on `side`, mask: [B, max_len] bool (True on real tokens)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = True
+    return ids.to(device), mask.to(device)
+
+
+def top_p_filter(logprobs: Tensor, top_p: float) -> Tensor:
+    """Set to -inf every token outside the smallest set whose probability reaches top_p (nucleus sampling).
+    logprobs: [B, V] -> [B, V]"""
+    if top_p >= 1.0:
+        return logprobs
+    sorted_lp, order = logprobs.sort(dim=-1, descending=True)
+    mass_before = sorted_lp.exp().cumsum(dim=-1) - sorted_lp.exp()
+    drop_sorted = mass_before >= top_p  # the token that crosses top_p is kept, so at least one survives
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logprobs.masked_fill(drop, float("-inf"))
+
+
+def sample_tokens(logprobs: Tensor, top_p: float, generators: list[torch.Generator] | None) -> Tensor:
+    """One token per row by Gumbel-max over the top-p-filtered log-probs; greedy when generators is None.
+    logprobs: [B, V] -> [B]"""
+    filtered = top_p_filter(logprobs, top_p)
+    if generators is None:
+        return filtered.argmax(dim=-1)
+    vocab = logprobs.shape[-1]
+    uniform = torch.stack([torch.rand(vocab, generator=g) for g in generators]).to(logprobs.device)
+    gumbel = -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0 - 1e-7)))
+    return (filtered + gumbel).argmax(dim=-1)
+
+
+@torch.no_grad()
+def sample_responses(model, prompt_ids: list[list[int]], *, eos_ids: list[int], pad_id: int, max_new_tokens: int,
+                     temperature: float, top_p: float, seeds: list[int] | None,
+                     on_step: Callable[[], None] | None = None) -> Rollouts:
+    """Sample one response per prompt. seeds: one per prompt (None: greedy decoding).
+    temperature 0 also means greedy; log-probs are then those of the untempered distribution."""
+    device = next(model.parameters()).device
+    greedy = seeds is None or temperature == 0
+    generators = None if greedy else [torch.Generator().manual_seed(int(s)) for s in seeds]
+    scale = 1.0 if temperature == 0 else temperature
+    input_ids, attention_mask = pad_sequences(prompt_ids, pad_id, "left", device)
+    eos = torch.tensor(eos_ids, device=device)
+    batch = len(prompt_ids)
+
+    step_input = input_ids
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache = None
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, logprobs = [], []
+    for _ in range(max_new_tokens):
+        out = model(input_ids=step_input, attention_mask=attention_mask.long(), position_ids=position_ids,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        step_logprobs = torch.log_softmax(out.logits[:, -1].float() / scale, dim=-1)  # [B, V]
+        token = sample_tokens(step_logprobs, top_p, generators)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        logprobs.append(step_logprobs.gather(-1, token[:, None]).squeeze(-1))
+        alive = ~finished  # the token just sampled is real for rows alive before this step (EOS included)
+        finished = finished | torch.isin(token, eos)
+        if on_step is not None:  # progress reporting lives with the caller
+            on_step()
+        if bool(finished.all()):
+            break
+        attention_mask = torch.cat([attention_mask, alive[:, None]], dim=-1)
+        position_ids = position_ids[:, -1:] + 1
+        step_input = token[:, None]
+
+    token_matrix = torch.stack(tokens, dim=1).cpu()  # [B, T]
+    logprob_matrix = torch.stack(logprobs, dim=1).float().cpu()  # [B, T]
+    return _to_rollouts(prompt_ids, token_matrix, logprob_matrix, set(eos_ids))
+
+
+def _to_rollouts(prompt_ids: list[list[int]], tokens: Tensor, logprobs: Tensor, eos_ids: set[int]) -> Rollouts:
+    responses, response_logprobs, finished = [], [], []
+    for row_tokens, row_logprobs in zip(tokens.tolist(), logprobs.tolist()):
+        end = next((i + 1 for i, t in enumerate(row_tokens) if t in eos_ids), len(row_tokens))
+        responses.append(row_tokens[:end])
+        response_logprobs.append(row_logprobs[:end])
+        finished.append(end <= len(row_tokens) and row_tokens[end - 1] in eos_ids)
+    return Rollouts([list(p) for p in prompt_ids], responses, response_logprobs, finished)

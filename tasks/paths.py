@@ -1,0 +1,52 @@
+"""Where the pipeline keeps its files: one data folder, `$RLHF_HOME` (default `~/.rlhf`), never the CWD."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def rlhf_home() -> Path:
+    return Path(os.environ.get("RLHF_HOME") or Path.home() / ".rlhf").expanduser().resolve()
+
+
+def stage_dir(stage: str) -> Path:
+    """Content-addressed Parquet outputs of one stage."""
+    return rlhf_home() / "artifacts" / stage
+
+
+def checkpoints_dir() -> Path:
+    return rlhf_home() / "checkpoints"
+
+
+def models_dir() -> Path:
+    """Converted built-in models and models downloaded from the MLflow registry."""
+    return rlhf_home() / "models"
+
+
+def resolve_data_path(path: str) -> Path:
+    """A relative dataset path is looked up in the current directory first, then in the project folder, so the
+    shipped `data/...` defaults work from anywhere."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return candidate.resolve()
+    shipped = PROJECT_ROOT / candidate
+    return shipped if shipped.exists() else candidate.resolve()
+
+
+def configure_environment() -> None:
+    """Defaults that keep Prefect, MLflow and Hugging Face offline, quiet and inside the data folder.
+    Explicit environment variables win. Must run before prefect is imported (tasks/__init__.py does it)."""
+    defaults = {
+        "PREFECT_HOME": str(rlhf_home() / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)

@@ -1,0 +1,51 @@
+"""The rollout stage: G sampled responses per prompt, with their token ids and sampling log-probs."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from prefect import task
+from tqdm.auto import tqdm
+
+from rlhf_core.config import GenerationConfig, RuntimeConfig
+from rlhf_core.generation import chat_prompt_ids, sample_responses
+from rlhf_core.models import eos_token_ids
+from tasks.cache import STAGE_TASK_OPTIONS
+from tasks.refs import ArtifactRef, CheckpointRef, publish
+from tasks.runtime import load_model
+
+
+def row_seed(seed: int, iteration: int, prompt_id: int, sample_index: int) -> int:
+    """A seed per response that depends on nothing else, so re-batching or sharding changes no sample."""
+    digest = hashlib.sha256(f"{seed}:{iteration}:{prompt_id}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@task(name="generate-rollouts", **STAGE_TASK_OPTIONS)
+def generate_rollouts(policy: CheckpointRef, prompts: ArtifactRef, generation: GenerationConfig,
+                      runtime: RuntimeConfig, system_prompt: str | None, seed: int,
+                      iteration: int, trust_remote_code: bool = False) -> ArtifactRef:
+    df = prompts.read()
+    model, tokenizer = load_model(policy, runtime, trust_remote_code)
+    rows = df.loc[df.index.repeat(generation.group_size)].reset_index(drop=True)
+    rows.insert(0, "group_id", np.repeat(np.arange(len(df)), generation.group_size))
+    rows.insert(1, "sample_index", np.tile(np.arange(generation.group_size), len(df)))
+    prompt_ids = chat_prompt_ids(tokenizer, rows["prompt"].tolist(), system_prompt)
+    seeds = [row_seed(seed, iteration, p, k) for p, k in zip(rows["prompt_id"], rows["sample_index"])]
+    out = {"prompt_ids": [], "response_ids": [], "sampling_logprobs": [], "finished": []}
+    starts = range(0, len(rows), generation.batch_size)
+    progress = tqdm(total=len(starts) * generation.max_new_tokens, desc="generate", unit="token")
+    for start in starts:
+        chunk = slice(start, start + generation.batch_size)
+        result = sample_responses(model, prompt_ids[chunk], eos_ids=eos_token_ids(model, tokenizer),
+                                  pad_id=tokenizer.pad_token_id, max_new_tokens=generation.max_new_tokens,
+                                  temperature=generation.temperature, top_p=generation.top_p, seeds=seeds[chunk],
+                                  on_step=lambda: progress.update(1))
+        for key in out:
+            out[key].extend(getattr(result, key))
+    progress.close()
+    rows = rows.assign(**out)
+    rows["response"] = tokenizer.batch_decode(rows["response_ids"].tolist(), skip_special_tokens=True)
+    rows["response_length"] = rows["response_ids"].map(len)
+    return publish(rows, "rollouts")

@@ -1,0 +1,42 @@
+"""The update stage: load the policy and its optimizer state, run GRPO's steps, save a new checkpoint."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from prefect import task
+from tqdm.auto import tqdm
+
+from rlhf_core.batch import collate
+from rlhf_core.checkpoint import restore_optimizer, save_checkpoint, trainable_parameters
+from rlhf_core.config import KLConfig, LossConfig, OptimConfig, RuntimeConfig
+from rlhf_core.grpo import grpo_update
+from tasks.cache import STAGE_TASK_OPTIONS
+from tasks.paths import checkpoints_dir
+from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
+from tasks.runtime import load_model
+
+
+@task(name="update-policy", **STAGE_TASK_OPTIONS)
+def update_policy(policy: CheckpointRef, batch: ArtifactRef, loss: LossConfig, kl: KLConfig, optim: OptimConfig,
+                  runtime: RuntimeConfig, temperature: float, max_new_tokens: int, seed: int,
+                  trust_remote_code: bool = False) -> UpdateResult:
+    df = batch.read()
+    model, tokenizer = load_model(policy, runtime, trust_remote_code)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=optim.lr, weight_decay=optim.weight_decay)
+    restore_optimizer(optimizer, policy.path)
+    per_token = {"ref_logprobs": df["ref_logprobs"]} if kl.coef > 0 else None
+    tensors = collate(df["prompt_ids"], df["response_ids"], tokenizer.pad_token_id, per_token=per_token,
+                      per_seq={"advantages": df["advantages"]}, device=runtime.device)
+    progress = tqdm(total=optim.epochs * optim.mini_batches, desc="update", unit="step")
+    history = grpo_update(
+        model, optimizer, tensors, epochs=optim.epochs, mini_batches=optim.mini_batches,
+        micro_batch_size=optim.micro_batch_size, max_grad_norm=optim.max_grad_norm, seed=seed,
+        on_step=lambda metrics: progress.update(1),
+        clip_eps_low=loss.clip_eps_low, clip_eps_high=loss.clip_eps_high, kl_coef=kl.coef,
+        kl_estimator=kl.estimator, aggregation=loss.aggregation, norm_length=max_new_tokens,
+        temperature=temperature or 1.0, chunk_size=optim.logprob_chunk_size)
+    progress.close()
+    path, digest = save_checkpoint(model, tokenizer, optimizer, checkpoints_dir())
+    return UpdateResult(checkpoint=CheckpointRef(path=str(path), sha256=digest),
+                        metrics=publish(pd.DataFrame(history), "update-metrics"))

@@ -1,0 +1,39 @@
+"""prefect.yaml deploys against a real Prefect server, and the server validates parameters with the config's
+pydantic schema (the same model the CLI and MLflow use)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL
+
+PROJECT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def prefect_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    return subprocess.run([sys.executable, "-m", "prefect", *args], cwd=PROJECT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_prefect_yaml_deploys_grpo_with_a_validated_form(prefect_harness):
+    assert prefect_cli("work-pool", "create", "local-process", "--type", "process").returncode == 0
+    result = prefect_cli("--no-prompt", "deploy", "--all")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("grpo/grpo")
+        schema = deployment.parameter_openapi_schema
+        assert deployment.parameters["config"]["optim"]["lr"] == 2.0e-5
+        assert deployment.concurrency_limit == 1 or deployment.global_concurrency_limit is not None
+        definitions = schema["definitions"]
+        assert definitions["OptimConfig"]["properties"]["lr"]["exclusiveMinimum"] == 0.0
+        assert definitions["KLConfig"]["properties"]["estimator"]["enum"] == ["k1", "k2", "k3"]
+        with pytest.raises(Exception, match="(?i)validation"):
+            client.create_flow_run_from_deployment(deployment.id, parameters={"config": {"optim": {"lr": -1}}})

@@ -1,0 +1,121 @@
+"""The GRPO flow end to end on a tiny model: the real Prefect engine (a temporary server), a real MLflow SQLite
+store, real Parquet files and checkpoints. Also: crash in a late stage, rerun, resume from the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+import tasks.update
+from flows.grpo import grpo
+from flows.tracking import tracking_uri
+from rlhf_core.config import (DataConfig, GenerationConfig, GRPOConfig, KLConfig, ModelConfig, OptimConfig,
+                               TrackingConfig)
+from rlhf_core.io import sha256_dir, sha256_file
+from tasks.models import resolve_model
+
+pytestmark = pytest.mark.slow
+STAGES = ["sample-prompts", "generate-rollouts", "score-rollouts", "compute-advantages", "update-policy"]
+
+
+def tiny_config(model_dir, **overrides) -> GRPOConfig:
+    values = dict(
+        iterations=2, prompts_per_iteration=2, seed=0,
+        model=ModelConfig(name_or_path=str(model_dir)),
+        data=DataConfig(path="data/arithmetic_train.jsonl"),
+        generation=GenerationConfig(group_size=4, max_new_tokens=8, temperature=1.0),
+        optim=OptimConfig(lr=1e-3, micro_batch_size=4),
+        tracking=TrackingConfig(experiment="e2e", registered_model="tiny-policy"))
+    return GRPOConfig(**{**values, **overrides})
+
+
+def task_states(flow_run_id) -> list[tuple[str, str]]:
+    """(task name without Prefect's numeric suffix, state name) in start order."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    runs.sort(key=lambda r: r.expected_start_time)
+    return [(r.name.rsplit("-", 1)[0], r.state.name) for r in runs]
+
+
+def mlflow_run_of(flow_run_id):
+    mlflow.set_tracking_uri(tracking_uri())
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_grpo_flow_end_to_end(prefect_harness, rlhf_home, tiny_model_dir):
+    state = grpo(tiny_config(tiny_model_dir, kl=KLConfig(coef=0.05)), return_state=True)
+    final_checkpoint = state.result()
+    flow_run_id = state.state_details.flow_run_id
+
+    # Parquet: one content-addressed file per stage and iteration, nothing half-written
+    for stage, count in [("prompts", 2), ("rollouts", 2), ("scored", 2), ("advantages", 2), ("update-metrics", 2)]:
+        files = sorted((rlhf_home / "artifacts" / stage).glob("*.parquet"))
+        assert len(files) == count, stage
+    assert not list(rlhf_home.rglob(".tmp-*"))
+    batch = pd.read_parquet(sorted((rlhf_home / "artifacts" / "advantages").glob("*.parquet"))[0])
+    assert len(batch) == 8 and {"rewards", "advantages", "response_ids", "group_id"} <= set(batch.columns)
+
+    # MLflow: params, one metric point per iteration, Parquet artifacts, a registered version per checkpoint
+    run = mlflow_run_of(flow_run_id)
+    client = mlflow.MlflowClient()
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.001" and run.data.params["generation.group_size"] == "4"
+    for key in ["reward/mean", "reward/zero_std_group_frac", "policy/entropy", "policy/clip_frac_high",
+                "loss/policy", "policy/grad_norm", "response/length_mean", "response/truncated_frac",
+                "perf/generated_tokens_per_s", "time/generation_s", "time/update_s", "kl/mean"]:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1], key
+    logged = [a.path for a in client.list_artifacts(run.info.run_id, "data/iter_001")]
+    assert "data/iter_001/rollouts.parquet" in logged and "data/iter_001/advantages.parquet" in logged
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="data/iter_001/scored.parquet")
+    assert len(pd.read_parquet(local)) == 8
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == [
+        "samples/iter_000.json", "samples/iter_001.json"]
+
+    versions = client.search_model_versions("name = 'tiny-policy'")
+    assert sorted(v.tags["iteration"] for v in versions) == ["0", "1"]
+    newest = client.get_model_version_by_alias("tiny-policy", "newest")
+    assert newest.tags["iteration"] == "1" and newest.tags["checkpoint_sha256"] == sha256_dir(final_checkpoint)
+    assert "ref_logprobs" in batch.columns  # kl.coef > 0: the scoring stage ran the reference model
+
+    # A later flow can start from the registry: the alias resolves to the same weights
+    registered = Path(resolve_model.fn("models:/tiny-policy@newest").path)
+    assert sha256_file(registered / "model.safetensors") == sha256_file(Path(final_checkpoint) / "model.safetensors")
+    assert not (registered / "optimizer.safetensors").exists()  # the training state stays local
+
+
+def test_crash_in_update_then_rerun_resumes_and_matches_uninterrupted_run(prefect_harness, tmp_path, monkeypatch,
+                                                                          tiny_model_dir):
+    config = tiny_config(tiny_model_dir)
+    monkeypatch.setenv("RLHF_HOME", str(tmp_path / "uninterrupted"))
+    uninterrupted = sha256_dir(grpo(config))
+
+    monkeypatch.setenv("RLHF_HOME", str(tmp_path / "crashed"))
+    real_save = tasks.update.save_checkpoint
+    calls = []
+
+    def save_then_crash(*args, **kwargs):  # iteration 1's update dies after training, before its checkpoint
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.update, "save_checkpoint", save_then_crash)
+    crashed = grpo(config, return_state=True)
+    assert crashed.is_failed()
+    assert mlflow_run_of(crashed.state_details.flow_run_id).info.status == "FAILED"
+    assert len(list((tmp_path / "crashed" / "checkpoints").iterdir())) == 1  # no partial checkpoint
+    monkeypatch.setattr(tasks.update, "save_checkpoint", real_save)
+
+    resumed = grpo(config, return_state=True)
+    states = [s for s in task_states(resumed.state_details.flow_run_id) if s[0] in STAGES]
+    assert states == [(stage, "Cached") for stage in STAGES] + [(stage, "Cached") for stage in STAGES[:-1]] + [
+        ("update-policy", "Completed")]
+    assert sha256_dir(resumed.result()) == uninterrupted

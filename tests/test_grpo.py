@@ -1,0 +1,286 @@
+"""GRPO's loss and update on a tiny random-init Llama: gradient accumulation, the on-policy REINFORCE form,
+the KL term's value, and the old-logprobs / step-count contract of `grpo_update`."""
+
+import math
+
+import pytest
+import torch
+
+import rlhf_core.grpo as grpo_module
+from rlhf_core.batch import collate, select_rows
+from rlhf_core.grpo import grpo_loss, grpo_update
+from rlhf_core.logprobs import batched_response_logprobs, position_ids_from_mask
+from rlhf_core.models import load_causal_lm
+from rlhf_core.policy_losses import AGGREGATION_MODES
+from rlhf_core.update import Normalizers
+
+PROMPTS = ["What is 2 + 3?", "Hi", "Compute 17 times 4, please, and show your work.", "x",
+           "A longer prompt about GRPO", "Why?"]
+RESPONSES = ["5", "Hello there! How are you today?", "68", "yes no maybe so", "It normalises rewards per group.",
+             "Because."]
+NORM_LENGTH = 16  # Dr. GRPO's constant length (max_new_tokens in training)
+LOSS_KWARGS = dict(clip_eps_low=0.2, clip_eps_high=0.28, kl_estimator="k3", norm_length=NORM_LENGTH,
+                   temperature=1.0, chunk_size=1024)
+
+
+def make_batch(tokenizer, seed=0):
+    """6 rollouts with ragged prompts (left-padded) and responses (right-padded, ending with EOS), random
+    advantages [6] and ref_logprobs [6, T] near a random-init model's ~-log(V)."""
+    prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    response_ids = [tokenizer(r)["input_ids"] + [tokenizer.eos_token_id] for r in RESPONSES]
+    generator = torch.Generator().manual_seed(seed)
+    ref_logprobs = [(-10.0 + torch.randn(len(r), generator=generator)).tolist() for r in response_ids]
+    advantages = torch.randn(len(PROMPTS), generator=generator).tolist()
+    batch = collate(prompt_ids, response_ids, tokenizer.pad_token_id, per_token={"ref_logprobs": ref_logprobs},
+                    per_seq={"advantages": advantages})
+    lengths = batch["response_mask"].sum(1)
+    assert len(set(lengths.tolist())) > 3 and len(set(batch["prompt_mask"].sum(1).tolist())) > 3  # really ragged
+    assert batch["prompt_mask"][:, 0].any() and not batch["prompt_mask"][:, 0].all()  # left padding present
+    return batch
+
+
+def full_normalizers(batch):
+    return Normalizers(num_seqs=float(batch["response_mask"].shape[0]),
+                       num_tokens=float(batch["response_mask"].sum()))
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    """Our own copy: these tests write .grad on it (the weights are never changed)."""
+    model, tokenizer = load_causal_lm(tiny_model_dir)
+    return model.eval(), tokenizer
+
+
+def gradients(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+# ---------------------------------------------------------------- gradient accumulation
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
+@pytest.mark.parametrize("aggregation", AGGREGATION_MODES)
+def test_micro_batch_gradients_add_up_to_full_batch(lm, aggregation, kl_coef):
+    model, tokenizer = lm
+    batch = make_batch(tokenizer)
+    norm = full_normalizers(batch)  # the mini-batch's counts, given to every micro-batch
+    kwargs = dict(LOSS_KWARGS, kl_coef=kl_coef, aggregation=aggregation)
+
+    full_loss, full_metrics = grpo_loss(model, batch, norm, **kwargs)
+    full = gradients(model, full_loss)
+
+    model.zero_grad(set_to_none=True)
+    total_loss, total_metrics = 0.0, {}
+    for rows in torch.tensor([4, 0, 5, 2, 1, 3]).split([1, 2, 3]):  # shuffled rows, micro-batches of 1, 2, 3
+        micro = select_rows(batch, rows)
+        assert micro["response_ids"].shape[1] <= batch["response_ids"].shape[1]
+        loss, metrics = grpo_loss(model, micro, norm, **kwargs)
+        loss.backward()  # accumulates into .grad
+        total_loss += loss.item()
+        for key, value in metrics.items():
+            total_metrics[key] = total_metrics.get(key, 0.0) + float(value)
+    accumulated = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    assert accumulated.keys() == full.keys() and len(full) == len(list(model.parameters()))
+    scale = max(g.abs().max().item() for g in full.values())
+    assert scale > 1e-3  # a real gradient, not zeros everywhere
+    for name, grad in full.items():
+        torch.testing.assert_close(accumulated[name], grad, rtol=0.0, atol=2e-6 * scale, msg=name)
+    assert total_loss == pytest.approx(full_loss.item(), rel=1e-5, abs=1e-6)
+    assert total_metrics.keys() == {k for k in full_metrics}
+    assert ("kl/mean" in full_metrics) == (kl_coef > 0)
+    for key, value in full_metrics.items():
+        assert total_metrics[key] == pytest.approx(float(value), rel=1e-5, abs=1e-6), key
+
+
+def test_per_micro_batch_normalisers_would_not_add_up(lm):
+    """The counter-check: normalising each micro-batch by its own size gives a different gradient, so the
+    test above can tell the two apart."""
+    model, tokenizer = lm
+    batch = make_batch(tokenizer)
+    kwargs = dict(LOSS_KWARGS, kl_coef=0.0, aggregation="token-mean")
+    full = gradients(model, grpo_loss(model, batch, full_normalizers(batch), **kwargs)[0])
+    model.zero_grad(set_to_none=True)
+    for rows in torch.arange(6).split([1, 2, 3]):
+        micro = select_rows(batch, rows)
+        grpo_loss(model, micro, full_normalizers(micro), **kwargs)[0].backward()
+    name = "model.embed_tokens.weight"
+    assert not torch.allclose(model.get_parameter(name).grad, full[name], atol=1e-4)
+
+
+# ---------------------------------------------------------------- on-policy: REINFORCE
+
+
+def reference_logprobs(model, batch):
+    """Independent formulation: the plain HF forward on [prompt | response], full log_softmax, then gather.
+    -> [B, T] (values at padding are meaningless)."""
+    input_ids = torch.cat([batch["prompt_ids"], batch["response_ids"]], dim=1)  # [B, P+T]
+    attention_mask = torch.cat([batch["prompt_mask"], batch["response_mask"]], dim=1).long()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask)).logits  # [B, P+T, V]
+    prompt_len = batch["prompt_ids"].shape[1]
+    logp = torch.log_softmax(logits[:, prompt_len - 1:-1].float(), dim=-1)  # [B, T, V]: predicts response tokens
+    return logp.gather(-1, batch["response_ids"][..., None]).squeeze(-1)  # [B, T]
+
+
+def test_on_policy_loss_is_reinforce(lm):
+    model, tokenizer = lm
+    batch = make_batch(tokenizer)
+    mask, advantages = batch["response_mask"], batch["advantages"]
+    norm = full_normalizers(batch)
+    loss, metrics = grpo_loss(model, batch, norm, **dict(LOSS_KWARGS, kl_coef=0.0, aggregation="token-mean"))
+
+    # ratio == 1 everywhere: nothing is clipped, approx_kl is 0, and the loss is -sum_b A_b * len_b / N
+    assert float(metrics["policy/clip_frac_low"]) == 0.0
+    assert float(metrics["policy/clip_frac_high"]) == 0.0
+    assert float(metrics["policy/approx_kl"]) == 0.0
+    expected_loss = -(advantages * mask.sum(1)).sum() / mask.sum()
+    torch.testing.assert_close(loss.detach(), expected_loss)
+    torch.testing.assert_close(metrics["loss/policy"], expected_loss)
+    assert "kl/mean" not in metrics
+
+    # gradient == grad of -(sum over response tokens of A * log pi) / num_tokens (REINFORCE)
+    grads = gradients(model, loss)
+    logprobs = reference_logprobs(model, batch)
+    reinforce = -torch.where(mask, advantages[:, None] * logprobs, 0.0).sum() / norm.num_tokens
+    reinforce_grads = gradients(model, reinforce)
+    scale = max(g.abs().max().item() for g in grads.values())
+    assert scale > 1e-3
+    for name, grad in reinforce_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=0.0, atol=2e-6 * scale, msg=name)
+
+
+def test_clip_fractions_with_old_logprobs(lm):
+    """old = log pi - 1: ratio e > 1 + 0.28 on every token, so the high clip binds exactly on the tokens of
+    rows with A > 0 and their gradient is 0; old = log pi + 1: ratio 1/e < 1 - 0.2, the low clip binds where A < 0."""
+    model, tokenizer = lm
+    batch = make_batch(tokenizer)
+    mask, advantages = batch["response_mask"], batch["advantages"]
+    assert (advantages > 0).any() and (advantages < 0).any()
+    norm = full_normalizers(batch)
+    logprobs = batched_response_logprobs(model, batch, micro_batch_size=6)
+    kwargs = dict(LOSS_KWARGS, kl_coef=0.0, aggregation="token-mean")
+
+    with torch.no_grad():
+        _, high = grpo_loss(model, {**batch, "old_logprobs": logprobs - 1.0}, norm, **kwargs)
+        _, low = grpo_loss(model, {**batch, "old_logprobs": logprobs + 1.0}, norm, **kwargs)
+    def tokens_with(rows):  # fraction of the response tokens that lie in these rows
+        return float(mask[rows].sum()) / norm.num_tokens
+
+    assert float(high["policy/clip_frac_high"]) == pytest.approx(tokens_with(advantages > 0), abs=1e-6)
+    assert float(high["policy/clip_frac_low"]) == 0.0
+    assert float(low["policy/clip_frac_low"]) == pytest.approx(tokens_with(advantages < 0), abs=1e-6)
+    assert float(low["policy/clip_frac_high"]) == 0.0
+    assert float(high["policy/approx_kl"]) == pytest.approx(0.5, rel=1e-4)  # 0.5 * (log pi - old)^2 = 0.5 * 1^2
+
+    # with only positive advantages every token is clipped high: the loss is a constant, the gradient 0
+    positive = {**batch, "advantages": advantages.abs() + 0.1, "old_logprobs": logprobs - 1.0}
+    loss, _ = grpo_loss(model, positive, norm, **kwargs)
+    expected = -(1 + 0.28) * (positive["advantages"] * mask.sum(1)).sum() / mask.sum()
+    torch.testing.assert_close(loss.detach(), expected)
+    assert all((g == 0).all() for g in gradients(model, loss).values())
+
+
+# ---------------------------------------------------------------- the KL term
+
+
+@pytest.mark.parametrize("estimator, expected", [
+    pytest.param("k1", lambda c: -c, id="k1"),                   # log pi - log ref = -c
+    pytest.param("k2", lambda c: 0.5 * c**2, id="k2"),           # (log pi - log ref)^2 / 2
+    pytest.param("k3", lambda c: math.expm1(c) - c, id="k3"),    # (r - 1) - log r, log r = c: 0.1487 at c = 0.5
+])
+def test_kl_metric_hand_values(lm, estimator, expected):
+    model, tokenizer = lm
+    batch = make_batch(tokenizer)
+    mask, advantages = batch["response_mask"], batch["advantages"]
+    norm = full_normalizers(batch)
+    own = batched_response_logprobs(model, batch, micro_batch_size=6)  # the model's own log-probs
+    kwargs = dict(LOSS_KWARGS, kl_coef=0.1, kl_estimator=estimator, aggregation="token-mean")
+    with torch.no_grad():
+        _, same = grpo_loss(model, {**batch, "ref_logprobs": own}, norm, **kwargs)
+        c = 0.5
+        loss, shifted = grpo_loss(model, {**batch, "ref_logprobs": own + c}, norm, **kwargs)
+    assert abs(float(same["kl/mean"])) < 1e-6
+    assert float(shifted["kl/mean"]) == pytest.approx(expected(c), rel=1e-4)
+    # on-policy token-mean loss = -sum_b A_b len_b / N + kl_coef * KL
+    policy_part = -(advantages * mask.sum(1)).sum() / mask.sum()
+    assert float(loss) == pytest.approx(float(policy_part) + 0.1 * expected(c), rel=1e-4, abs=1e-6)
+
+
+def test_kl_term_pulls_toward_the_reference(lm):
+    """With zero advantages only the KL term has a gradient; a gradient-descent step along it raises log pi
+    where ref > pi (k3's gradient w.r.t. log pi is 1 - ref/pi < 0 there)."""
+    model, tokenizer = lm
+    batch = make_batch(tokenizer)
+    batch["advantages"] = torch.zeros_like(batch["advantages"])
+    norm = full_normalizers(batch)
+    own = batched_response_logprobs(model, batch, micro_batch_size=6)
+    batch["ref_logprobs"] = own + 0.5
+    loss, _ = grpo_loss(model, batch, norm, **dict(LOSS_KWARGS, kl_coef=0.1, aggregation="token-mean"))
+    grads = gradients(model, loss)
+    assert any(g.abs().max() > 0 for g in grads.values())
+    with torch.no_grad():
+        saved = {n: p.clone() for n, p in model.named_parameters()}
+        try:
+            for name, p in model.named_parameters():
+                p -= 1e-2 * grads[name]
+            after = batched_response_logprobs(model, batch, micro_batch_size=6)
+        finally:
+            for name, p in model.named_parameters():
+                p.copy_(saved[name])
+    mask = batch["response_mask"]
+    assert (after - own)[mask].mean() > 0
+
+
+# ---------------------------------------------------------------- grpo_update
+
+
+def _spy_on_old_logprobs(monkeypatch):
+    calls = []
+    original = grpo_module.batched_response_logprobs
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(grpo_module, "batched_response_logprobs", spy)
+    return calls
+
+
+def test_grpo_update_multi_step_computes_old_logprobs_once(tiny_model_dir, monkeypatch):
+    model, tokenizer = load_causal_lm(tiny_model_dir)
+    batch = make_batch(tokenizer)
+    calls = _spy_on_old_logprobs(monkeypatch)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    history = grpo_update(model, optimizer, batch, epochs=2, mini_batches=2, micro_batch_size=2, max_grad_norm=1.0,
+                          seed=0, **dict(LOSS_KWARGS, kl_coef=0.0, aggregation="token-mean"))
+    assert len(calls) == 1  # once, before the first step, not once per step
+    assert len(history) == 2 * 2
+    assert int(optimizer.state[next(iter(model.parameters()))]["step"]) == 4
+    # step 1 runs on the weights old_logprobs came from; later steps see a moved policy
+    assert history[0]["policy/approx_kl"] < 1e-10
+    assert all(h["policy/approx_kl"] > 1e-8 for h in history[1:])
+    assert all(math.isfinite(h["policy/grad_norm"]) and h["policy/grad_norm"] > 0 for h in history)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_grpo_update_single_step_is_on_policy_and_changes_weights(tiny_model_dir, monkeypatch):
+    model, tokenizer = load_causal_lm(tiny_model_dir)
+    batch = make_batch(tokenizer)
+    calls = _spy_on_old_logprobs(monkeypatch)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    history = grpo_update(model, optimizer, batch, epochs=1, mini_batches=1, micro_batch_size=4, max_grad_norm=1.0,
+                          seed=0, **dict(LOSS_KWARGS, kl_coef=0.0, aggregation="token-mean"))
+    assert calls == []  # no extra forward pass: the ratio is exactly 1
+    assert len(history) == 1
+    assert history[0]["policy/approx_kl"] == 0.0
+    assert history[0]["policy/clip_frac_low"] == 0.0 and history[0]["policy/clip_frac_high"] == 0.0
+    mask, advantages = batch["response_mask"], batch["advantages"]
+    expected_loss = float(-(advantages * mask.sum(1)).sum() / mask.sum())
+    assert history[0]["loss/policy"] == pytest.approx(expected_loss, rel=1e-5)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert "model.embed_tokens.weight" in changed and len(changed) == len(before)
