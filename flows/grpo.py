@@ -24,7 +24,7 @@ from tasks.models import resolve_model
 from tasks.paths import resolve_data_path
 from tasks.rollouts import generate_rollouts
 from tasks.scoring import score_rollouts
-from tasks.update import update_policy
+from tasks.update import prune_checkpoints, update_policy
 
 
 class StageClock(dict):
@@ -47,6 +47,7 @@ def grpo(config: GRPOConfig = GRPOConfig()) -> str:
     reference = policy if config.kl.coef > 0 else None  # beta = 0: no reference model at all
     temperature = config.generation.temperature or 1.0
     trust = config.model.trust_remote_code
+    checkpoints = []
 
     with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker:
         for iteration in range(config.iterations):
@@ -66,10 +67,11 @@ def grpo(config: GRPOConfig = GRPOConfig()) -> str:
                 update = update_policy(policy, batch, config.loss, config.kl, config.optim, config.runtime,
                                        temperature, config.generation.max_new_tokens, config.seed + iteration, trust)
             policy = update.checkpoint
-            with clock("tracking"):
-                log_online_iteration(tracker, iteration, {"prompts": prompts, "rollouts": rollouts, "scored": scored,
-                                                           "advantages": batch}, update, clock,
-                                     config.tracking.registered_model, config.tracking.log_rollouts)
+            log_online_iteration(tracker, iteration, {"prompts": prompts, "rollouts": rollouts, "scored": scored,
+                                                       "advantages": batch}, update, clock,
+                                 config.tracking.registered_model, config.tracking.log_rollouts)
+            checkpoints.append(policy)
+            prune_checkpoints(checkpoints, keep=config.keep_checkpoints)
             print(f"iteration {iteration}: reward mean {scored.read()['rewards'].mean():.3f}, "
                   f"{sum(clock.values()):.1f} s")
     return policy.path

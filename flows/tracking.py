@@ -30,7 +30,10 @@ MAX_PARAM_LENGTH = 6000
 
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI if set, else a SQLite store in the data folder (absolute: never the CWD)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{rlhf_home() / 'mlflow' / 'mlflow.db'}"
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    (rlhf_home() / "mlflow").mkdir(parents=True, exist_ok=True)  # SQLite does not create folders
+    return f"sqlite:///{rlhf_home() / 'mlflow' / 'mlflow.db'}"
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, str]:
@@ -87,6 +90,10 @@ class Tracker:
                             alias: str = "newest") -> str:
         """Log the checkpoint's model files (not the optimizer state) and register them; returns the version."""
         version = self._version_with_hash(model_name, checkpoint_sha256)
+        if version is None and not Path(checkpoint_dir).is_dir():
+            # Pruned after it was registered in another store; the registry that has it is the record.
+            print(f"checkpoint {checkpoint_dir} was pruned locally and is not in this registry: not registered")
+            return ""
         if version is None:
             artifact_path = f"checkpoints/iter_{iteration:03d}"
             for file in sorted(Path(checkpoint_dir).iterdir()):
@@ -140,20 +147,12 @@ def mlflow_run(experiment: str, config: BaseModel, flow_run_id: str | None, run_
 
 def log_online_iteration(tracker: Tracker, iteration: int, stage_refs: dict, update, stage_seconds: dict[str, float],
                          registered_model: str, log_rollouts: bool) -> None:
-    """Everything one online iteration leaves in MLflow: metrics, Parquet files, samples, the checkpoint."""
+    """Everything one online iteration leaves in MLflow: Parquet files, samples, the checkpoint, then one batch of
+    metrics that includes the time this logging took."""
     from rlhf_core.metrics import rollout_metrics
 
+    start = time.perf_counter()
     batch = stage_refs["advantages"].read()
-    steps = update.metrics.read()
-    generated_tokens = float(batch["response_length"].sum())
-    metrics = {
-        **rollout_metrics(batch["rewards"].to_numpy(), batch["group_id"].to_numpy(),
-                          batch["response_length"].to_numpy(), batch["finished"].to_numpy()),
-        **steps.mean().to_dict(),
-        "perf/generated_tokens_per_s": generated_tokens / max(stage_seconds["generation"], 1e-9),
-        **{f"time/{stage}_s": seconds for stage, seconds in stage_seconds.items()},
-    }
-    tracker.log_metrics(metrics, step=iteration)
     folder = f"iter_{iteration:03d}"
     if log_rollouts:
         tracker.log_files({f"{stage}.parquet": ref.path for stage, ref in stage_refs.items()}
@@ -161,3 +160,12 @@ def log_online_iteration(tracker: Tracker, iteration: int, stage_refs: dict, upd
     sample_columns = ["group_id", "prompt", "response", "rewards", "advantages"]
     tracker.log_table(batch[sample_columns].head(16), f"samples/{folder}.json")
     tracker.register_checkpoint(update.checkpoint.path, update.checkpoint.sha256, registered_model, iteration)
+    stage_seconds = {**stage_seconds, "tracking": time.perf_counter() - start}
+    metrics = {
+        **rollout_metrics(batch["rewards"].to_numpy(), batch["group_id"].to_numpy(),
+                          batch["response_length"].to_numpy(), batch["finished"].to_numpy()),
+        **update.metrics.read().mean().to_dict(),
+        "perf/generated_tokens_per_s": float(batch["response_length"].sum()) / max(stage_seconds["generation"], 1e-9),
+        **{f"time/{stage}_s": seconds for stage, seconds in stage_seconds.items()},
+    }
+    tracker.log_metrics(metrics, step=iteration)

@@ -100,6 +100,8 @@ class GRPOConfig(_Config):
     iterations: int = Field(12, ge=1, le=100_000)
     prompts_per_iteration: int = Field(8, ge=1, le=100_000, description="P: prompts per iteration (B = P * G)")
     seed: int = Field(0, ge=0)
+    keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (with optimizer state); the MLflow "
+                                                       "registry keeps every checkpoint's weights")
     model: ModelConfig = ModelConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     data: DataConfig = DataConfig()

@@ -50,3 +50,5 @@ def configure_environment() -> None:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    # Prefect creates its home without parents and SQLite never creates folders: a fresh machine needs these.
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)

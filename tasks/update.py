@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pandas as pd
 import torch
 from prefect import task
@@ -40,3 +43,14 @@ def update_policy(policy: CheckpointRef, batch: ArtifactRef, loss: LossConfig, k
     path, digest = save_checkpoint(model, tokenizer, optimizer, checkpoints_dir())
     return UpdateResult(checkpoint=CheckpointRef(path=str(path), sha256=digest),
                         metrics=publish(pd.DataFrame(history), "update-metrics"))
+
+
+def prune_checkpoints(produced: list[CheckpointRef], keep: int) -> None:
+    """Delete all but the newest `keep` of the checkpoints a run produced (the MLflow registry holds every one's
+    weights). Only folders inside the checkpoints folder are touched, never a user's model. Safe for resume:
+    cache hits use the hashes carried by references and never reopen old folders."""
+    root = checkpoints_dir().resolve()
+    for ref in produced[:-keep]:
+        path = Path(ref.path).resolve()
+        if path.parent == root and path.is_dir():
+            shutil.rmtree(path)

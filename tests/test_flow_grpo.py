@@ -51,7 +51,7 @@ def mlflow_run_of(flow_run_id):
 
 
 def test_grpo_flow_end_to_end(prefect_harness, rlhf_home, tiny_model_dir):
-    state = grpo(tiny_config(tiny_model_dir, kl=KLConfig(coef=0.05)), return_state=True)
+    state = grpo(tiny_config(tiny_model_dir, kl=KLConfig(coef=0.05), keep_checkpoints=1), return_state=True)
     final_checkpoint = state.result()
     flow_run_id = state.state_details.flow_run_id
 
@@ -60,6 +60,7 @@ def test_grpo_flow_end_to_end(prefect_harness, rlhf_home, tiny_model_dir):
         files = sorted((rlhf_home / "artifacts" / stage).glob("*.parquet"))
         assert len(files) == count, stage
     assert not list(rlhf_home.rglob(".tmp-*"))
+    assert [p.name for p in (rlhf_home / "checkpoints").iterdir()] == [Path(final_checkpoint).name]  # pruned
     batch = pd.read_parquet(sorted((rlhf_home / "artifacts" / "advantages").glob("*.parquet"))[0])
     assert len(batch) == 8 and {"rewards", "advantages", "response_ids", "group_id"} <= set(batch.columns)
 
@@ -70,7 +71,7 @@ def test_grpo_flow_end_to_end(prefect_harness, rlhf_home, tiny_model_dir):
     assert run.data.params["optim.lr"] == "0.001" and run.data.params["generation.group_size"] == "4"
     for key in ["reward/mean", "reward/zero_std_group_frac", "policy/entropy", "policy/clip_frac_high",
                 "loss/policy", "policy/grad_norm", "response/length_mean", "response/truncated_frac",
-                "perf/generated_tokens_per_s", "time/generation_s", "time/update_s", "kl/mean"]:
+                "perf/generated_tokens_per_s", "time/generation_s", "time/update_s", "time/tracking_s", "kl/mean"]:
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1], key
     logged = [a.path for a in client.list_artifacts(run.info.run_id, "data/iter_001")]
     assert "data/iter_001/rollouts.parquet" in logged and "data/iter_001/advantages.parquet" in logged

@@ -16,7 +16,8 @@ from tasks.models import resolve_model
 from tasks.refs import ArtifactRef, publish
 from tasks.rollouts import generate_rollouts, row_seed
 from tasks.scoring import reward_column, score_rollouts
-from tasks.update import update_policy
+from tasks.refs import CheckpointRef
+from tasks.update import prune_checkpoints, update_policy
 
 
 def write_jsonl(path, rows):
@@ -128,3 +129,15 @@ def test_update_policy_writes_a_new_checkpoint_and_metrics(rollouts, tiny_model_
     assert {"loss/policy", "policy/entropy", "policy/grad_norm", "policy/clip_frac_low"} <= set(metrics.columns)
     again = resolve_model.fn(result.checkpoint.path)
     assert again.sha256 == result.checkpoint.sha256  # the ref's hash is the folder's content hash
+
+
+def test_prune_checkpoints_keeps_the_newest_and_never_touches_other_folders(rlhf_home, tmp_path):
+    user_model = tmp_path / "my-model"
+    produced = [CheckpointRef(path=str(user_model), sha256="u")]
+    for name in ["a", "b", "c"]:
+        (rlhf_home / "checkpoints" / name).mkdir(parents=True)
+        produced.append(CheckpointRef(path=str(rlhf_home / "checkpoints" / name), sha256=name))
+    user_model.mkdir()
+    prune_checkpoints(produced, keep=2)
+    assert sorted(p.name for p in (rlhf_home / "checkpoints").iterdir()) == ["b", "c"]
+    assert user_model.is_dir()

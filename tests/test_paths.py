@@ -1,0 +1,29 @@
+"""The data folder: defaults, a fresh machine, and dataset path lookup."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tasks.paths import PROJECT_ROOT, resolve_data_path
+
+
+def test_importing_tasks_prepares_a_fresh_data_folder(tmp_path):
+    """On a fresh machine neither the data folder nor Prefect's home exists; Prefect cannot create a nested
+    home by itself, so importing the tasks package must."""
+    home = tmp_path / "a" / "b" / "rlhf"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env["RLHF_HOME"] = str(home)
+    code = "import os, tasks; print(os.environ['PREFECT_HOME'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(home / "prefect")
+    assert (home / "prefect").is_dir()
+
+
+def test_relative_dataset_paths_fall_back_to_the_project_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_data_path("data/arithmetic_train.jsonl") == PROJECT_ROOT / "data" / "arithmetic_train.jsonl"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "arithmetic_train.jsonl").write_text("{}\n")
+    assert resolve_data_path("data/arithmetic_train.jsonl") == tmp_path / "data" / "arithmetic_train.jsonl"
+    assert resolve_data_path("missing.jsonl") == (tmp_path / "missing.jsonl")
