@@ -15,9 +15,10 @@ import yaml
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
-from rlhf_core.config import GRPOConfig
+from rlhf_core.config import GRPOConfig, PPOConfig, RewardModelConfig
 
-FLOWS = {"grpo": (GRPOConfig, "flows.grpo", "grpo")}
+FLOWS = {"grpo": (GRPOConfig, "flows.grpo", "grpo"), "ppo": (PPOConfig, "flows.ppo", "ppo"),
+         "reward-model": (RewardModelConfig, "flows.reward_model", "reward_model")}
 USAGE = f"usage: rlhf {{{','.join(FLOWS)}}} [--config FILE] [--section.field VALUE ...] [--dry-run]"
 
 

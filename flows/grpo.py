@@ -8,13 +8,10 @@ registered model version per checkpoint.
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
-
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.tracking import log_online_iteration, mlflow_run
+from flows.tracking import StageClock, log_online_iteration, mlflow_run
 from rlhf_core.config import GRPOConfig
 from rlhf_core.data import dataset_fingerprint
 from rlhf_core.rewards import reward_source_fingerprint
@@ -27,21 +24,12 @@ from tasks.scoring import score_rollouts
 from tasks.update import prune_checkpoints, update_policy
 
 
-class StageClock(dict):
-    """Wall seconds per stage of one iteration."""
-
-    @contextmanager
-    def __call__(self, stage: str):
-        start = time.perf_counter()
-        yield
-        self[stage] = time.perf_counter() - start
-
-
 @flow(name="grpo", log_prints=True)
 def grpo(config: GRPOConfig = GRPOConfig()) -> str:
     """Train a policy with GRPO; returns the final checkpoint's folder."""
     # Checked before any work: every reward function imports, the dataset is valid, the model loads.
-    reward_fingerprints = [reward_source_fingerprint(r.function) for r in config.rewards]
+    reward_fingerprints = [reward_source_fingerprint(r.function) if r.function else None for r in config.rewards]
+    reward_models = [resolve_model(r.model) if r.model else None for r in config.rewards]
     dataset = load_prompt_dataset(config.data, dataset_fingerprint(resolve_data_path(config.data.path)))
     policy = resolve_model(config.model.name_or_path)
     reference = policy if config.kl.coef > 0 else None  # beta = 0: no reference model at all
@@ -58,9 +46,9 @@ def grpo(config: GRPOConfig = GRPOConfig()) -> str:
                 rollouts = generate_rollouts(policy, prompts, config.generation, config.runtime,
                                              config.data.system_prompt, config.seed, iteration, trust)
             with clock("scoring"):
-                scored = score_rollouts(rollouts, config.rewards, reward_fingerprints, config.data.extra_columns,
-                                        reference, config.runtime, temperature, config.optim.micro_batch_size,
-                                        config.optim.logprob_chunk_size, trust)
+                scored = score_rollouts(rollouts, config.rewards, reward_fingerprints, reward_models,
+                                        config.data.extra_columns, reference, config.runtime, temperature,
+                                        config.optim.micro_batch_size, config.optim.logprob_chunk_size, trust)
             with clock("advantages"):
                 batch = compute_advantages(scored, config.advantage.estimator)
             with clock("update"):

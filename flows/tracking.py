@@ -22,18 +22,20 @@ from mlflow.entities import Metric, Param
 from pydantic import BaseModel
 
 from rlhf_core.checkpoint import OPTIMIZER_FILE
-from tasks.paths import rlhf_home
+from tasks.paths import rlhf_home, tracking_uri, use_tracking_uri
+
+class StageClock(dict):
+    """Wall seconds per stage of one iteration: `with clock("generation"): ...`."""
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        yield
+        self[stage] = self.get(stage, 0.0) + time.perf_counter() - start
+
 
 MAX_PARAMS_PER_CALL = 100  # MLflow's limit per log_batch
 MAX_PARAM_LENGTH = 6000
-
-
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI if set, else a SQLite store in the data folder (absolute: never the CWD)."""
-    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
-        return uri
-    (rlhf_home() / "mlflow").mkdir(parents=True, exist_ok=True)  # SQLite does not create folders
-    return f"sqlite:///{rlhf_home() / 'mlflow' / 'mlflow.db'}"
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, str]:
@@ -97,7 +99,8 @@ class Tracker:
         if version is None:
             artifact_path = f"checkpoints/iter_{iteration:03d}"
             for file in sorted(Path(checkpoint_dir).iterdir()):
-                if file.name != OPTIMIZER_FILE:  # training state stays local; the registry holds the model
+                # training state (optimizer, a separate critic) stays local; the registry holds the policy
+                if file.is_file() and file.name != OPTIMIZER_FILE:
                     self.client.log_artifact(self.run_id, str(file), artifact_path)
             run = self.client.get_run(self.run_id)
             self._ensure_registered_model(model_name)
@@ -122,7 +125,7 @@ class Tracker:
 def mlflow_run(experiment: str, config: BaseModel, flow_run_id: str | None, run_name: str | None) -> Iterator[Tracker]:
     """The MLflow run of this Prefect flow run: created on the first attempt, resumed on a Prefect retry.
     An exception inside marks the run FAILED."""
-    mlflow.set_tracking_uri(tracking_uri())
+    use_tracking_uri()
     experiment_id = ensure_experiment(experiment)
     flow_run_id = flow_run_id or "local"
     existing = mlflow.search_runs([experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
@@ -146,7 +149,7 @@ def mlflow_run(experiment: str, config: BaseModel, flow_run_id: str | None, run_
 
 
 def log_online_iteration(tracker: Tracker, iteration: int, stage_refs: dict, update, stage_seconds: dict[str, float],
-                         registered_model: str, log_rollouts: bool) -> None:
+                         registered_model: str, log_rollouts: bool, extra_metrics: dict | None = None) -> None:
     """Everything one online iteration leaves in MLflow: Parquet files, samples, the checkpoint, then one batch of
     metrics that includes the time this logging took."""
     from rlhf_core.metrics import rollout_metrics
@@ -167,5 +170,6 @@ def log_online_iteration(tracker: Tracker, iteration: int, stage_refs: dict, upd
         **update.metrics.read().mean().to_dict(),
         "perf/generated_tokens_per_s": float(batch["response_length"].sum()) / max(stage_seconds["generation"], 1e-9),
         **{f"time/{stage}_s": seconds for stage, seconds in stage_seconds.items()},
+        **(extra_metrics or {}),
     }
     tracker.log_metrics(metrics, step=iteration)

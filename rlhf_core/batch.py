@@ -53,3 +53,18 @@ def select_rows(batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
 def response_lists(values: Tensor, mask: Tensor) -> list[list[float]]:
     """[B, T] tensor -> one list per row holding the masked-in values (the inverse of collate's per_token)."""
     return [row[m].tolist() for row, m in zip(values.detach().float().cpu(), mask.bool().cpu())]
+
+
+@torch.no_grad()
+def map_micro_batches(fn, batch: dict[str, Tensor], micro_batch_size: int) -> tuple[Tensor, ...]:
+    """Run `fn(micro_batch) -> tuple of [b, t] tensors` over the batch in micro-batches, without grad, and
+    stitch the results back into [B, T] tensors aligned with batch["response_ids"] (0 on padding)."""
+    mask = batch["response_mask"]
+    outputs: list[Tensor] = []
+    for rows in torch.arange(mask.shape[0], device=mask.device).split(micro_batch_size):
+        results = fn(select_rows(batch, rows))
+        if not outputs:
+            outputs = [torch.zeros(mask.shape, dtype=torch.float32, device=mask.device) for _ in results]
+        for out, result in zip(outputs, results):
+            out[rows, :result.shape[1]] = result.float()
+    return tuple(outputs)

@@ -8,6 +8,7 @@ the gradient's size.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -40,14 +41,18 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, flat: dict[str, tor
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
-def save_checkpoint(model, tokenizer, optimizer: torch.optim.Optimizer | None, root: str | Path) -> tuple[Path, str]:
-    """Save to `<root>/<sha256[:16]>/` atomically. Returns (folder, sha256 of its content)."""
+def save_checkpoint(model, tokenizer, optimizer: torch.optim.Optimizer | None, root: str | Path,
+                    write_extra: Callable[[Path], None] | None = None) -> tuple[Path, str]:
+    """Save to `<root>/<sha256[:16]>/` atomically; `write_extra(folder)` adds files (a value head, say).
+    Returns (folder, sha256 of its content)."""
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if optimizer is not None:
             save_file(optimizer_tensors(optimizer), str(tmp / OPTIMIZER_FILE))
+        if write_extra is not None:
+            write_extra(tmp)
 
     return write_dir(write, root)
 

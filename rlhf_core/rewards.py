@@ -63,6 +63,16 @@ def response_length(prompts: list[str], responses: list[str], **columns: list) -
     return [-len(r.split()) / 100 for r in responses]
 
 
+@register(REWARD_FUNCTIONS, "vader_sentiment")
+def vader_sentiment(prompts: list[str], responses: list[str], **columns: list) -> list[float]:
+    """VADER's compound sentiment score of the response, in [-1, 1] (Hutto & Gilbert 2014; rule-based, no model).
+    It is also the judge of the shipped preference pairs, so it checks a reward model trained on them."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer  # imported on first use: loads a lexicon
+
+    analyzer = SentimentIntensityAnalyzer()
+    return [analyzer.polarity_scores(r)["compound"] for r in responses]
+
+
 def resolve_reward_function(name: str) -> Callable:
     """A built-in by name, or the callable at "package.module:function"; ValueError saying what is wrong."""
     if ":" not in name:

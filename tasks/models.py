@@ -10,7 +10,7 @@ from prefect import task
 
 from rlhf_core.io import sha256_dir
 from rlhf_core.models import ModelLoadError, check_model_folder, resolve_model_path
-from tasks.paths import models_dir
+from tasks.paths import models_dir, use_tracking_uri
 from tasks.refs import CheckpointRef
 
 
@@ -19,6 +19,7 @@ def download_registered_model(uri: str) -> Path:
     import mlflow  # only this path needs it; rlhf_core never imports mlflow
 
     body = uri.removeprefix("models:/")
+    use_tracking_uri()  # registry lookups can run before the flow's MLflow run starts
     client = mlflow.MlflowClient()
     try:
         if "@" in body:

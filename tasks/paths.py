@@ -26,6 +26,30 @@ def models_dir() -> Path:
     return rlhf_home() / "models"
 
 
+_URIS_WE_SET: set[str] = set()
+
+
+def tracking_uri() -> str:
+    """The user's MLFLOW_TRACKING_URI if set, else a SQLite store in the data folder: absolute, never MLflow's
+    default `./mlflow.db` in whatever the current directory happens to be."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    # mlflow.set_tracking_uri copies its argument into this variable: a value we set ourselves is no user choice
+    if uri and uri not in _URIS_WE_SET:
+        return uri
+    (rlhf_home() / "mlflow").mkdir(parents=True, exist_ok=True)  # SQLite does not create folders
+    return f"sqlite:///{rlhf_home() / 'mlflow' / 'mlflow.db'}"
+
+
+def use_tracking_uri() -> str:
+    """Point MLflow (tracking and registry) at `tracking_uri()`; returns it."""
+    import mlflow  # only the orchestration layers call this; rlhf_core never imports mlflow
+
+    uri = tracking_uri()
+    _URIS_WE_SET.add(uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 def resolve_data_path(path: str) -> Path:
     """A relative dataset path is looked up in the current directory first, then in the project folder, so the
     shipped `data/...` defaults work from anywhere."""

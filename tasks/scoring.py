@@ -1,34 +1,64 @@
-"""The scoring stage: rewards from reward functions and, when the loss needs them, reference log-probs."""
+"""The scoring stage: rewards from reward functions and reward models and, when the loss or the reward needs
+them, reference log-probs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
 from prefect import task
 
 from rlhf_core.batch import collate, response_lists
 from rlhf_core.config import RewardSpec, RuntimeConfig
 from rlhf_core.logprobs import batched_response_logprobs
-from rlhf_core.rewards import compute_rewards
+from rlhf_core.rewards import RewardError, compute_rewards
 from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.refs import ArtifactRef, CheckpointRef, publish
 from tasks.runtime import load_model
 
+REWARD_MODEL_MAX_LENGTH = 512
 
-def reward_column(function: str) -> str:
-    return f"reward[{function}]"
+
+def reward_column(source: str) -> str:
+    return f"reward[{source}]"
+
+
+def reward_values(df: pd.DataFrame, rewards: list[RewardSpec], reward_models: list[CheckpointRef | None],
+                  extra_columns: list[str], runtime: RuntimeConfig, batch_size: int) -> dict[str, np.ndarray]:
+    """Unweighted values of every reward source for every row. Reward models score the decoded text, so
+    their tokenizer need not be the policy's."""
+    from rlhf_core.reward_model import load_reward_model, reward_scores
+
+    prompts, responses = df["prompt"].tolist(), df["response"].tolist()
+    functions = [(spec.function, 1.0) for spec in rewards if spec.function]
+    values = {}
+    if functions:
+        _, values = compute_rewards(functions, prompts, responses, {c: df[c].tolist() for c in extra_columns})
+    for spec, ref in zip(rewards, reward_models):
+        if spec.model:
+            model, tokenizer = load_reward_model(Path(ref.path), runtime.device, runtime.dtype)
+            scores = reward_scores(model, tokenizer, prompts, responses, batch_size=batch_size,
+                                   max_length=REWARD_MODEL_MAX_LENGTH).cpu().double().numpy()
+            if not np.isfinite(scores).all():
+                row = int(np.flatnonzero(~np.isfinite(scores))[0])
+                raise RewardError(f"reward model {spec.model}: non-finite score {scores[row]} at row {row}")
+            values[spec.model] = scores
+    return values
 
 
 @task(name="score-rollouts", **STAGE_TASK_OPTIONS)
-def score_rollouts(rollouts: ArtifactRef, rewards: list[RewardSpec], reward_fingerprints: list[str],
-                   extra_columns: list[str], reference: CheckpointRef | None, runtime: RuntimeConfig,
-                   temperature: float, micro_batch_size: int, chunk_size: int,
-                   trust_remote_code: bool = False) -> ArtifactRef:
-    """Adds `rewards` (the weighted sum), one `reward[<function>]` column per function and, given a reference
-    model, `ref_logprobs`. `reward_fingerprints` hash the functions' source code so edits invalidate the cache."""
+def score_rollouts(rollouts: ArtifactRef, rewards: list[RewardSpec], reward_fingerprints: list[str | None],
+                   reward_models: list[CheckpointRef | None], extra_columns: list[str],
+                   reference: CheckpointRef | None, runtime: RuntimeConfig, temperature: float,
+                   micro_batch_size: int, chunk_size: int, trust_remote_code: bool = False) -> ArtifactRef:
+    """Adds `rewards` (the weighted sum), one `reward[<source>]` column per source and, given a reference
+    model, `ref_logprobs`. `reward_fingerprints` hash the functions' source code so edits invalidate the cache;
+    reward models count through their refs' content hashes."""
     df = rollouts.read()
-    columns = {c: df[c].tolist() for c in extra_columns}
-    total, per_function = compute_rewards([(r.function, r.weight) for r in rewards], df["prompt"].tolist(),
-                                          df["response"].tolist(), columns)
-    df = df.assign(rewards=total, **{reward_column(name): values for name, values in per_function.items()})
+    values = reward_values(df, rewards, reward_models, extra_columns, runtime, micro_batch_size)
+    total = sum(spec.weight * values[spec.name] for spec in rewards)
+    df = df.assign(rewards=total, **{reward_column(name): v for name, v in values.items()})
     if reference is not None:
         model, tokenizer = load_model(reference, runtime, trust_remote_code)
         batch = collate(df["prompt_ids"], df["response_ids"], tokenizer.pad_token_id, device=runtime.device)

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from flows.cli import main, parse_config
 from rlhf_core.advantages import OUTCOME_ADVANTAGES
-from rlhf_core.config import (AdvantageConfig, GenerationConfig, GRPOConfig, KLConfig, LossConfig, OptimConfig,
+from rlhf_core.config import (RewardSpec, AdvantageConfig, GenerationConfig, GRPOConfig, KLConfig, LossConfig, OptimConfig,
                               RuntimeConfig)
 from rlhf_core.kl import KL_ESTIMATORS
 from rlhf_core.policy_losses import AGGREGATION_MODES
@@ -65,7 +65,7 @@ def test_unknown_device_message_lists_the_valid_ones():
 
 def test_duplicated_reward_function_is_rejected():
     rewards = [{"function": "arithmetic_answer"}, {"function": "arithmetic_answer", "weight": 0.5}]
-    with pytest.raises(ValidationError, match="rewards: a function is listed twice"):
+    with pytest.raises(ValidationError, match="rewards: a source is listed twice"):
         GRPOConfig(rewards=rewards)
     GRPOConfig(rewards=[{"function": "arithmetic_answer"}, {"function": "answer_format", "weight": 0.5}])  # distinct: ok
 
@@ -163,7 +163,15 @@ def test_main_bad_arguments_exit_2(argv, capsys):
     assert argv[-1] != "--config" or "--config needs a file path" in err
 
 
-@pytest.mark.parametrize("argv", [["ppo"], [], ["--dry-run"]])
+@pytest.mark.parametrize("argv", [["sft"], [], ["--dry-run"]])
 def test_main_unknown_flow_exits_2_with_usage(argv, capsys):
     assert main(argv) == 2
     assert "usage: rlhf" in capsys.readouterr().err
+
+
+def test_a_reward_spec_names_exactly_one_source():
+    with pytest.raises(ValidationError, match="exactly one of `function` or `model`"):
+        RewardSpec()
+    with pytest.raises(ValidationError, match="exactly one of `function` or `model`"):
+        RewardSpec(function="arithmetic_answer", model="models:/reward-model@newest")
+    assert RewardSpec(model="/some/reward-model").name == "/some/reward-model"

@@ -8,12 +8,10 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 import tasks.update
 from flows.grpo import grpo
-from flows.tracking import tracking_uri
+from flow_helpers import mlflow_run_of, task_states
 from rlhf_core.config import (DataConfig, GenerationConfig, GRPOConfig, KLConfig, ModelConfig, OptimConfig,
                                TrackingConfig)
 from rlhf_core.io import sha256_dir, sha256_file
@@ -32,22 +30,6 @@ def tiny_config(model_dir, **overrides) -> GRPOConfig:
         optim=OptimConfig(lr=1e-3, micro_batch_size=4),
         tracking=TrackingConfig(experiment="e2e", registered_model="tiny-policy"))
     return GRPOConfig(**{**values, **overrides})
-
-
-def task_states(flow_run_id) -> list[tuple[str, str]]:
-    """(task name without Prefect's numeric suffix, state name) in start order."""
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    runs.sort(key=lambda r: r.expected_start_time)
-    return [(r.name.rsplit("-", 1)[0], r.state.name) for r in runs]
-
-
-def mlflow_run_of(flow_run_id):
-    mlflow.set_tracking_uri(tracking_uri())
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
-    assert len(runs) == 1
-    return runs[0]
 
 
 def test_grpo_flow_end_to_end(prefect_harness, rlhf_home, tiny_model_dir):

@@ -27,3 +27,18 @@ def test_relative_dataset_paths_fall_back_to_the_project_folder(tmp_path, monkey
     (tmp_path / "data" / "arithmetic_train.jsonl").write_text("{}\n")
     assert resolve_data_path("data/arithmetic_train.jsonl") == tmp_path / "data" / "arithmetic_train.jsonl"
     assert resolve_data_path("missing.jsonl") == (tmp_path / "missing.jsonl")
+
+
+def test_registry_lookups_never_create_mlflow_db_in_the_working_directory(rlhf_home, tmp_path, monkeypatch):
+    import pytest
+
+    from rlhf_core.models import ModelLoadError
+    from tasks.models import download_registered_model
+
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    with pytest.raises(ModelLoadError, match="models:/nope@newest"):
+        download_registered_model("models:/nope@newest")
+    assert list(workdir.iterdir()) == []
+    assert (rlhf_home / "mlflow" / "mlflow.db").is_file()

@@ -41,7 +41,7 @@ def rewards_of(name, responses, **columns):
 
 
 def test_builtins_are_registered():
-    assert set(REWARD_FUNCTIONS) == {"arithmetic_answer", "answer_format", "response_length"}
+    assert set(REWARD_FUNCTIONS) == {"arithmetic_answer", "answer_format", "response_length", "vader_sentiment"}
 
 
 def test_arithmetic_answer():
@@ -74,6 +74,14 @@ def test_answer_format():
 
 def test_response_length():
     assert rewards_of("response_length", ["one two  three\nfour", "", "x " * 150]) == [-0.04, 0.0, -1.5]
+
+
+def test_vader_sentiment():
+    # VADER's compound score: +0.85 / -0.66 for these two reviews (its README values), 0 for neutral or empty text
+    rewards = rewards_of("vader_sentiment", ["This movie was great, I loved it!", "Terrible, boring film.",
+                                             "The phone is black.", ""])
+    assert rewards == pytest.approx([0.8516, -0.6597, 0.0, 0.0], abs=1e-4)
+    assert all(-1.0 <= r <= 1.0 for r in rewards_of("vader_sentiment", ["BEST!!! :) " * 20, "worst :( " * 20]))
 
 
 def test_compute_rewards_weighted_sum():

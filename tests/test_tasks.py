@@ -97,7 +97,8 @@ def test_score_rollouts_adds_weighted_rewards_and_reference_logprobs(rollouts, t
     rollouts = publish(df, "rollouts")
     specs = [RewardSpec(function="arithmetic_answer", weight=2.0), RewardSpec(function="response_length", weight=1.0)]
     reference = resolve_model.fn(str(tiny_model_dir))
-    scored = score_rollouts.fn(rollouts, specs, ["fp1", "fp2"], ["answer"], reference, RuntimeConfig(), 1.0, 4, 64)
+    scored = score_rollouts.fn(rollouts, specs, ["fp1", "fp2"], [None, None], ["answer"], reference, RuntimeConfig(),
+                               1.0, 4, 64)
     out = scored.read()
     correct, length = out[reward_column("arithmetic_answer")], out[reward_column("response_length")]
     assert correct[0] == 1.0

@@ -1,0 +1,76 @@
+"""The PPO flow: N iterations of sample prompts -> generate -> values -> score -> GAE -> update.
+
+The reference model is the initial policy, frozen; the KL to it enters the per-token reward with coefficient
+beta, fixed or adapted towards a target by the controller of Ziegler et al. (2019). The controller's value is an
+input of the GAE stage, so a resumed run replays the same coefficients from the cached iterations.
+Caching, tracking and checkpoints work as in the GRPO flow.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows.tracking import StageClock, log_online_iteration, mlflow_run
+from rlhf_core.config import PPOConfig
+from rlhf_core.data import dataset_fingerprint
+from rlhf_core.kl_control import make_kl_controller
+from rlhf_core.metrics import ppo_metrics
+from rlhf_core.rewards import reward_source_fingerprint
+from tasks.data import load_prompt_dataset, sample_prompts
+from tasks.models import resolve_model
+from tasks.paths import resolve_data_path
+from tasks.ppo import compute_gae, compute_values, update_actor_critic
+from tasks.rollouts import generate_rollouts
+from tasks.scoring import score_rollouts
+from tasks.update import prune_checkpoints
+
+
+@flow(name="ppo", log_prints=True)
+def ppo(config: PPOConfig = PPOConfig()) -> str:
+    """Train a policy with PPO against reward models and/or functions; returns the final checkpoint's folder."""
+    reward_fingerprints = [reward_source_fingerprint(r.function) if r.function else None for r in config.rewards]
+    reward_models = [resolve_model(r.model) if r.model else None for r in config.rewards]
+    dataset = load_prompt_dataset(config.data, dataset_fingerprint(resolve_data_path(config.data.path)))
+    policy = resolve_model(config.model.name_or_path)
+    reference = policy  # the frozen initial policy
+    kl_controller = make_kl_controller("adaptive" if config.kl.target else "fixed", config.kl.coef,
+                                       config.kl.target, config.kl.horizon)
+    temperature = config.generation.temperature or 1.0
+    runtime, optim, trust = config.runtime, config.optim, config.model.trust_remote_code
+    checkpoints = []
+
+    with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker:
+        for iteration in range(config.iterations):
+            clock = StageClock()
+            with clock("prompts"):
+                prompts = sample_prompts(dataset, config.prompts_per_iteration, iteration, config.seed)
+            with clock("generation"):
+                rollouts = generate_rollouts(policy, prompts, config.generation, runtime, config.data.system_prompt,
+                                             config.seed, iteration, trust)
+            with clock("values"):
+                valued = compute_values(policy, rollouts, runtime, config.value.critic, temperature,
+                                        optim.micro_batch_size, optim.logprob_chunk_size, trust)
+            with clock("scoring"):
+                scored = score_rollouts(valued, config.rewards, reward_fingerprints, reward_models,
+                                        config.data.extra_columns, reference, runtime, temperature,
+                                        optim.micro_batch_size, optim.logprob_chunk_size, trust)
+            with clock("advantages"):
+                batch = compute_gae(scored, kl_controller.value, config.kl.estimator, config.gae, config.scores)
+            with clock("update"):
+                update = update_actor_critic(policy, batch, config.loss, config.value, optim, runtime, temperature,
+                                             config.generation.max_new_tokens, config.seed + iteration, trust)
+            policy = update.checkpoint
+            table = batch.read()
+            stats = ppo_metrics(table["score"].to_numpy(), table["kl_sum"].to_numpy(),
+                                table["non_score_reward"].to_numpy(), table["advantages"], table["returns"],
+                                table["old_values"])
+            stats["kl/coef"] = kl_controller.value
+            kl_controller.update(stats["kl/mean"], n_steps=batch.rows)
+            log_online_iteration(tracker, iteration, {"prompts": prompts, "rollouts": rollouts, "values": valued,
+                                                      "scored": scored, "advantages": batch}, update, clock,
+                                 config.tracking.registered_model, config.tracking.log_rollouts, stats)
+            checkpoints.append(policy)
+            prune_checkpoints(checkpoints, keep=config.keep_checkpoints)
+            print(f"iteration {iteration}: score {stats['ppo/score_mean']:.3f}, KL {stats['kl/mean']:.3f}")
+    return policy.path

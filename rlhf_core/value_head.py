@@ -1,0 +1,62 @@
+"""The PPO actor-critic: a causal LM whose last hidden state also feeds a linear value head.
+
+By default actor and critic share every backbone parameter (one forward pass yields both the log-probs and the
+values) and the head is the only critic-specific parameter. With a separate critic, a copy of the backbone
+(initialised from the policy) feeds the head instead: twice the memory and compute, no interference between
+the two losses. The head is saved beside the Hugging Face weights as `value_head.safetensors`, a separate critic
+under `critic/`, so a PPO checkpoint stays a loadable causal-LM folder. The head starts at zero (values 0): a
+random head's large early errors would dominate the shared backbone's first gradients.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from rlhf_core.logprobs import logprobs_from_hidden, response_hidden_states
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+CRITIC_DIR = "critic"
+
+
+class ActorCritic(torch.nn.Module):
+    def __init__(self, policy: torch.nn.Module, critic: torch.nn.Module | None = None):
+        """critic: None shares the policy's backbone; else a causal LM whose backbone feeds the value head."""
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+        hidden_size = policy.config.hidden_size
+        self.value_head = torch.nn.Linear(hidden_size, 1, dtype=policy.dtype, device=policy.device)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor, *,
+                temperature: float = 1.0, chunk_size: int = 1024) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (logprobs [B, T], entropy [B, T], values [B, T]) for the response tokens; 0 on padding.
+        values[b, t] estimates the return from the state just before response token t."""
+        mask = response_mask.bool()
+        hidden = response_hidden_states(self.policy, prompt_ids, prompt_mask, response_ids, mask)  # [B, T, H]
+        logprobs, entropy = logprobs_from_hidden(hidden, response_ids, mask, self.policy.get_output_embeddings(),
+                                                 temperature=temperature, chunk_size=chunk_size)
+        if self.critic is not None:
+            hidden = response_hidden_states(self.critic, prompt_ids, prompt_mask, response_ids, mask)
+        values = self.value_head(hidden).squeeze(-1).float()  # [B, T]
+        return logprobs, entropy, torch.where(mask, values, 0.0)
+
+    def save_critic(self, folder: str | Path) -> None:
+        """Write the value head (and a separate critic backbone) into a checkpoint folder."""
+        state = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
+        save_file(state, str(Path(folder) / VALUE_HEAD_FILE))
+        if self.critic is not None:
+            self.critic.save_pretrained(Path(folder) / CRITIC_DIR)
+
+    def load_value_head(self, folder: str | Path) -> bool:
+        """Load the head saved beside a checkpoint, if any. Returns whether one was found."""
+        path = Path(folder) / VALUE_HEAD_FILE
+        if not path.is_file():
+            return False
+        self.value_head.load_state_dict(load_file(str(path), device=str(self.value_head.weight.device)))
+        return True

@@ -1,0 +1,81 @@
+"""PPO's own stages: the critic's values on the rollouts, GAE advantages, and the actor-critic update."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from prefect import task
+from tqdm.auto import tqdm
+
+from rlhf_core.batch import collate, response_lists
+from rlhf_core.checkpoint import restore_optimizer, save_checkpoint, trainable_parameters
+from rlhf_core.config import GAEConfig, LossConfig, OptimConfig, RuntimeConfig, ScoreConfig, ValueConfig
+from rlhf_core.ppo import ppo_advantages, ppo_update, rollout_logprobs_and_values
+from rlhf_core.token_rewards import clip_scores, normalize_scores, penalize_missing_eos
+from tasks.cache import STAGE_TASK_OPTIONS
+from tasks.paths import checkpoints_dir
+from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
+from tasks.runtime import load_actor_critic
+
+PER_TOKEN = ["old_logprobs", "ref_logprobs", "old_values"]
+
+
+@task(name="compute-values", **STAGE_TASK_OPTIONS)
+def compute_values(policy: CheckpointRef, rollouts: ArtifactRef, runtime: RuntimeConfig, critic: str,
+                   temperature: float, micro_batch_size: int, chunk_size: int,
+                   trust_remote_code: bool = False) -> ArtifactRef:
+    """Adds the behaviour policy's `old_logprobs` and the critic's `old_values`, one per response token."""
+    df = rollouts.read()
+    model, tokenizer = load_actor_critic(policy, runtime, critic, trust_remote_code)
+    batch = collate(df["prompt_ids"], df["response_ids"], tokenizer.pad_token_id, device=runtime.device)
+    logprobs, values = rollout_logprobs_and_values(model, batch, micro_batch_size=micro_batch_size,
+                                                   temperature=temperature, chunk_size=chunk_size)
+    mask = batch["response_mask"]
+    return publish(df.assign(old_logprobs=response_lists(logprobs, mask), old_values=response_lists(values, mask)),
+                   "values")
+
+
+@task(name="compute-gae", **STAGE_TASK_OPTIONS)
+def compute_gae(scored: ArtifactRef, kl_coef: float, kl_estimator: str, gae: GAEConfig,
+                scores: ScoreConfig) -> ArtifactRef:
+    """Per-token rewards (-beta KL + score on the last token), GAE advantages and returns."""
+    df = scored.read()
+    batch = collate(df["prompt_ids"], df["response_ids"], 0, per_token={k: df[k] for k in PER_TOKEN})
+    score = torch.tensor(df["rewards"].to_numpy(), dtype=torch.float32)
+    if scores.missing_eos_penalty is not None:
+        score = penalize_missing_eos(score, torch.tensor(df["finished"].to_numpy()), scores.missing_eos_penalty)
+    score = clip_scores(score, scores.clip)
+    score = normalize_scores(score) if scores.normalize else score
+    out = ppo_advantages(score, batch["old_logprobs"], batch["ref_logprobs"], batch["old_values"],
+                         batch["response_mask"], kl_coef=kl_coef, kl_estimator=kl_estimator, gamma=gae.gamma,
+                         lam=gae.lam, whiten_advantages=gae.whiten_advantages)
+    mask = batch["response_mask"]
+    return publish(df.assign(
+        score=score.numpy(), kl_sum=out["kl"].sum(-1).numpy(), non_score_reward=(-kl_coef * out["kl"]).sum(-1).numpy(),
+        **{name: response_lists(out[name], mask) for name in ("advantages", "returns")}), "gae")
+
+
+@task(name="update-actor-critic", **STAGE_TASK_OPTIONS)
+def update_actor_critic(policy: CheckpointRef, batch: ArtifactRef, loss: LossConfig, value: ValueConfig,
+                        optim: OptimConfig, runtime: RuntimeConfig, temperature: float, max_new_tokens: int,
+                        seed: int, trust_remote_code: bool = False) -> UpdateResult:
+    df = batch.read()
+    model, tokenizer = load_actor_critic(policy, runtime, value.critic, trust_remote_code)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=optim.lr, weight_decay=optim.weight_decay)
+    restore_optimizer(optimizer, policy.path)
+    per_token = {k: df[k] for k in ("old_logprobs", "old_values", "advantages", "returns")}
+    tensors = collate(df["prompt_ids"], df["response_ids"], tokenizer.pad_token_id, per_token=per_token,
+                      device=runtime.device)
+    progress = tqdm(total=optim.epochs * optim.mini_batches, desc="update", unit="step")
+    history = ppo_update(
+        model, optimizer, tensors, epochs=optim.epochs, mini_batches=optim.mini_batches,
+        micro_batch_size=optim.micro_batch_size, max_grad_norm=optim.max_grad_norm, seed=seed,
+        on_step=lambda metrics: progress.update(1), clip_eps_low=loss.clip_eps_low,
+        clip_eps_high=loss.clip_eps_high, clip_range_value=value.clip_range_value, vf_coef=value.vf_coef,
+        aggregation=loss.aggregation, norm_length=max_new_tokens, temperature=temperature,
+        chunk_size=optim.logprob_chunk_size)
+    progress.close()
+    path, digest = save_checkpoint(model.policy, tokenizer, optimizer, checkpoints_dir(),
+                                   write_extra=model.save_critic)
+    return UpdateResult(checkpoint=CheckpointRef(path=str(path), sha256=digest),
+                        metrics=publish(pd.DataFrame(history), "update-metrics"))

@@ -1,0 +1,136 @@
+"""PPO on the shared pieces: per-token rewards and GAE, the actor-critic loss, gradients, checkpoints."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_core.batch import collate, select_rows
+from rlhf_core.checkpoint import save_checkpoint, trainable_parameters
+from rlhf_core.logprobs import batched_response_logprobs
+from rlhf_core.models import load_causal_lm
+from rlhf_core.ppo import ppo_advantages, ppo_loss, ppo_update, rollout_logprobs_and_values
+from rlhf_core.update import Normalizers
+from rlhf_core.value_head import VALUE_HEAD_FILE, ActorCritic
+
+LOSS_KWARGS = dict(clip_eps_low=0.2, clip_eps_high=0.2, clip_range_value=0.2, vf_coef=0.5,
+                   aggregation="token-mean", norm_length=4, temperature=1.0, chunk_size=16)
+
+
+def test_ppo_advantages_hand_computed():
+    # one response of 2 tokens; k1 KL = old - ref = [0.5, -0.5]; beta = 0.1; score 1.0 on the last token
+    out = ppo_advantages(torch.tensor([1.0]), torch.tensor([[-1.0, -1.0]]), torch.tensor([[-1.5, -0.5]]),
+                         torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), kl_coef=0.1, kl_estimator="k1",
+                         gamma=1.0, lam=1.0, whiten_advantages=False)
+    torch.testing.assert_close(out["kl"], torch.tensor([[0.5, -0.5]]))
+    torch.testing.assert_close(out["rewards"], torch.tensor([[-0.05, 0.05 + 1.0]]))
+    # gamma = lam = 1, values 0: advantages are rewards-to-go: [-0.05 + 1.05, 1.05]
+    torch.testing.assert_close(out["advantages"], torch.tensor([[1.0, 1.05]]))
+    torch.testing.assert_close(out["returns"], out["advantages"])
+
+
+def make_batch(tokenizer, actor_critic, advantages_seed=0):
+    prompts = [tokenizer("Hello there")["input_ids"], tokenizer("A longer prompt about cats")["input_ids"],
+               tokenizer("Hi")["input_ids"]]
+    responses = [tokenizer(" fine thanks")["input_ids"] + [tokenizer.eos_token_id],
+                 tokenizer(" they purr a lot")["input_ids"], tokenizer(" yo")["input_ids"]]
+    batch = collate(prompts, responses, tokenizer.pad_token_id)
+    old_logprobs, old_values = rollout_logprobs_and_values(actor_critic, batch, micro_batch_size=2, temperature=1.0,
+                                                           chunk_size=16)
+    generator = torch.Generator().manual_seed(advantages_seed)
+    mask = batch["response_mask"]
+    batch.update(old_logprobs=old_logprobs, old_values=old_values,
+                 advantages=torch.where(mask, torch.randn(mask.shape, generator=generator), 0.0),
+                 returns=torch.where(mask, torch.randn(mask.shape, generator=generator), 0.0))
+    return batch
+
+
+def test_ppo_loss_on_policy_equals_hand_formula(tiny_model_dir):
+    model, tokenizer = load_causal_lm(tiny_model_dir)
+    actor_critic = ActorCritic(model).eval()
+    batch = make_batch(tokenizer, actor_critic)
+    mask = batch["response_mask"]
+    n = float(mask.sum())
+    loss, metrics = ppo_loss(actor_critic, batch, Normalizers(num_seqs=3, num_tokens=n), **LOSS_KWARGS)
+    # ratio 1 and values == old values == 0 (zero-initialised head): nothing is clipped, and
+    # loss = -sum(A)/N + vf_coef * 0.5 * sum(R^2)/N
+    expected_policy = -batch["advantages"][mask].sum() / n
+    expected_value = 0.5 * (batch["returns"][mask] ** 2).sum() / n
+    torch.testing.assert_close(metrics["loss/policy"], expected_policy)
+    torch.testing.assert_close(metrics["loss/value"], expected_value)
+    torch.testing.assert_close(loss.detach(), expected_policy + 0.5 * expected_value)
+    assert float(metrics["policy/clip_frac_low"]) == float(metrics["value/clip_frac"]) == 0.0
+
+
+def test_value_head_and_shared_backbone_get_gradients_and_the_reference_gets_none(tiny_model_dir):
+    model, tokenizer = load_causal_lm(tiny_model_dir)
+    reference, _ = load_causal_lm(tiny_model_dir)
+    actor_critic = ActorCritic(model).eval()
+    batch = make_batch(tokenizer, actor_critic)
+    batched_response_logprobs(reference, batch, micro_batch_size=2)  # the scoring stage's use of the reference
+    loss, _ = ppo_loss(actor_critic, batch, Normalizers(num_seqs=3, num_tokens=float(batch["response_mask"].sum())),
+                       **LOSS_KWARGS)
+    loss.backward()
+    assert actor_critic.value_head.weight.grad.abs().sum() > 0
+    assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0  # the critic's loss reaches the backbone
+    assert all(p.grad is None for p in reference.parameters())
+
+
+def test_ppo_gradient_accumulation_matches_the_full_batch(tiny_model_dir):
+    model, tokenizer = load_causal_lm(tiny_model_dir)
+    actor_critic = ActorCritic(model).eval()
+    torch.nn.init.normal_(actor_critic.value_head.weight, std=0.1)  # non-zero values exercise the value clip
+    batch = make_batch(tokenizer, actor_critic)
+    batch["old_values"] = batch["old_values"] + 0.5 * batch["response_mask"]
+    norm = Normalizers(num_seqs=3, num_tokens=float(batch["response_mask"].sum()))
+    params = trainable_parameters(actor_critic)
+
+    def gradients(row_groups):
+        actor_critic.zero_grad()
+        for rows in row_groups:
+            loss, _ = ppo_loss(actor_critic, select_rows(batch, torch.tensor(rows)), norm, **LOSS_KWARGS)
+            loss.backward()
+        return [p.grad.clone() for p in params]
+
+    full, split = gradients([[0, 1, 2]]), gradients([[2], [0, 1]])
+    for a, b in zip(full, split):
+        torch.testing.assert_close(a, b, atol=1e-6 * max(1.0, float(a.abs().max())), rtol=1e-4)
+
+
+def test_ppo_update_steps_and_value_head_checkpoint_round_trip(tiny_model_dir, tmp_path):
+    model, tokenizer = load_causal_lm(tiny_model_dir)
+    actor_critic = ActorCritic(model).eval()
+    batch = make_batch(tokenizer, actor_critic)
+    optimizer = torch.optim.AdamW(trainable_parameters(actor_critic), lr=1e-2)
+    history = ppo_update(actor_critic, optimizer, batch, epochs=2, mini_batches=2, micro_batch_size=1,
+                         max_grad_norm=1.0, seed=0, **LOSS_KWARGS)
+    assert len(history) == 4 and history[0]["policy/approx_kl"] < 1e-10 < history[-1]["policy/approx_kl"]
+    assert actor_critic.value_head.weight.abs().sum() > 0  # the head learned
+
+    folder, _ = save_checkpoint(model, tokenizer, optimizer, tmp_path, write_extra=actor_critic.save_critic)
+    assert (folder / VALUE_HEAD_FILE).is_file()
+    reloaded_model, _ = load_causal_lm(folder)
+    reloaded = ActorCritic(reloaded_model).eval()
+    assert reloaded.load_value_head(folder)
+    _, original_values = rollout_logprobs_and_values(actor_critic, batch, micro_batch_size=3, temperature=1.0,
+                                                     chunk_size=16)
+    _, reloaded_values = rollout_logprobs_and_values(reloaded, batch, micro_batch_size=3, temperature=1.0,
+                                                     chunk_size=16)
+    torch.testing.assert_close(original_values, reloaded_values)
+
+
+def test_separate_critic_takes_the_value_loss_and_the_policy_does_not(tiny_model_dir, tmp_path):
+    model, tokenizer = load_causal_lm(tiny_model_dir)
+    critic, _ = load_causal_lm(tiny_model_dir)
+    actor_critic = ActorCritic(model, critic).eval()
+    torch.nn.init.normal_(actor_critic.value_head.weight, std=0.1)
+    batch = make_batch(tokenizer, actor_critic)
+    norm = Normalizers(num_seqs=3, num_tokens=float(batch["response_mask"].sum()))
+    _, _, values = actor_critic(batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+                                batch["response_mask"])
+    value_only = ((values - batch["returns"]) ** 2).sum() / norm.num_tokens
+    value_only.backward()
+    assert critic.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())  # the policy is untouched by the critic's loss
+
+    folder, _ = save_checkpoint(model, tokenizer, None, tmp_path, write_extra=actor_critic.save_critic)
+    assert (folder / "critic" / "model.safetensors").is_file() and (folder / VALUE_HEAD_FILE).is_file()
