@@ -1,8 +1,9 @@
 """Regenerate the shipped preference sets: `python data/make_preferences.py` (a few minutes on 2 CPU cores).
 
 Writes
-- `review_prompts.jsonl`: 300 short writing prompts ("Write a one-sentence review of a crowded seaside hotel."),
-  from templates x subjects x descriptors, seeded;
+- `review_prompts.jsonl` / `review_prompts_eval.jsonl`: 300 short writing prompts ("Write a one-sentence review
+  of a crowded seaside hotel."), from templates x subjects x descriptors, seeded; the prompts of the held-out pairs
+  (40) go to the eval file, so PPO trains on prompts the reward model's evaluation never saw (260);
 - `preferences_train.jsonl` / `preferences_eval.jsonl`: for every prompt, two responses sampled from the built-in
   policy (SmolLM2-135M-Instruct, temperature 1.0, at most 48 new tokens, one seed per response), judged by VADER's
   compound score; chosen = the more positive one. Pairs whose scores differ by less than `MIN_GAP` are dropped
@@ -110,7 +111,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 if __name__ == "__main__":
     here = Path(__file__).parent
     prompts = make_prompts(NUM_PROMPTS, SEED)
-    write_jsonl(here / "review_prompts.jsonl", [{"prompt": p} for p in prompts])
     pairs = judge(prompts, sample_two(prompts, SEED))
     write_jsonl(here / "preferences_eval.jsonl", pairs[:HELD_OUT])
     write_jsonl(here / "preferences_train.jsonl", pairs[HELD_OUT:])
+    held_out = {pair["prompt"] for pair in pairs[:HELD_OUT]}
+    write_jsonl(here / "review_prompts.jsonl", [{"prompt": p} for p in prompts if p not in held_out])
+    write_jsonl(here / "review_prompts_eval.jsonl", [{"prompt": p} for p in prompts if p in held_out])

@@ -11,14 +11,11 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.online import resolve_online_inputs
 from flows.tracking import StageClock, log_online_iteration, mlflow_run
 from rlhf_core.config import GRPOConfig
-from rlhf_core.data import dataset_fingerprint
-from rlhf_core.rewards import reward_source_fingerprint
 from tasks.advantages import compute_advantages
-from tasks.data import load_prompt_dataset, sample_prompts
-from tasks.models import resolve_model
-from tasks.paths import resolve_data_path
+from tasks.data import sample_prompts
 from tasks.rollouts import generate_rollouts
 from tasks.scoring import score_rollouts
 from tasks.update import prune_checkpoints, update_policy
@@ -27,11 +24,7 @@ from tasks.update import prune_checkpoints, update_policy
 @flow(name="grpo", log_prints=True)
 def grpo(config: GRPOConfig = GRPOConfig()) -> str:
     """Train a policy with GRPO; returns the final checkpoint's folder."""
-    # Checked before any work: every reward function imports, the dataset is valid, the model loads.
-    reward_fingerprints = [reward_source_fingerprint(r.function) if r.function else None for r in config.rewards]
-    reward_models = [resolve_model(r.model) if r.model else None for r in config.rewards]
-    dataset = load_prompt_dataset(config.data, dataset_fingerprint(resolve_data_path(config.data.path)))
-    policy = resolve_model(config.model.name_or_path)
+    reward_fingerprints, reward_models, dataset, policy = resolve_online_inputs(config)
     reference = policy if config.kl.coef > 0 else None  # beta = 0: no reference model at all
     temperature = config.generation.temperature or 1.0
     trust = config.model.trust_remote_code

@@ -11,15 +11,12 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.online import resolve_online_inputs
 from flows.tracking import StageClock, log_online_iteration, mlflow_run
 from rlhf_core.config import PPOConfig
-from rlhf_core.data import dataset_fingerprint
 from rlhf_core.kl_control import make_kl_controller
 from rlhf_core.metrics import ppo_metrics
-from rlhf_core.rewards import reward_source_fingerprint
-from tasks.data import load_prompt_dataset, sample_prompts
-from tasks.models import resolve_model
-from tasks.paths import resolve_data_path
+from tasks.data import sample_prompts
 from tasks.ppo import compute_gae, compute_values, update_actor_critic
 from tasks.rollouts import generate_rollouts
 from tasks.scoring import score_rollouts
@@ -29,10 +26,7 @@ from tasks.update import prune_checkpoints
 @flow(name="ppo", log_prints=True)
 def ppo(config: PPOConfig = PPOConfig()) -> str:
     """Train a policy with PPO against reward models and/or functions; returns the final checkpoint's folder."""
-    reward_fingerprints = [reward_source_fingerprint(r.function) if r.function else None for r in config.rewards]
-    reward_models = [resolve_model(r.model) if r.model else None for r in config.rewards]
-    dataset = load_prompt_dataset(config.data, dataset_fingerprint(resolve_data_path(config.data.path)))
-    policy = resolve_model(config.model.name_or_path)
+    reward_fingerprints, reward_models, dataset, policy = resolve_online_inputs(config)
     reference = policy  # the frozen initial policy
     kl_controller = make_kl_controller("adaptive" if config.kl.target else "fixed", config.kl.coef,
                                        config.kl.target, config.kl.horizon)

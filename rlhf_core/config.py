@@ -164,6 +164,9 @@ class ValueConfig(_Config):
     critic: Literal["shared", "separate"] = Field("shared", description="shared: a value head on the policy's "
                                                   "backbone; separate: a copy of the backbone for the critic")
     vf_coef: float = Field(0.1, ge=0.0, description="weight of the value loss in the total loss")
+    head_lr: float | None = Field(1e-3, gt=0.0, le=1.0, description=(
+        "learning rate of the value head (None: optim.lr). The zero-initialised head is tiny; at a policy-sized "
+        "lr it would barely move in a short run, leaving PPO without a baseline"))
     clip_range_value: float = Field(0.2, gt=0.0, description="values move at most this far from the old values")
 
 

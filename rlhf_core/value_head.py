@@ -46,6 +46,13 @@ class ActorCritic(torch.nn.Module):
         values = self.value_head(hidden).squeeze(-1).float()  # [B, T]
         return logprobs, entropy, torch.where(mask, values, 0.0)
 
+    def parameter_groups(self, lr: float, head_lr: float | None) -> list[dict]:
+        """Optimizer parameter groups: everything at `lr`, the value head at `head_lr` (None: `lr`).
+        The head comes last, so parameter indices (and saved optimizer state) match across runs."""
+        head = list(self.value_head.parameters())
+        rest = [p for p in self.parameters() if p.requires_grad and all(p is not h for h in head)]
+        return [{"params": rest, "lr": lr}, {"params": head, "lr": head_lr or lr}]
+
     def save_critic(self, folder: str | Path) -> None:
         """Write the value head (and a separate critic backbone) into a checkpoint folder."""
         state = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}

@@ -8,7 +8,7 @@ from prefect import task
 from tqdm.auto import tqdm
 
 from rlhf_core.batch import collate, response_lists
-from rlhf_core.checkpoint import restore_optimizer, save_checkpoint, trainable_parameters
+from rlhf_core.checkpoint import restore_optimizer, save_checkpoint
 from rlhf_core.config import GAEConfig, LossConfig, OptimConfig, RuntimeConfig, ScoreConfig, ValueConfig
 from rlhf_core.ppo import ppo_advantages, ppo_update, rollout_logprobs_and_values
 from rlhf_core.token_rewards import clip_scores, normalize_scores, penalize_missing_eos
@@ -61,7 +61,7 @@ def update_actor_critic(policy: CheckpointRef, batch: ArtifactRef, loss: LossCon
                         seed: int, trust_remote_code: bool = False) -> UpdateResult:
     df = batch.read()
     model, tokenizer = load_actor_critic(policy, runtime, value.critic, trust_remote_code)
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=optim.lr, weight_decay=optim.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameter_groups(optim.lr, value.head_lr), weight_decay=optim.weight_decay)
     restore_optimizer(optimizer, policy.path)
     per_token = {k: df[k] for k in ("old_logprobs", "old_values", "advantages", "returns")}
     tensors = collate(df["prompt_ids"], df["response_ids"], tokenizer.pad_token_id, per_token=per_token,

@@ -37,3 +37,7 @@ def test_prefect_yaml_deploys_grpo_with_a_validated_form(prefect_harness):
         assert definitions["KLConfig"]["properties"]["estimator"]["enum"] == ["k1", "k2", "k3"]
         with pytest.raises(Exception, match="(?i)validation"):
             client.create_flow_run_from_deployment(deployment.id, parameters={"config": {"optim": {"lr": -1}}})
+        ppo = client.read_deployment_by_name("ppo/ppo")
+        assert ppo.parameter_openapi_schema["definitions"]["ValueConfig"]["properties"]["critic"]["enum"] == [
+            "shared", "separate"]
+        assert client.read_deployment_by_name("reward-model/reward-model").parameters["config"]["epochs"] == 2

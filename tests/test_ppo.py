@@ -134,3 +134,15 @@ def test_separate_critic_takes_the_value_loss_and_the_policy_does_not(tiny_model
 
     folder, _ = save_checkpoint(model, tokenizer, None, tmp_path, write_extra=actor_critic.save_critic)
     assert (folder / "critic" / "model.safetensors").is_file() and (folder / VALUE_HEAD_FILE).is_file()
+
+
+def test_value_head_has_its_own_learning_rate_and_every_parameter_is_in_one_group(tiny_model_dir):
+    model, _ = load_causal_lm(tiny_model_dir)
+    actor_critic = ActorCritic(model)
+    groups = actor_critic.parameter_groups(lr=1e-5, head_lr=1e-3)
+    assert [g["lr"] for g in groups] == [1e-5, 1e-3]
+    assert groups[1]["params"] == list(actor_critic.value_head.parameters())
+    grouped = [p for g in groups for p in g["params"]]
+    assert len(grouped) == len(trainable_parameters(actor_critic))
+    assert all(a is b for a, b in zip(grouped, trainable_parameters(actor_critic)))  # same order: saved state fits
+    assert actor_critic.parameter_groups(lr=1e-5, head_lr=None)[1]["lr"] == 1e-5
