@@ -1,8 +1,10 @@
-"""Held-out reward of one or more checkpoints: `python scripts/heldout_reward.py CKPT [CKPT ...]`.
+"""Held-out evaluation of checkpoints: `python scripts/heldout_reward.py CKPT [CKPT ...] [options]`.
 
-Samples `--samples` responses per prompt of `--data` (default: the 40 held-out arithmetic prompts) with the demo's
-sampling settings, scores them with a reward function, and prints the mean reward per checkpoint. The same seeds
-are used for every checkpoint, so differences come from the weights.
+Samples `--samples` responses per prompt of `--data` with the same seeds for every checkpoint, scores them with a
+reward function (`--reward`) or a reward model (`--reward-model`, a folder or a models:/ URI), and prints per
+checkpoint the mean reward and the KL to the first checkpoint (the reference): the mean over responses of the
+summed per-token log-ratio log pi(y_t) - log ref(y_t) on the candidate's own samples (the k1 estimate).
+Defaults: the 40 held-out arithmetic prompts and `arithmetic_answer`, as for the GRPO demo.
 """
 
 import argparse
@@ -11,42 +13,67 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlhf_core.batch import collate
 from rlhf_core.data import load_table
 from rlhf_core.generation import chat_prompt_ids, sample_responses
+from rlhf_core.logprobs import batched_response_logprobs
 from rlhf_core.models import DEFAULT_MODEL, eos_token_ids, load_causal_lm, resolve_model_path
 from rlhf_core.rewards import compute_rewards
+from tasks.paths import models_dir
 
 PROJECT = Path(__file__).resolve().parents[1]
 
 
-def heldout_reward(path: Path, prompts: list[str], columns: dict, samples: int, args) -> float:
+def sample(path: Path, prompts: list[str], samples: int, args):
     model, tokenizer = load_causal_lm(path)
-    model.eval()
     prompt_ids = [ids for ids in chat_prompt_ids(tokenizer, prompts) for _ in range(samples)]
-    result = sample_responses(model, prompt_ids, eos_ids=eos_token_ids(model, tokenizer),
+    result = sample_responses(model.eval(), prompt_ids, eos_ids=eos_token_ids(model, tokenizer),
                               pad_id=tokenizer.pad_token_id, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=1.0, seeds=list(range(len(prompt_ids))))
-    responses = tokenizer.batch_decode(result.response_ids, skip_special_tokens=True)
-    repeated = {k: [v for v in values for _ in range(samples)] for k, values in columns.items()}
-    total, _ = compute_rewards([(args.reward, 1.0)], [p for p in prompts for _ in range(samples)], responses, repeated)
-    return float(np.mean(total))
+    batch = collate(result.prompt_ids, result.response_ids, tokenizer.pad_token_id)
+    return model, batch, tokenizer.batch_decode(result.response_ids, skip_special_tokens=True)
+
+
+def summed_logprobs(model, batch) -> torch.Tensor:
+    return batched_response_logprobs(model, batch, micro_batch_size=16, temperature=1.0).sum(-1)
+
+
+def score(prompts: list[str], responses: list[str], columns: dict, args) -> np.ndarray:
+    if args.reward_model:
+        from rlhf_core.reward_model import load_reward_model, reward_scores
+        from tasks.models import resolve_model
+
+        model, tokenizer = load_reward_model(Path(resolve_model.fn(args.reward_model).path))
+        return reward_scores(model, tokenizer, prompts, responses, batch_size=16, max_length=512).numpy()
+    total, _ = compute_rewards([(args.reward, 1.0)], prompts, responses, columns)
+    return total
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoints", nargs="+", help=f"model folders, or {DEFAULT_MODEL}")
+    parser.add_argument("checkpoints", nargs="+", help=f"model folders, or {DEFAULT_MODEL}; the first is the reference")
     parser.add_argument("--data", default=str(PROJECT / "data" / "arithmetic_eval.jsonl"))
+    parser.add_argument("--columns", nargs="*", default=["answer"], help="dataset columns passed to --reward")
     parser.add_argument("--reward", default="arithmetic_answer")
+    parser.add_argument("--reward-model", help="score with this reward model instead of --reward")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.7)
     args = parser.parse_args()
-    df = load_table(args.data, required={"prompt": str, "answer": object})
+    columns = [] if args.reward_model else args.columns
+    df = load_table(args.data, required={"prompt": str, **{c: object for c in columns}})
+    prompts = [p for p in df["prompt"] for _ in range(args.samples)]
+    repeated = {c: [v for v in df[c] for _ in range(args.samples)] for c in columns}
     torch.set_num_threads(2)
-    for checkpoint in args.checkpoints:
-        path = resolve_model_path(checkpoint, Path.home() / ".rlhf" / "models")
-        reward = heldout_reward(path, df["prompt"].tolist(), {"answer": df["answer"].tolist()}, args.samples, args)
-        print(f"{checkpoint}: held-out mean reward {reward:.3f} ({len(df)} prompts x {args.samples} samples)")
+    paths = [resolve_model_path(c, models_dir()) for c in args.checkpoints]
+    reference, _ = load_causal_lm(paths[0])
+    for name, path in zip(args.checkpoints, paths):
+        model, batch, responses = sample(path, list(df["prompt"]), args.samples, args)
+        kl = (summed_logprobs(model, batch) - summed_logprobs(reference.eval(), batch)).mean()
+        rewards = score(prompts, responses, repeated, args)
+        print(f"{name}: held-out mean reward {np.mean(rewards):.3f}, KL to {args.checkpoints[0]} {float(kl):.2f} "
+              f"nats/response, mean length {float(batch['response_mask'].sum(-1).float().mean()):.1f} tokens "
+              f"({len(df)} prompts x {args.samples} samples)")
 
 
 if __name__ == "__main__":

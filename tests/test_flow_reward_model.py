@@ -44,7 +44,7 @@ def small_config(pairs_file, **overrides) -> RewardModelConfig:
     return RewardModelConfig(**{**values, **overrides})
 
 
-def test_reward_model_flow_end_to_end(prefect_harness, rlhf_home, pairs_file):
+def test_reward_model_flow_end_to_end(prefect_harness, rlhf_home, pairs_file, tiny_model_dir):
     state = reward_model(small_config(pairs_file, keep_checkpoints=1), return_state=True)  # default backbone: MiniLM
     final_checkpoint = state.result()
     run = mlflow_run_of(state.state_details.flow_run_id)
@@ -80,6 +80,24 @@ def test_reward_model_flow_end_to_end(prefect_harness, rlhf_home, pairs_file):
     rescored = reward_scores(model, tokenizer, scores["prompt"].tolist(), scores["chosen"].tolist(), batch_size=4,
                              max_length=256)
     torch.testing.assert_close(rescored, torch.tensor(scores["chosen_rewards"].to_numpy()), atol=1e-5, rtol=1e-5)
+
+    # ... and it does, by alias, combined with a reward function: one GRPO iteration on the tiny policy
+    from flows.grpo import grpo
+    from rlhf_core.config import GRPOConfig
+
+    policy_run = grpo(GRPOConfig.model_validate({
+        "iterations": 1, "prompts_per_iteration": 2, "model": {"name_or_path": str(tiny_model_dir)},
+        "generation": {"group_size": 2, "max_new_tokens": 6, "temperature": 1.0},
+        "rewards": [{"model": "models:/tiny-rm@newest", "weight": 2.0}, {"function": "response_length"}],
+        "tracking": {"experiment": "rm-as-reward", "registered_model": "tiny-policy-rm"}}), return_state=True)
+    policy_run.result()
+    scored = pd.read_parquet(mlflow.artifacts.download_artifacts(
+        run_id=mlflow_run_of(policy_run.state_details.flow_run_id).info.run_id,
+        artifact_path="data/iter_000/scored.parquet"))
+    by_model = reward_scores(model, tokenizer, scored["prompt"].tolist(), scored["response"].tolist(), batch_size=4,
+                             max_length=512).numpy()
+    assert scored["reward[models:/tiny-rm@newest]"].to_numpy() == pytest.approx(by_model, abs=1e-5)
+    assert scored["rewards"].to_numpy() == pytest.approx(2.0 * by_model + scored["reward[response_length]"], abs=1e-5)
 
 
 def test_crash_in_epoch_1_then_rerun_resumes_and_matches_uninterrupted_run(prefect_harness, tmp_path, monkeypatch,
