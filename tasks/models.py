@@ -19,7 +19,7 @@ def download_registered_model(uri: str) -> Path:
     import mlflow  # only this path needs it; rlhf_core never imports mlflow
 
     body = uri.removeprefix("models:/")
-    use_tracking_uri()  # registry lookups can run before the flow's MLflow run starts
+    store = use_tracking_uri()  # registry lookups can run before the flow's MLflow run starts
     client = mlflow.MlflowClient()
     try:
         if "@" in body:
@@ -29,7 +29,8 @@ def download_registered_model(uri: str) -> Path:
             name, _, number = body.rpartition("/")
             version = client.get_model_version(name, number)
     except mlflow.exceptions.MlflowException as e:
-        raise ModelLoadError(f"model URI {uri!r}: {e.message}") from None
+        raise ModelLoadError(f"model URI {uri!r}: {e.message} (registry searched: {store}; run the flow that "
+                             "registers it first, e.g. `rlhf reward-model`, with the same RLHF_HOME)") from None
     dest = models_dir() / "registry" / re.sub(r"[^A-Za-z0-9_.-]", "_", f"{name}-v{version.version}")
     if not dest.is_dir():
         tmp = dest.with_name(dest.name + ".download")
