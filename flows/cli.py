@@ -15,10 +15,11 @@ import yaml
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
-from rlhf_core.config import GRPOConfig, PPOConfig, RewardModelConfig
+from rlhf_core.config import DPOConfig, GRPOConfig, PPOConfig, RewardModelConfig
 
 FLOWS = {"grpo": (GRPOConfig, "flows.grpo", "grpo"), "ppo": (PPOConfig, "flows.ppo", "ppo"),
-         "reward-model": (RewardModelConfig, "flows.reward_model", "reward_model")}
+         "reward-model": (RewardModelConfig, "flows.reward_model", "reward_model"),
+         "dpo": (DPOConfig, "flows.dpo", "dpo")}
 USAGE = f"usage: rlhf {{{','.join(FLOWS)}}} [--config FILE] [--section.field VALUE ...] [--dry-run]"
 
 

@@ -239,3 +239,42 @@ class RewardModelConfig(_Config):
                                                        "registry keeps every epoch's weights")
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig(experiment="reward-model", registered_model="reward-model")
+
+
+class DPOConfig(_Config):
+    """DPO and its offline relatives: train the policy on preference pairs against a frozen reference (the
+    starting model), whose log-probs are computed once per dataset."""
+
+    model: ModelConfig = ModelConfig()
+    data: PreferenceDataConfig = PreferenceDataConfig()
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "simpo"] = Field(
+        "sigmoid", description="sigmoid: DPO; robust: cDPO with label noise; hinge: SLiC; ipo: IPO; simpo: SimPO "
+                               "(length-normalised, no reference model)")
+    beta: float = Field(0.1, gt=0.0, description="inverse temperature of the implicit reward beta * log(pi / ref)")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="assumed share of flipped labels (robust, "
+                                                                    "sigmoid)")
+    simpo_gamma: float = Field(0.5, ge=0.0, description="SimPO's target reward margin (gamma / beta in TRL terms)")
+    rpo_alpha: float | None = Field(None, ge=0.0, description="weight of the chosen response's NLL per token "
+                                                              "(RPO); None: off")
+    epochs: int = Field(1, ge=1, le=10_000, description="passes over the training pairs (one task each)")
+    batch_size: int = Field(8, ge=1, description="pairs per optimizer step")
+    micro_batch_size: int = Field(4, ge=1, description="pairs per forward/backward (2x sequences: chosen and "
+                                                       "rejected share one pass)")
+    lr: float = Field(5e-6, gt=0.0, le=1.0, description="AdamW learning rate (DPO papers use 5e-7 on 7B models "
+                                                        "with large batches; a 135M model on ~200 pairs needs more)")
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    seed: int = Field(0, ge=0, description="eval hold-out (without eval_path) and per-epoch shuffling")
+    keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (with optimizer state); the MLflow "
+                                                       "registry keeps every epoch's weights")
+    runtime: RuntimeConfig = RuntimeConfig()
+    tracking: TrackingConfig = TrackingConfig(experiment="dpo", registered_model="dpo-policy")
+
+    @model_validator(mode="after")
+    def _no_unused_fields(self) -> "DPOConfig":
+        if self.data.margin_column is not None:  # an option that does nothing must not look like it works
+            raise ValueError("data.margin_column is used by the reward model only; DPO's losses take no margin")
+        if self.loss_type == "hinge" and self.label_smoothing > 0:
+            raise ValueError("label_smoothing applies to the sigmoid, robust and simpo losses, not hinge")
+        if self.loss_type == "ipo" and self.label_smoothing > 0:
+            raise ValueError("label_smoothing applies to the sigmoid, robust and simpo losses, not ipo")
+        return self

@@ -175,3 +175,13 @@ def test_a_reward_spec_names_exactly_one_source():
     with pytest.raises(ValidationError, match="exactly one of `function` or `model`"):
         RewardSpec(function="arithmetic_answer", model="models:/reward-model@newest")
     assert RewardSpec(model="/some/reward-model").name == "/some/reward-model"
+
+
+def test_dpo_config_rejects_options_its_loss_would_ignore():
+    from rlhf_core.config import DPOConfig
+
+    with pytest.raises(ValidationError, match="margin_column is used by the reward model only"):
+        DPOConfig(data={"margin_column": "margin"})
+    with pytest.raises(ValidationError, match="not hinge"):
+        DPOConfig(loss_type="hinge", label_smoothing=0.1)
+    assert DPOConfig(loss_type="robust", label_smoothing=0.1).label_smoothing == 0.1

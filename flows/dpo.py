@@ -1,0 +1,84 @@
+"""The DPO flow: validate pairs and model, reference log-probs once, then per epoch train -> evaluate -> log ->
+register.
+
+Offline preference optimisation (rlhf_core/dpo.py): the reference is the starting model, frozen; its summed
+log-probs of every chosen and rejected response are one cached stage per dataset (skipped for simpo, which has
+no reference). Each epoch is one cached task keyed on the previous checkpoint's content hash, so a run that
+crashed resumes at the epoch that failed. Every epoch's checkpoint is registered (alias `newest`).
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows.tracking import StageClock, Tracker, mlflow_run
+from rlhf_core.config import DPOConfig, TrackingConfig
+from rlhf_core.data import dataset_fingerprint
+from tasks.dpo import compute_reference_logprobs, evaluate_dpo, train_dpo_epoch
+from tasks.models import resolve_model
+from tasks.paths import resolve_data_path
+from tasks.refs import ArtifactRef, UpdateResult
+from tasks.reward_model import load_preference_dataset
+from tasks.update import prune_checkpoints
+
+
+@flow(name="dpo", log_prints=True)
+def dpo(config: DPOConfig = DPOConfig()) -> str:
+    """Train a policy with DPO (or `config.loss_type`) on preference pairs; returns the final checkpoint's folder."""
+    data = config.data
+    files = [path for path in (data.path, data.eval_path) if path is not None]
+    pairs = load_preference_dataset(data, [dataset_fingerprint(resolve_data_path(p)) for p in files], config.seed)
+    policy = resolve_model(config.model.name_or_path)  # checked before any work: the data is valid, the model loads
+    trust, runtime = config.model.trust_remote_code, config.runtime
+    train_pairs, eval_pairs = pairs.train, pairs.eval
+    if config.loss_type != "simpo":  # the reference is the starting policy, frozen
+        train_pairs = compute_reference_logprobs(policy, pairs.train, config.micro_batch_size, runtime, trust)
+        eval_pairs = compute_reference_logprobs(policy, pairs.eval, config.micro_batch_size, runtime, trust)
+    checkpoints = []
+
+    with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker:
+        for epoch in range(config.epochs):
+            clock = StageClock()
+            with clock("train"):
+                update = train_dpo_epoch(policy, train_pairs, epoch, config.loss_type, config.beta,
+                                         config.label_smoothing, config.simpo_gamma, config.rpo_alpha,
+                                         config.batch_size, config.micro_batch_size, config.lr,
+                                         config.max_grad_norm, config.seed, runtime, trust)
+            with clock("eval"):
+                scores = evaluate_dpo(update.checkpoint, eval_pairs, config.loss_type, config.beta,
+                                      config.micro_batch_size, runtime, trust)
+            policy = update.checkpoint
+            metrics = log_dpo_epoch(tracker, epoch, update, scores, clock, config.tracking)
+            checkpoints.append(policy)
+            prune_checkpoints(checkpoints, keep=config.keep_checkpoints)
+            print(f"epoch {epoch}: train loss {metrics['loss/train']:.4f}, held-out accuracy "
+                  f"{metrics['eval/rewards/accuracies']:.3f}, margin {metrics['eval/rewards/margins']:.3f} "
+                  f"({scores.rows} pairs), {sum(clock.values()):.1f} s")
+    return policy.path
+
+
+def log_dpo_epoch(tracker: Tracker, epoch: int, update: UpdateResult, scores: ArtifactRef,
+                  stage_seconds: dict[str, float], tracking: TrackingConfig) -> dict[str, float]:
+    """The epoch's Parquet files, its checkpoint as a model version, then one batch of metrics (returned)."""
+    start = time.perf_counter()
+    if tracking.log_rollouts:
+        tracker.log_files({"eval.parquet": scores.path, "train_metrics.parquet": update.metrics.path},
+                          f"data/epoch_{epoch:03d}")
+    tracker.register_checkpoint(update.checkpoint.path, update.checkpoint.sha256, tracking.registered_model, epoch)
+    train = update.metrics.read().mean().to_dict()  # mean over the epoch's optimizer steps
+    pairs = scores.read()
+    margins = pairs["chosen_rewards"] - pairs["rejected_rewards"]
+    metrics = {
+        **train,
+        "eval/rewards/chosen": pairs["chosen_rewards"].mean(),
+        "eval/rewards/rejected": pairs["rejected_rewards"].mean(),
+        "eval/rewards/margins": margins.mean(),
+        "eval/rewards/accuracies": (margins > 0).mean(),
+        **{f"time/{stage}_s": seconds for stage, seconds in stage_seconds.items()},
+        "time/tracking_s": time.perf_counter() - start,
+    }
+    tracker.log_metrics(metrics, step=epoch)
+    return metrics

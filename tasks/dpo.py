@@ -1,0 +1,83 @@
+"""DPO stages: reference log-probs (once per dataset), one training epoch, implicit rewards on held-out pairs.
+
+Each reads the canonical pairs Parquet of `load_preference_dataset` (pair_id, prompt, chosen, rejected), calls
+`rlhf_core.dpo` and writes Parquet. One task per epoch, keyed on the previous checkpoint's content hash: a run
+that crashed in epoch k resumes there, and the reference stage is a cache hit for every run on the same data.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from prefect import task
+from tqdm.auto import tqdm
+
+from rlhf_core import dpo
+from rlhf_core.checkpoint import restore_optimizer, save_checkpoint, trainable_parameters
+from rlhf_core.config import RuntimeConfig
+from tasks.cache import STAGE_TASK_OPTIONS
+from tasks.paths import checkpoints_dir
+from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
+from tasks.runtime import load_model
+
+REF_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
+
+
+def pair_batch(df: pd.DataFrame, tokenizer, device: str) -> dict[str, torch.Tensor]:
+    """The pairs of a Parquet table as a pair batch, with the reference log-probs when the table has them."""
+    per_pair = {name: df[name] for name in REF_COLUMNS if name in df}
+    return dpo.collate_pairs(*dpo.tokenize_pairs(tokenizer, df["prompt"], df["chosen"], df["rejected"]),
+                             tokenizer.pad_token_id, per_pair=per_pair, device=device)
+
+
+@task(name="compute-reference-logprobs", **STAGE_TASK_OPTIONS)
+def compute_reference_logprobs(model_ref: CheckpointRef, pairs_ref: ArtifactRef, micro_batch_size: int,
+                               runtime: RuntimeConfig, trust_remote_code: bool = False) -> ArtifactRef:
+    """The pairs with `ref_chosen_logps` and `ref_rejected_logps` (summed over each response, EOS included)."""
+    df = pairs_ref.read()
+    model, tokenizer = load_model(model_ref, runtime, trust_remote_code)
+    logps = dpo.batched_pair_logprobs(model, pair_batch(df, tokenizer, runtime.device),
+                                      micro_batch_size=micro_batch_size)
+    return publish(df.assign(ref_chosen_logps=logps["chosen_logps"].cpu().numpy(),
+                             ref_rejected_logps=logps["rejected_logps"].cpu().numpy()), "dpo-reference")
+
+
+@task(name="train-dpo-epoch", **STAGE_TASK_OPTIONS)
+def train_dpo_epoch(policy_ref: CheckpointRef, pairs_with_ref_ref: ArtifactRef, epoch: int, loss_type: str,
+                    beta: float, label_smoothing: float, simpo_gamma: float, rpo_alpha: float | None,
+                    batch_size: int, micro_batch_size: int, lr: float, max_grad_norm: float, seed: int,
+                    runtime: RuntimeConfig, trust_remote_code: bool = False) -> UpdateResult:
+    """One shuffled pass over the pairs from `policy_ref` (its Adam state restored); returns the new checkpoint
+    and one metrics row per optimizer step."""
+    df = pairs_with_ref_ref.read()
+    model, tokenizer = load_model(policy_ref, runtime, trust_remote_code)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=0.0)
+    restore_optimizer(optimizer, policy_ref.path)
+    progress = tqdm(total=-(-len(df) // batch_size), desc=f"dpo epoch {epoch}", unit="step")
+    history = dpo.dpo_update(
+        model, optimizer, pair_batch(df, tokenizer, runtime.device), batch_size=batch_size,
+        micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, seed=seed + epoch,
+        on_step=lambda metrics: progress.update(1), loss_type=loss_type, beta=beta,
+        label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, rpo_alpha=rpo_alpha)
+    progress.close()
+    path, digest = save_checkpoint(model, tokenizer, optimizer, checkpoints_dir())
+    return UpdateResult(checkpoint=CheckpointRef(path=str(path), sha256=digest),
+                        metrics=publish(pd.DataFrame(history), "dpo-metrics"))
+
+
+@task(name="evaluate-dpo", **STAGE_TASK_OPTIONS)
+def evaluate_dpo(policy_ref: CheckpointRef, eval_with_ref_ref: ArtifactRef, loss_type: str, beta: float,
+                 micro_batch_size: int, runtime: RuntimeConfig, trust_remote_code: bool = False) -> ArtifactRef:
+    """The held-out pairs with the policy's `chosen_logps`, `rejected_logps` and implicit `chosen_rewards`,
+    `rejected_rewards`; accuracy = mean(chosen_rewards > rejected_rewards)."""
+    df = eval_with_ref_ref.read()
+    model, tokenizer = load_model(policy_ref, runtime, trust_remote_code)
+    batch = pair_batch(df, tokenizer, runtime.device)
+    logps = dpo.batched_pair_logprobs(model, batch, micro_batch_size=micro_batch_size)
+    zeros = torch.zeros_like(logps["chosen_logps"])  # simpo: no reference
+    rewards = dpo.reward_metrics(*dpo.preference_logps(logps, loss_type), batch.get("ref_chosen_logps", zeros),
+                                 batch.get("ref_rejected_logps", zeros), beta)
+    return publish(df.assign(chosen_logps=logps["chosen_logps"].cpu().numpy(),
+                             rejected_logps=logps["rejected_logps"].cpu().numpy(),
+                             chosen_rewards=rewards["rewards/chosen"].cpu().numpy(),
+                             rejected_rewards=rewards["rewards/rejected"].cpu().numpy()), "dpo-eval")

@@ -1,0 +1,82 @@
+"""The DPO flow end to end: the real Prefect engine (a temporary server), a real MLflow SQLite store, real Parquet
+files and checkpoints, a tiny random-init Llama; then a rerun with another learning rate reuses the cached
+reference log-probs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from flow_helpers import metric_steps, mlflow_run_of, task_states
+from flows.dpo import dpo
+from rlhf_core.config import DPOConfig, ModelConfig, PreferenceDataConfig, TrackingConfig
+from rlhf_core.io import sha256_dir
+
+pytestmark = pytest.mark.slow
+PLACES = ["hotel", "diner", "museum", "phone", "novel", "theme park"]
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> Path:
+    """12 review pairs: the chosen response is the positive one."""
+    rows = [{"prompt": f"Write a one-sentence review of the {place}.", "chosen": f"The {place} {good}.",
+             "rejected": f"The {place} {bad}."}
+            for good, bad in [("was wonderful", "was awful"), ("is excellent", "is terrible")] for place in PLACES]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def small_config(pairs_file, model_dir, **overrides) -> DPOConfig:
+    values = dict(model=ModelConfig(name_or_path=str(model_dir)), epochs=2, batch_size=4, micro_batch_size=2,
+                  lr=1e-3, keep_checkpoints=1,
+                  data=PreferenceDataConfig(path=str(pairs_file), eval_path=None, eval_fraction=0.25),
+                  tracking=TrackingConfig(experiment="dpo-e2e", registered_model="tiny-dpo"))
+    return DPOConfig(**{**values, **overrides})
+
+
+def test_dpo_flow_end_to_end_then_rerun_reuses_reference_logprobs(prefect_harness, rlhf_home, pairs_file,
+                                                                  tiny_model_dir):
+    state = dpo(small_config(pairs_file, tiny_model_dir), return_state=True)
+    final_checkpoint = state.result()
+    run = mlflow_run_of(state.state_details.flow_run_id)
+    client = mlflow.MlflowClient()
+
+    # Parquet: pairs (train 9, eval 3), reference log-probs of each, per-epoch step metrics and eval rewards
+    for stage, count in [("preferences", 2), ("dpo-reference", 2), ("dpo-metrics", 2), ("dpo-eval", 2)]:
+        assert len(list((rlhf_home / "artifacts" / stage).glob("*.parquet"))) == count, stage
+    assert not list(rlhf_home.rglob(".tmp-*"))
+    assert [p.name for p in (rlhf_home / "checkpoints").iterdir()] == [Path(final_checkpoint).name]  # pruned
+    references = [pd.read_parquet(p) for p in (rlhf_home / "artifacts" / "dpo-reference").glob("*.parquet")]
+    assert sorted(len(df) for df in references) == [3, 9]
+    assert all((df[["ref_chosen_logps", "ref_rejected_logps"]] < 0).all().all() for df in references)
+
+    # MLflow: params, one point per epoch, the eval Parquet, a registered version per epoch
+    assert run.info.status == "FINISHED" and run.data.params["loss_type"] == "sigmoid"
+    for key in ["loss/train", "loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                "rewards/accuracies", "logps/chosen", "logps/rejected", "policy/grad_norm",
+                "eval/rewards/accuracies", "eval/rewards/margins", "time/train_s", "time/eval_s"]:
+        assert metric_steps(run.info.run_id, key) == [0, 1], key
+    scores = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                                 artifact_path="data/epoch_001/eval.parquet"))
+    assert len(scores) == 3 and {"chosen_rewards", "rejected_rewards", "ref_chosen_logps"} <= set(scores)
+    accuracy = client.get_metric_history(run.info.run_id, "eval/rewards/accuracies")[-1].value
+    assert accuracy == pytest.approx((scores["chosen_rewards"] > scores["rejected_rewards"]).mean())
+    assert scores["chosen_rewards"].to_numpy() == pytest.approx(
+        0.1 * (scores["chosen_logps"] - scores["ref_chosen_logps"]).to_numpy(), abs=1e-5)
+
+    versions = client.search_model_versions("name = 'tiny-dpo'")
+    assert sorted(v.tags["iteration"] for v in versions) == ["0", "1"]
+    newest = client.get_model_version_by_alias("tiny-dpo", "newest")
+    assert newest.tags["iteration"] == "1" and newest.tags["checkpoint_sha256"] == sha256_dir(final_checkpoint)
+
+    # Another learning rate on the same data and model: the reference stage is a cache hit, training reruns
+    rerun = dpo(small_config(pairs_file, tiny_model_dir, lr=5e-4), return_state=True)
+    rerun.result()
+    states = task_states(rerun.state_details.flow_run_id)
+    assert [s for name, s in states if name == "compute-reference-logprobs"] == ["Cached", "Cached"]
+    assert [s for name, s in states if name == "train-dpo-epoch"] == ["Completed", "Completed"]
