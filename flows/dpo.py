@@ -14,7 +14,7 @@ import time
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.tracking import StageClock, Tracker, mlflow_run
+from flows.tracking import StageClock, Tracker, log_epoch_outputs, mlflow_run
 from rlhf_core.config import DPOConfig, TrackingConfig
 from rlhf_core.data import dataset_fingerprint
 from tasks.dpo import compute_reference_logprobs, evaluate_dpo, train_dpo_epoch
@@ -64,10 +64,7 @@ def log_dpo_epoch(tracker: Tracker, epoch: int, update: UpdateResult, scores: Ar
                   stage_seconds: dict[str, float], tracking: TrackingConfig) -> dict[str, float]:
     """The epoch's Parquet files, its checkpoint as a model version, then one batch of metrics (returned)."""
     start = time.perf_counter()
-    if tracking.log_rollouts:
-        tracker.log_files({"eval.parquet": scores.path, "train_metrics.parquet": update.metrics.path},
-                          f"data/epoch_{epoch:03d}")
-    tracker.register_checkpoint(update.checkpoint.path, update.checkpoint.sha256, tracking.registered_model, epoch)
+    log_epoch_outputs(tracker, epoch, update, scores, tracking)
     train = update.metrics.read().mean().to_dict()  # mean over the epoch's optimizer steps
     pairs = scores.read()
     margins = pairs["chosen_rewards"] - pairs["rejected_rewards"]

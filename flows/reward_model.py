@@ -14,7 +14,7 @@ import torch
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.tracking import StageClock, Tracker, mlflow_run
+from flows.tracking import StageClock, Tracker, log_epoch_outputs, mlflow_run
 from rlhf_core.config import RewardModelConfig, TrackingConfig
 from rlhf_core.data import dataset_fingerprint
 from rlhf_core.reward_model import bradley_terry_loss
@@ -58,10 +58,7 @@ def log_reward_model_epoch(tracker: Tracker, epoch: int, update: UpdateResult, s
                            stage_seconds: dict[str, float], tracking: TrackingConfig) -> dict[str, float]:
     """The epoch's Parquet files, its checkpoint as a model version, then one batch of metrics (returned)."""
     start = time.perf_counter()
-    if tracking.log_rollouts:
-        tracker.log_files({"eval.parquet": scores.path, "train_metrics.parquet": update.metrics.path},
-                          f"data/epoch_{epoch:03d}")
-    tracker.register_checkpoint(update.checkpoint.path, update.checkpoint.sha256, tracking.registered_model, epoch)
+    log_epoch_outputs(tracker, epoch, update, scores, tracking)
     train = update.metrics.read().mean()
     pairs = scores.read()
     margin = torch.tensor(pairs["margin"].to_numpy(), dtype=torch.float32) if "margin" in pairs else None

@@ -148,6 +148,15 @@ def mlflow_run(experiment: str, config: BaseModel, flow_run_id: str | None, run_
     client.set_terminated(run_id, status="FINISHED")
 
 
+def log_epoch_outputs(tracker: Tracker, epoch: int, update, scores, tracking) -> None:
+    """What an offline flow's epoch leaves in MLflow besides metrics: its held-out scores and per-step training
+    metrics as Parquet (when tracking.log_rollouts) and its checkpoint as a registered model version."""
+    if tracking.log_rollouts:
+        tracker.log_files({"eval.parquet": scores.path, "train_metrics.parquet": update.metrics.path},
+                          f"data/epoch_{epoch:03d}")
+    tracker.register_checkpoint(update.checkpoint.path, update.checkpoint.sha256, tracking.registered_model, epoch)
+
+
 def log_online_iteration(tracker: Tracker, iteration: int, stage_refs: dict, update, stage_seconds: dict[str, float],
                          registered_model: str, log_rollouts: bool, extra_metrics: dict | None = None) -> None:
     """Everything one online iteration leaves in MLflow: Parquet files, samples, the checkpoint, then one batch of

@@ -13,12 +13,12 @@ from prefect import task
 from tqdm.auto import tqdm
 
 from rlhf_core import dpo
-from rlhf_core.checkpoint import restore_optimizer, save_checkpoint, trainable_parameters
+from rlhf_core.checkpoint import restore_optimizer, trainable_parameters
 from rlhf_core.config import RuntimeConfig
 from tasks.cache import STAGE_TASK_OPTIONS
-from tasks.paths import checkpoints_dir
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
 from tasks.runtime import load_model
+from tasks.update import save_update
 
 REF_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
 
@@ -60,9 +60,7 @@ def train_dpo_epoch(policy_ref: CheckpointRef, pairs_with_ref_ref: ArtifactRef, 
         on_step=lambda metrics: progress.update(1), loss_type=loss_type, beta=beta,
         label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, rpo_alpha=rpo_alpha)
     progress.close()
-    path, digest = save_checkpoint(model, tokenizer, optimizer, checkpoints_dir())
-    return UpdateResult(checkpoint=CheckpointRef(path=str(path), sha256=digest),
-                        metrics=publish(pd.DataFrame(history), "dpo-metrics"))
+    return save_update(model, tokenizer, optimizer, history, "dpo-metrics")
 
 
 @task(name="evaluate-dpo", **STAGE_TASK_OPTIONS)

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import pandas as pd
 import torch
 from prefect import task
 from tqdm.auto import tqdm
 
 from rlhf_core.batch import collate, response_lists
-from rlhf_core.checkpoint import restore_optimizer, save_checkpoint
+from rlhf_core.checkpoint import restore_optimizer
 from rlhf_core.config import GAEConfig, LossConfig, OptimConfig, RuntimeConfig, ScoreConfig, ValueConfig
 from rlhf_core.ppo import ppo_advantages, ppo_update, rollout_logprobs_and_values
 from rlhf_core.token_rewards import clip_scores, normalize_scores, penalize_missing_eos
 from tasks.cache import STAGE_TASK_OPTIONS
-from tasks.paths import checkpoints_dir
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
+from tasks.update import save_update
 from tasks.runtime import load_actor_critic
 
 PER_TOKEN = ["old_logprobs", "ref_logprobs", "old_values"]
@@ -75,7 +74,4 @@ def update_actor_critic(policy: CheckpointRef, batch: ArtifactRef, loss: LossCon
         aggregation=loss.aggregation, norm_length=max_new_tokens, temperature=temperature,
         chunk_size=optim.logprob_chunk_size)
     progress.close()
-    path, digest = save_checkpoint(model.policy, tokenizer, optimizer, checkpoints_dir(),
-                                   write_extra=model.save_critic)
-    return UpdateResult(checkpoint=CheckpointRef(path=str(path), sha256=digest),
-                        metrics=publish(pd.DataFrame(history), "update-metrics"))
+    return save_update(model.policy, tokenizer, optimizer, history, "update-metrics", write_extra=model.save_critic)

@@ -13,14 +13,15 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from rlhf_core import reward_model as rm
-from rlhf_core.checkpoint import restore_optimizer, save_checkpoint, trainable_parameters
+from rlhf_core.checkpoint import restore_optimizer, trainable_parameters
 from rlhf_core.config import PreferenceDataConfig, RuntimeConfig
 from rlhf_core.data import load_table
 from rlhf_core.io import sha256_dir
 from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.models import download_registered_model
-from tasks.paths import checkpoints_dir, models_dir, resolve_data_path
+from tasks.paths import models_dir, resolve_data_path
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
+from tasks.update import save_update
 
 
 class PreferenceSplits(BaseModel):
@@ -87,9 +88,7 @@ def train_reward_model_epoch(model_ref: CheckpointRef, train_ref: ArtifactRef, e
         batch_size=batch_size, max_length=max_length, center_coef=center_coef, max_grad_norm=max_grad_norm,
         seed=seed + epoch, on_step=lambda metrics: progress.update(1))
     progress.close()
-    path, digest = save_checkpoint(model, tokenizer, optimizer, checkpoints_dir())
-    return UpdateResult(checkpoint=CheckpointRef(path=str(path), sha256=digest),
-                        metrics=publish(pd.DataFrame(history), "reward-model-metrics"))
+    return save_update(model, tokenizer, optimizer, history, "reward-model-metrics")
 
 
 @task(name="evaluate-reward-model", **STAGE_TASK_OPTIONS)

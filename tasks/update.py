@@ -40,9 +40,16 @@ def update_policy(policy: CheckpointRef, batch: ArtifactRef, loss: LossConfig, k
         kl_estimator=kl.estimator, aggregation=loss.aggregation, norm_length=max_new_tokens,
         temperature=temperature or 1.0, chunk_size=optim.logprob_chunk_size)
     progress.close()
-    path, digest = save_checkpoint(model, tokenizer, optimizer, checkpoints_dir())
+    return save_update(model, tokenizer, optimizer, history, "update-metrics")
+
+
+def save_update(model, tokenizer, optimizer, history: list[dict], metrics_stage: str,
+                write_extra=None) -> UpdateResult:
+    """A finished update's outputs, shared by every training task: the new checkpoint (with optimizer state and
+    `write_extra`'s files) and the per-step metrics as Parquet."""
+    path, digest = save_checkpoint(model, tokenizer, optimizer, checkpoints_dir(), write_extra=write_extra)
     return UpdateResult(checkpoint=CheckpointRef(path=str(path), sha256=digest),
-                        metrics=publish(pd.DataFrame(history), "update-metrics"))
+                        metrics=publish(pd.DataFrame(history), metrics_stage))
 
 
 def prune_checkpoints(produced: list[CheckpointRef], keep: int) -> None:
