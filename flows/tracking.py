@@ -22,6 +22,7 @@ from mlflow.entities import Metric, Param
 from pydantic import BaseModel
 
 from rlhf_core.checkpoint import OPTIMIZER_FILE
+from rlhf_core.metrics import rollout_metrics
 from tasks.paths import rlhf_home, tracking_uri, use_tracking_uri
 
 class StageClock(dict):
@@ -161,8 +162,6 @@ def log_online_iteration(tracker: Tracker, iteration: int, stage_refs: dict, upd
                          registered_model: str, log_rollouts: bool, extra_metrics: dict | None = None) -> None:
     """Everything one online iteration leaves in MLflow: Parquet files, samples, the checkpoint, then one batch of
     metrics that includes the time this logging took."""
-    from rlhf_core.metrics import rollout_metrics
-
     start = time.perf_counter()
     batch = stage_refs["advantages"].read()
     folder = f"iter_{iteration:03d}"

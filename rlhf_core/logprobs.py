@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from rlhf_core.batch import map_micro_batches
+
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """Positions count real tokens only, so left padding does not shift them. [B, L] -> [B, L]"""
@@ -83,8 +85,6 @@ def batched_response_logprobs(model, batch: dict[str, Tensor], *, micro_batch_si
                               chunk_size: int = 1024) -> Tensor:
     """Log-probs of every response in a collated batch (see batch.py), micro-batch by micro-batch, no grad.
     -> [B, T] aligned with batch["response_ids"], 0 on padding."""
-    from rlhf_core.batch import map_micro_batches
-
     def logprobs_of(micro: dict[str, Tensor]) -> tuple[Tensor]:
         logprobs, _ = response_logprobs(model, micro["prompt_ids"], micro["prompt_mask"], micro["response_ids"],
                                         micro["response_mask"], temperature=temperature, chunk_size=chunk_size)

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from rlhf_core.advantages import zero_std_group_fraction
+from rlhf_core.gae import explained_variance
 
 
 def rollout_metrics(rewards: np.ndarray, group_ids: np.ndarray, response_lengths: np.ndarray,
@@ -24,8 +25,6 @@ def rollout_metrics(rewards: np.ndarray, group_ids: np.ndarray, response_lengths
 def ppo_metrics(scores: np.ndarray, kl_sums: np.ndarray, non_score_rewards: np.ndarray, advantages: list,
                 returns: list, values: list) -> dict[str, float]:
     """scores, kl_sums, non_score_rewards: [B]; advantages, returns, values: B lists of per-token values."""
-    from rlhf_core.gae import explained_variance
-
     flat = {name: torch.tensor(np.concatenate([np.asarray(row, dtype=np.float64) for row in rows]))
             for name, rows in (("advantages", advantages), ("returns", returns), ("values", values))}
     everywhere = torch.ones_like(flat["returns"], dtype=torch.bool)

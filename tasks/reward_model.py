@@ -21,6 +21,7 @@ from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.models import download_registered_model
 from tasks.paths import models_dir, resolve_data_path
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
+from tasks.runtime import apply_runtime
 from tasks.update import save_update
 
 
@@ -65,8 +66,7 @@ def resolve_reward_backbone(name_or_path: str) -> CheckpointRef:
 
 
 def load_reward_checkpoint(ref: CheckpointRef, runtime: RuntimeConfig, trust_remote_code: bool, seed: int = 0):
-    if runtime.num_threads:
-        torch.set_num_threads(runtime.num_threads)
+    apply_runtime(runtime)
     torch.manual_seed(seed)  # a backbone's new score head is drawn from it: same seed, same run
     return rm.load_reward_model(ref.path, runtime.device, runtime.dtype, trust_remote_code)
 

@@ -12,6 +12,7 @@ from prefect import task
 from rlhf_core.batch import collate, response_lists
 from rlhf_core.config import RewardSpec, RuntimeConfig
 from rlhf_core.logprobs import batched_response_logprobs
+from rlhf_core.reward_model import load_reward_model, reward_scores
 from rlhf_core.rewards import RewardError, compute_rewards
 from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.refs import ArtifactRef, CheckpointRef, publish
@@ -28,8 +29,6 @@ def reward_values(df: pd.DataFrame, rewards: list[RewardSpec], reward_models: li
                   extra_columns: list[str], runtime: RuntimeConfig, batch_size: int) -> dict[str, np.ndarray]:
     """Unweighted values of every reward source for every row. Reward models score the decoded text, so
     their tokenizer need not be the policy's."""
-    from rlhf_core.reward_model import load_reward_model, reward_scores
-
     prompts, responses = df["prompt"].tolist(), df["response"].tolist()
     functions = [(spec.function, 1.0) for spec in rewards if spec.function]
     values = {}
