@@ -1,7 +1,8 @@
 """The DPO flow: validate pairs and model, reference log-probs once, then per epoch train -> evaluate -> log ->
 register.
 
-Offline preference optimisation (rlhf_core/dpo.py): the reference is the starting model, frozen; its summed
+Offline preference optimisation (rlhf_core/dpo.py): pairs are tokenized and cut to `max_length` once (a cached
+stage, so every later stage sees the same tokens); the reference is the starting model, frozen; its summed
 log-probs of every chosen and rejected response are one cached stage per dataset (skipped for simpo, which has
 no reference). Each epoch is one cached task keyed on the previous checkpoint's content hash, so a run that
 crashed resumes at the epoch that failed. Every epoch's checkpoint is registered (alias `newest`).
@@ -17,7 +18,7 @@ from prefect.runtime import flow_run
 from flows.tracking import StageClock, Tracker, log_epoch_outputs, mlflow_run
 from rlhf_core.config import DPOConfig, TrackingConfig
 from rlhf_core.data import dataset_fingerprint
-from tasks.dpo import compute_reference_logprobs, evaluate_dpo, train_dpo_epoch
+from tasks.dpo import compute_reference_logprobs, evaluate_dpo, tokenize_pairs, train_dpo_epoch
 from tasks.models import resolve_model
 from tasks.paths import resolve_data_path
 from tasks.refs import ArtifactRef, UpdateResult
@@ -33,10 +34,11 @@ def dpo(config: DPOConfig = DPOConfig()) -> str:
     pairs = load_preference_dataset(data, [dataset_fingerprint(resolve_data_path(p)) for p in files], config.seed)
     policy = resolve_model(config.model.name_or_path)  # checked before any work: the data is valid, the model loads
     trust, runtime = config.model.trust_remote_code, config.runtime
-    train_pairs, eval_pairs = pairs.train, pairs.eval
+    train_pairs, eval_pairs = (tokenize_pairs(policy, split, config.max_length, config.max_prompt_length)
+                               for split in (pairs.train, pairs.eval))
     if config.loss_type != "simpo":  # the reference is the starting policy, frozen
-        train_pairs = compute_reference_logprobs(policy, pairs.train, config.micro_batch_size, runtime, trust)
-        eval_pairs = compute_reference_logprobs(policy, pairs.eval, config.micro_batch_size, runtime, trust)
+        train_pairs = compute_reference_logprobs(policy, train_pairs, config.micro_batch_size, runtime, trust)
+        eval_pairs = compute_reference_logprobs(policy, eval_pairs, config.micro_batch_size, runtime, trust)
     checkpoints = []
 
     with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker:

@@ -39,7 +39,8 @@ def reward_model(config: RewardModelConfig = RewardModelConfig()) -> str:
         for epoch in range(config.epochs):
             clock = StageClock()
             with clock("train"):
-                update = train_reward_model_epoch(model, pairs.train, epoch, config.batch_size, config.lr,
+                update = train_reward_model_epoch(model, pairs.train, epoch, config.batch_size,
+                                                  config.micro_batch_size, config.lr,
                                                   config.max_length, config.center_coef, config.max_grad_norm,
                                                   config.seed, config.runtime, trust)
             with clock("eval"):

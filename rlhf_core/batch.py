@@ -34,6 +34,22 @@ def collate(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence
     return batch
 
 
+def truncate_sequences(prompt_ids: Sequence[int], responses: Sequence[Sequence[int]], max_length: int | None,
+                       max_prompt_length: int) -> tuple[list[int], list[list[int]]]:
+    """Fit one prompt and each of its responses into `max_length` tokens, the same cut for every response (so a
+    pair's two sides see the same prompt). Only when the longest prompt + response is too long: the prompt keeps
+    its last `max_prompt_length` tokens (the question and the chat markup that opens the reply are at its end),
+    then every response keeps its first `max_length - len(prompt)` tokens (a cut response loses its EOS).
+    None: no limit."""
+    prompt, responses = list(prompt_ids), [list(r) for r in responses]
+    longest = max((len(r) for r in responses), default=0)
+    if max_length is None or len(prompt) + longest <= max_length:
+        return prompt, responses
+    assert 0 < max_prompt_length < max_length, (max_prompt_length, max_length)
+    prompt = prompt[-max_prompt_length:]
+    return prompt, [r[:max_length - len(prompt)] for r in responses]
+
+
 def select_rows(batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
     """Rows of every tensor, with columns that are padding in all selected rows trimmed away, so short
     micro-batches cost less."""

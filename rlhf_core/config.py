@@ -227,7 +227,9 @@ class RewardModelConfig(_Config):
     trust_remote_code: bool = Field(False, description="run Python code shipped with the model (off: safer)")
     data: PreferenceDataConfig = PreferenceDataConfig()
     epochs: int = Field(2, ge=1, le=10_000, description="passes over the training pairs (one task each)")
-    batch_size: int = Field(16, ge=1, description="pairs per optimizer step (2x sequences per forward pass)")
+    batch_size: int = Field(16, ge=1, description="pairs per optimizer step")
+    micro_batch_size: int = Field(16, ge=1, description="pairs per forward/backward (2x sequences: chosen and "
+                                                        "rejected share one pass)")
     lr: float = Field(3e-4, gt=0.0, le=1.0, description="AdamW learning rate (3e-4: tuned for MiniLM on the "
                                                         "shipped pairs)")
     max_grad_norm: float = Field(1.0, gt=0.0)
@@ -256,6 +258,9 @@ class DPOConfig(_Config):
     simpo_gamma: float = Field(0.5, ge=0.0, description="SimPO's target reward margin (gamma / beta in TRL terms)")
     rpo_alpha: float | None = Field(None, ge=0.0, description="weight of the chosen response's NLL per token "
                                                               "(RPO); None: off")
+    max_length: int | None = Field(512, ge=2, description="tokens per prompt + response; longer pairs lose the "
+                                                           "prompt's start, then the responses' ends (None: no limit)")
+    max_prompt_length: int = Field(256, ge=1, description="tokens the prompt keeps when a pair is too long")
     epochs: int = Field(1, ge=1, le=10_000, description="passes over the training pairs (one task each)")
     batch_size: int = Field(8, ge=1, description="pairs per optimizer step")
     micro_batch_size: int = Field(4, ge=1, description="pairs per forward/backward (2x sequences: chosen and "
@@ -277,4 +282,11 @@ class DPOConfig(_Config):
             raise ValueError("label_smoothing applies to the sigmoid, robust and simpo losses, not hinge")
         if self.loss_type == "ipo" and self.label_smoothing > 0:
             raise ValueError("label_smoothing applies to the sigmoid, robust and simpo losses, not ipo")
+        check_lengths(self.max_length, self.max_prompt_length)
         return self
+
+
+def check_lengths(max_length: int | None, max_prompt_length: int) -> None:
+    """Truncation (`rlhf_core.batch.truncate_sequences`) must leave room for at least one response token."""
+    if max_length is not None and max_prompt_length >= max_length:
+        raise ValueError(f"max_prompt_length={max_prompt_length} must be below max_length={max_length}")

@@ -30,16 +30,17 @@ from rlhf_core.preference_losses import PREFERENCE_LOSSES, implicit_rewards, rpo
 from rlhf_core.update import Normalizers, run_update
 
 
+def response_token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Plain text + EOS per response (no chat markup: the prompt's template already opened the reply)."""
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+
+
 def tokenize_pairs(tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
                    system_prompt: str | None = None) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
-    """(prompt_ids, chosen_ids, rejected_ids) per pair; responses are plain text + EOS (no chat markup)."""
+    """(prompt_ids, chosen_ids, rejected_ids) per pair, untruncated (`batch.truncate_sequences` cuts a pair)."""
     assert len(prompts) == len(chosen) == len(rejected), (len(prompts), len(chosen), len(rejected))
-    eos = tokenizer.eos_token_id
-
-    def response_ids(texts: Sequence[str]) -> list[list[int]]:
-        return [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
-
-    return chat_prompt_ids(tokenizer, list(prompts), system_prompt), response_ids(chosen), response_ids(rejected)
+    return (chat_prompt_ids(tokenizer, list(prompts), system_prompt), response_token_ids(tokenizer, chosen),
+            response_token_ids(tokenizer, rejected))
 
 
 def collate_pairs(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Sequence[int]],

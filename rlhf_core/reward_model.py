@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_core.checkpoint import trainable_parameters
 from rlhf_core.models import (PAD_TOKEN, ModelLoadError, check_model_folder, ensure_distinct_pad_token, parse_dtype,
                               resolve_model_path)
-from rlhf_core.update import check_finite
+from rlhf_core.update import Normalizers, run_update
 
 DEFAULT_REWARD_BACKBONE = "all-minilm-l6-v2"
 
@@ -127,50 +126,72 @@ def pair_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, 
             "reward_model/rejected_rewards": float(rejected_rewards.mean())}
 
 
+def bradley_terry_losses(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None,
+                         center_coef: float = 0.0) -> Tensor:
+    """Per pair: -log sigmoid(r_c - r_r - margin) + center_coef * (r_c + r_r)^2.
+    chosen_rewards, rejected_rewards, margin: [P] -> [P]"""
+    assert chosen_rewards.shape == rejected_rewards.shape and chosen_rewards.ndim == 1, "expected two [P] tensors"
+    target = chosen_rewards - rejected_rewards - (margin if margin is not None else 0.0)
+    # Ouyang et al. 2022 eq. 1; margin: Touvron et al. 2023 eq. 2; centring: Eisenstein et al. 2023
+    return -F.logsigmoid(target) + center_coef * (chosen_rewards + rejected_rewards) ** 2
+
+
 def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None,
                        center_coef: float = 0.0) -> tuple[Tensor, dict[str, float]]:
-    """mean(-log sigmoid(r_c - r_r - margin)) + center_coef * mean((r_c + r_r)^2), and pair metrics.
-    chosen_rewards, rejected_rewards, margin: [B] -> scalar loss"""
-    assert chosen_rewards.shape == rejected_rewards.shape and chosen_rewards.ndim == 1, "expected two [B] tensors"
-    target = chosen_rewards - rejected_rewards - (margin if margin is not None else 0.0)
-    loss = -F.logsigmoid(target).mean()  # Ouyang et al. 2022 eq. 1; margin: Touvron et al. 2023 eq. 2
-    loss = loss + center_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()  # Eisenstein et al. 2023
+    """The mean of `bradley_terry_losses` and the pair metrics. chosen_rewards, rejected_rewards, margin: [P]"""
+    loss = bradley_terry_losses(chosen_rewards, rejected_rewards, margin, center_coef).mean()
     return loss, pair_metrics(chosen_rewards.detach(), rejected_rewards.detach())
 
 
-def reward_model_step(model, optimizer: torch.optim.Optimizer, tokenizer, prompts: list[str], chosen: list[str],
-                      rejected: list[str], margin: Tensor | None, *, max_length: int, center_coef: float,
-                      max_grad_norm: float) -> dict[str, float]:
-    """One optimizer step on a batch of pairs; chosen and rejected share one forward pass.
-    prompts, chosen, rejected, margin: [B]. Raises NonFiniteError before the step on a NaN/inf loss or gradient."""
-    batch = encode_pairs(tokenizer, prompts + prompts, chosen + rejected, max_length)  # rows [chosen; rejected]
-    chosen_rewards, rejected_rewards = sequence_rewards(model, batch).chunk(2)  # [B], [B]
-    margin = margin.to(chosen_rewards.device) if margin is not None else None
-    loss, metrics = bradley_terry_loss(chosen_rewards, rejected_rewards, margin, center_coef)
-    check_finite(loss.detach(), "reward model loss")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(model), max_grad_norm)
-    check_finite(grad_norm.detach(), "reward model gradient norm")
-    optimizer.step()
-    return {"loss/train": float(loss.detach()), **metrics, "reward_model/grad_norm": float(grad_norm)}
+def collate_text_pairs(tokenizer, prompts: list[str], chosen: list[str], rejected: list[str], max_length: int,
+                       margin: Tensor | None = None) -> dict[str, Tensor]:
+    """A pair batch for `run_update`: `chosen_<feature>` and `rejected_<feature>` [P, L] (input_ids,
+    attention_mask, token_type_ids if any), right-padded to one width L by encoding the 2P texts together;
+    `response_mask` [P, L] = either side's attention (how far `select_rows` may trim), a one-column
+    `prompt_mask` [P, 1] (the whole text is one sequence) and `margin` [P] if given."""
+    num_pairs = len(prompts)
+    features = encode_pairs(tokenizer, prompts + prompts, chosen + rejected, max_length)  # rows [chosen; rejected]
+    batch = {f"{side}_{name}": rows for name, value in features.items()
+             for side, rows in zip(("chosen", "rejected"), value.split(num_pairs))}
+    batch["response_mask"] = (features["attention_mask"][:num_pairs] | features["attention_mask"][num_pairs:]).bool()
+    batch["prompt_mask"] = torch.ones(num_pairs, 1, dtype=torch.bool)
+    if margin is not None:
+        batch["margin"] = margin.float()
+    return batch
+
+
+def reward_model_loss(model, batch: dict[str, Tensor], norm: Normalizers, *,
+                      center_coef: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Bradley-Terry loss of one micro-batch of text pairs, chosen and rejected in one forward pass, divided by
+    the mini-batch's global pair count so micro-batches add up. batch: `collate_text_pairs` rows."""
+    names = [key.removeprefix("chosen_") for key in batch if key.startswith("chosen_")]
+    features = {name: torch.cat([batch[f"chosen_{name}"], batch[f"rejected_{name}"]]) for name in names}
+    chosen_rewards, rejected_rewards = sequence_rewards(model, features).chunk(2)  # [P], [P]
+    losses = bradley_terry_losses(chosen_rewards, rejected_rewards, batch.get("margin"), center_coef)
+    loss = losses.sum() / norm.num_seqs
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    per_pair = {"reward_model/accuracy": (chosen_rewards > rejected_rewards).float(),
+                "reward_model/margin": chosen_rewards - rejected_rewards,
+                "reward_model/chosen_rewards": chosen_rewards, "reward_model/rejected_rewards": rejected_rewards}
+    return loss, {"loss/train": loss.detach(), **{k: v.sum() / norm.num_seqs for k, v in per_pair.items()}}
 
 
 def train_reward_model_epoch(model, optimizer: torch.optim.Optimizer, tokenizer, prompts: list[str],
                              chosen: list[str], rejected: list[str], margin: Tensor | None, *, batch_size: int,
-                             max_length: int, center_coef: float, max_grad_norm: float, seed: int,
-                             on_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
-    """One pass over the pairs in a seeded random order, `batch_size` pairs per step; one metrics dict per step.
-    prompts, chosen, rejected, margin: [B]"""
+                             micro_batch_size: int, max_length: int, center_coef: float, max_grad_norm: float,
+                             seed: int, on_step: Callable[[dict[str, float]], None] | None = None
+                             ) -> list[dict[str, float]]:
+    """One pass over the pairs in a seeded random order on the shared update loop, `batch_size` pairs per step,
+    `micro_batch_size` per forward; one metrics dict per step. prompts, chosen, rejected, margin: [P]"""
     model.eval()  # dropout off: the scores (and so the run) are deterministic
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))
-    history = []
-    for rows in order.split(batch_size):
-        rows = rows.tolist()
-        history.append(reward_model_step(
-            model, optimizer, tokenizer, [prompts[i] for i in rows], [chosen[i] for i in rows],
-            [rejected[i] for i in rows], margin[rows] if margin is not None else None,
-            max_length=max_length, center_coef=center_coef, max_grad_norm=max_grad_norm))
-        if on_step is not None:  # progress reporting lives with the caller
-            on_step(history[-1])
-    return history
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate_text_pairs(tokenizer, prompts, chosen, rejected, max_length,
+                                                            margin).items()}
+
+    def loss_fn(m, micro, norm):
+        return reward_model_loss(m, micro, norm, center_coef=center_coef)
+
+    history = run_update(model, optimizer, batch, loss_fn, epochs=1, mini_batches=-(-len(prompts) // batch_size),
+                         micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, seed=seed, on_step=on_step)
+    return [{**{k: v for k, v in step.items() if k != "policy/grad_norm"},
+             "reward_model/grad_norm": step["policy/grad_norm"]} for step in history]

@@ -29,6 +29,7 @@ class Normalizers:
 
 
 LossFn = Callable[[torch.nn.Module, dict[str, Tensor], Normalizers], tuple[Tensor, dict[str, Tensor]]]
+MiniBatchStatsFn = Callable[[torch.nn.Module, dict[str, Tensor]], dict[str, Tensor]]
 
 
 def world_size() -> int:
@@ -55,10 +56,14 @@ def check_finite(value: Tensor, what: str) -> None:
 
 def run_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Tensor], loss_fn: LossFn,
                *, epochs: int, mini_batches: int, micro_batch_size: int, max_grad_norm: float,
-               seed: int, on_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+               seed: int, on_step: Callable[[dict[str, float]], None] | None = None,
+               mini_batch_stats: MiniBatchStatsFn | None = None) -> list[dict[str, float]]:
     """Optimise `loss_fn` over `batch` (this rank's rows); returns one metrics dict per optimizer step.
     batch: tensors with leading dimension B, including prompt_mask [B, P] and response_mask [B, T].
-    loss_fn returns (loss, metrics) already divided by the global normalisers, so micro-batch values add up."""
+    loss_fn returns (loss, metrics) already divided by the global normalisers, so micro-batch values add up.
+    mini_batch_stats(model, mini_batch) -> {name: tensor}, if given, runs once per mini-batch before its
+    micro-batches and its values are added to every micro-batch: statistics the loss needs over the whole
+    mini-batch (KTO's reference point), so they do not change with the micro-batch split."""
     num_rows = batch["response_mask"].shape[0]
     device = batch["response_mask"].device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -73,8 +78,9 @@ def run_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
                 num_tokens=global_sum(batch["response_mask"][mini_rows].sum().item(), device))
             optimizer.zero_grad(set_to_none=True)
             totals: dict[str, float] = {}
+            shared = mini_batch_stats(model, select_rows(batch, mini_rows)) if mini_batch_stats else {}
             for micro_index, rows in enumerate(micro_batches(mini_rows, micro_batch_size)):
-                loss, metrics = loss_fn(model, select_rows(batch, rows), norm)
+                loss, metrics = loss_fn(model, {**select_rows(batch, rows), **shared}, norm)
                 check_finite(loss.detach(), f"loss (epoch {epoch}, mini-batch {mini_index}, micro-batch {micro_index})")
                 # DDP averages gradients over ranks; our normalisers already divide by the global count.
                 (loss * world_size()).backward()

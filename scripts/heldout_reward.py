@@ -2,8 +2,9 @@
 
 Samples `--samples` responses per prompt of `--data` with the same seeds for every checkpoint, scores them with a
 reward function (`--reward`) or a reward model (`--reward-model`, a folder or a models:/ URI), and prints per
-checkpoint the mean reward and the KL to the first checkpoint (the reference): the mean over responses of the
-summed per-token log-ratio log pi(y_t) - log ref(y_t) on the candidate's own samples (the k1 estimate).
+checkpoint the mean reward, the judge's win rate against the first checkpoint (the reference: response k of a
+prompt against the reference's response k; a tie counts one half) and the KL to the reference: the mean over
+responses of the summed per-token log-ratio log pi(y_t) - log ref(y_t) on the candidate's own samples (k1).
 Defaults: the 40 held-out arithmetic prompts and `arithmetic_answer`, as for the GRPO demo.
 """
 
@@ -67,13 +68,23 @@ def main() -> None:
     torch.set_num_threads(2)
     paths = [resolve_model_path(c, models_dir()) for c in args.checkpoints]
     reference, _ = load_causal_lm(paths[0])
+    reference_rewards = None
     for name, path in zip(args.checkpoints, paths):
         model, batch, responses = sample(path, list(df["prompt"]), args.samples, args)
         kl = (summed_logprobs(model, batch) - summed_logprobs(reference.eval(), batch)).mean()
         rewards = score(prompts, responses, repeated, args)
-        print(f"{name}: held-out mean reward {np.mean(rewards):.3f}, KL to {args.checkpoints[0]} {float(kl):.2f} "
-              f"nats/response, mean length {float(batch['response_mask'].sum(-1).float().mean()):.1f} tokens "
+        reference_rewards = rewards if reference_rewards is None else reference_rewards
+        print(f"{name}: held-out mean reward {np.mean(rewards):.3f}, {win_rate(rewards, reference_rewards)}, "
+              f"KL to {args.checkpoints[0]} {float(kl):.2f} nats/response, mean length "
+              f"{float(batch['response_mask'].sum(-1).float().mean()):.1f} tokens "
               f"({len(df)} prompts x {args.samples} samples)")
+
+
+def win_rate(rewards: np.ndarray, reference_rewards: np.ndarray) -> str:
+    """Wins, losses and ties against the reference's response to the same prompt and seed."""
+    wins, losses = int((rewards > reference_rewards).sum()), int((rewards < reference_rewards).sum())
+    ties = len(rewards) - wins - losses
+    return f"win rate {(wins + 0.5 * ties) / len(rewards):.3f} ({wins} wins, {losses} losses, {ties} ties)"
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
-"""DPO stages: reference log-probs (once per dataset), one training epoch, implicit rewards on held-out pairs.
+"""DPO stages: tokenize (once per dataset and tokenizer), reference log-probs (once per dataset), one training
+epoch, implicit rewards on held-out pairs.
 
-Each reads the canonical pairs Parquet of `load_preference_dataset` (pair_id, prompt, chosen, rejected), calls
-`rlhf_core.dpo` and writes Parquet. One task per epoch, keyed on the previous checkpoint's content hash: a run
-that crashed in epoch k resumes there, and the reference stage is a cache hit for every run on the same data.
+The tokenize stage reads the canonical pairs Parquet of `load_preference_dataset` (pair_id, prompt, chosen,
+rejected) and adds the truncated token ids (`prompt_ids`, `chosen_ids`, `rejected_ids`), so the reference, the
+training and the evaluation stages see exactly the same tokens. One task per epoch, keyed on the previous
+checkpoint's content hash: a run that crashed in epoch k resumes there, and the reference stage is a cache hit for
+every run on the same data.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -13,8 +18,10 @@ from prefect import task
 from tqdm.auto import tqdm
 
 from rlhf_core import dpo
+from rlhf_core.batch import truncate_sequences
 from rlhf_core.checkpoint import restore_optimizer, trainable_parameters
 from rlhf_core.config import RuntimeConfig
+from rlhf_core.models import load_tokenizer
 from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
 from tasks.runtime import load_model
@@ -23,20 +30,37 @@ from tasks.update import save_update
 REF_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
 
 
-def pair_batch(df: pd.DataFrame, tokenizer, device: str) -> dict[str, torch.Tensor]:
-    """The pairs of a Parquet table as a pair batch, with the reference log-probs when the table has them."""
+@task(name="tokenize-pairs", **STAGE_TASK_OPTIONS)
+def tokenize_pairs(model_ref: CheckpointRef, pairs_ref: ArtifactRef, max_length: int | None,
+                   max_prompt_length: int) -> ArtifactRef:
+    """The pairs with their token ids, each pair cut to `max_length` (`truncate_sequences`); adds
+    `truncated` (the pair lost tokens)."""
+    df = pairs_ref.read()
+    tokenizer, _ = load_tokenizer(Path(model_ref.path))
+    prompt_ids, chosen_ids, rejected_ids = dpo.tokenize_pairs(tokenizer, df["prompt"], df["chosen"], df["rejected"])
+    truncated = [max_length is not None and len(p) + max(len(c), len(r)) > max_length
+                 for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids)]
+    cut = [truncate_sequences(p, [c, r], max_length, max_prompt_length)
+           for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids)]
+    return publish(df.assign(prompt_ids=[p for p, _ in cut], chosen_ids=[c for _, (c, _) in cut],
+                             rejected_ids=[r for _, (_, r) in cut], truncated=truncated), "dpo-tokens")
+
+
+def pair_batch(df: pd.DataFrame, pad_id: int, device: str) -> dict[str, torch.Tensor]:
+    """The tokenized pairs of a Parquet table as a pair batch, with the reference log-probs when it has them."""
     per_pair = {name: df[name] for name in REF_COLUMNS if name in df}
-    return dpo.collate_pairs(*dpo.tokenize_pairs(tokenizer, df["prompt"], df["chosen"], df["rejected"]),
-                             tokenizer.pad_token_id, per_pair=per_pair, device=device)
+    return dpo.collate_pairs(df["prompt_ids"].tolist(), df["chosen_ids"].tolist(), df["rejected_ids"].tolist(),
+                             pad_id, per_pair=per_pair, device=device)
 
 
 @task(name="compute-reference-logprobs", **STAGE_TASK_OPTIONS)
 def compute_reference_logprobs(model_ref: CheckpointRef, pairs_ref: ArtifactRef, micro_batch_size: int,
                                runtime: RuntimeConfig, trust_remote_code: bool = False) -> ArtifactRef:
-    """The pairs with `ref_chosen_logps` and `ref_rejected_logps` (summed over each response, EOS included)."""
+    """The tokenized pairs with `ref_chosen_logps` and `ref_rejected_logps` (summed over each response, EOS
+    included)."""
     df = pairs_ref.read()
     model, tokenizer = load_model(model_ref, runtime, trust_remote_code)
-    logps = dpo.batched_pair_logprobs(model, pair_batch(df, tokenizer, runtime.device),
+    logps = dpo.batched_pair_logprobs(model, pair_batch(df, tokenizer.pad_token_id, runtime.device),
                                       micro_batch_size=micro_batch_size)
     return publish(df.assign(ref_chosen_logps=logps["chosen_logps"].cpu().numpy(),
                              ref_rejected_logps=logps["rejected_logps"].cpu().numpy()), "dpo-reference")
@@ -55,7 +79,7 @@ def train_dpo_epoch(policy_ref: CheckpointRef, pairs_with_ref_ref: ArtifactRef, 
     restore_optimizer(optimizer, policy_ref.path)
     progress = tqdm(total=-(-len(df) // batch_size), desc=f"dpo epoch {epoch}", unit="step")
     history = dpo.dpo_update(
-        model, optimizer, pair_batch(df, tokenizer, runtime.device), batch_size=batch_size,
+        model, optimizer, pair_batch(df, tokenizer.pad_token_id, runtime.device), batch_size=batch_size,
         micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, seed=seed + epoch,
         on_step=lambda metrics: progress.update(1), loss_type=loss_type, beta=beta,
         label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, rpo_alpha=rpo_alpha)
@@ -70,7 +94,7 @@ def evaluate_dpo(policy_ref: CheckpointRef, eval_with_ref_ref: ArtifactRef, loss
     `rejected_rewards`; accuracy = mean(chosen_rewards > rejected_rewards)."""
     df = eval_with_ref_ref.read()
     model, tokenizer = load_model(policy_ref, runtime, trust_remote_code)
-    batch = pair_batch(df, tokenizer, runtime.device)
+    batch = pair_batch(df, tokenizer.pad_token_id, runtime.device)
     logps = dpo.batched_pair_logprobs(model, batch, micro_batch_size=micro_batch_size)
     zeros = torch.zeros_like(logps["chosen_logps"])  # simpo: no reference
     rewards = dpo.reward_metrics(*dpo.preference_logps(logps, loss_type), batch.get("ref_chosen_logps", zeros),

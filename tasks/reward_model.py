@@ -73,7 +73,7 @@ def load_reward_checkpoint(ref: CheckpointRef, runtime: RuntimeConfig, trust_rem
 
 @task(name="train-reward-model-epoch", **STAGE_TASK_OPTIONS)
 def train_reward_model_epoch(model_ref: CheckpointRef, train_ref: ArtifactRef, epoch: int, batch_size: int,
-                             lr: float, max_length: int, center_coef: float, max_grad_norm: float, seed: int,
+                             micro_batch_size: int, lr: float, max_length: int, center_coef: float, max_grad_norm: float, seed: int,
                              runtime: RuntimeConfig, trust_remote_code: bool = False) -> UpdateResult:
     """One shuffled pass over the pairs from `model_ref` (a backbone or the previous epoch's checkpoint, whose
     Adam state is restored); returns the new checkpoint and one metrics row per step."""
@@ -85,7 +85,7 @@ def train_reward_model_epoch(model_ref: CheckpointRef, train_ref: ArtifactRef, e
     progress = tqdm(total=-(-len(df) // batch_size), desc=f"reward model epoch {epoch}", unit="step")
     history = rm.train_reward_model_epoch(
         model, optimizer, tokenizer, df["prompt"].tolist(), df["chosen"].tolist(), df["rejected"].tolist(), margin,
-        batch_size=batch_size, max_length=max_length, center_coef=center_coef, max_grad_norm=max_grad_norm,
+        batch_size=batch_size, micro_batch_size=micro_batch_size, max_length=max_length, center_coef=center_coef, max_grad_norm=max_grad_norm,
         seed=seed + epoch, on_step=lambda metrics: progress.update(1))
     progress.close()
     return save_update(model, tokenizer, optimizer, history, "reward-model-metrics")

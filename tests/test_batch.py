@@ -1,6 +1,6 @@
 import torch
 
-from rlhf_core.batch import collate, response_lists, select_rows
+from rlhf_core.batch import collate, response_lists, select_rows, truncate_sequences
 
 PAD = 0
 # Three rollouts: prompts of length 2, 1, 3 (P = 3); responses of length 1, 3, 2 (T = 3).
@@ -76,3 +76,21 @@ def test_response_lists_inverts_collate():
     lists = response_lists(values * 2, batch["response_mask"])
     assert lists == [[2 * v for v in row] for row in OLD_LOGPROBS]
     assert all(isinstance(v, float) for row in lists for v in row)
+
+
+def test_truncate_sequences_leaves_short_sequences_alone():
+    assert truncate_sequences([1, 2, 3], [[4, 5], [6]], 5, 2) == ([1, 2, 3], [[4, 5], [6]])
+    assert truncate_sequences([1, 2, 3], [[4, 5, 6, 7]], None, 2) == ([1, 2, 3], [[4, 5, 6, 7]])
+
+
+def test_truncate_sequences_cuts_the_prompt_start_then_the_response_end():
+    # 4 + 5 > 6: the prompt keeps its last 2 tokens, both responses their first 6 - 2 = 4
+    prompt, responses = truncate_sequences([1, 2, 3, 4], [[5, 6, 7, 8, 9], [10, 11]], 6, 2)
+    assert prompt == [3, 4]
+    assert responses == [[5, 6, 7, 8], [10, 11]]
+    # the prompt cut alone suffices: responses untouched
+    assert truncate_sequences([1, 2, 3, 4], [[5, 6, 7]], 6, 3) == ([2, 3, 4], [[5, 6, 7]])
+    # every result fits
+    for max_length, max_prompt in [(3, 1), (7, 5), (8, 2)]:
+        prompt, responses = truncate_sequences(list(range(9)), [list(range(7)), [1]], max_length, max_prompt)
+        assert all(len(prompt) + len(r) <= max_length for r in responses)

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from flow_helpers import metric_steps, mlflow_run_of, task_states
+import tasks.update
 from flows.dpo import dpo
 from rlhf_core.config import DPOConfig, ModelConfig, PreferenceDataConfig, TrackingConfig
 from rlhf_core.io import sha256_dir
@@ -47,7 +48,8 @@ def test_dpo_flow_end_to_end_then_rerun_reuses_reference_logprobs(prefect_harnes
     client = mlflow.MlflowClient()
 
     # Parquet: pairs (train 9, eval 3), reference log-probs of each, per-epoch step metrics and eval rewards
-    for stage, count in [("preferences", 2), ("dpo-reference", 2), ("dpo-metrics", 2), ("dpo-eval", 2)]:
+    for stage, count in [("preferences", 2), ("dpo-tokens", 2), ("dpo-reference", 2), ("dpo-metrics", 2),
+                         ("dpo-eval", 2)]:
         assert len(list((rlhf_home / "artifacts" / stage).glob("*.parquet"))) == count, stage
     assert not list(rlhf_home.rglob(".tmp-*"))
     assert [p.name for p in (rlhf_home / "checkpoints").iterdir()] == [Path(final_checkpoint).name]  # pruned
@@ -78,5 +80,47 @@ def test_dpo_flow_end_to_end_then_rerun_reuses_reference_logprobs(prefect_harnes
     rerun = dpo(small_config(pairs_file, tiny_model_dir, lr=5e-4), return_state=True)
     rerun.result()
     states = task_states(rerun.state_details.flow_run_id)
+    assert [s for name, s in states if name == "tokenize-pairs"] == ["Cached", "Cached"]
     assert [s for name, s in states if name == "compute-reference-logprobs"] == ["Cached", "Cached"]
     assert [s for name, s in states if name == "train-dpo-epoch"] == ["Completed", "Completed"]
+
+
+def test_max_length_cuts_the_prompt_start_then_the_responses(prefect_harness, rlhf_home, pairs_file, tiny_model_dir):
+    dpo(small_config(pairs_file, tiny_model_dir, epochs=1, max_length=24, max_prompt_length=16))
+    for path in (rlhf_home / "artifacts" / "dpo-tokens").glob("*.parquet"):
+        tokens = pd.read_parquet(path)
+        for prompt, chosen, rejected in zip(tokens["prompt_ids"], tokens["chosen_ids"], tokens["rejected_ids"]):
+            assert len(prompt) <= 16 and len(prompt) + max(len(chosen), len(rejected)) <= 24
+        assert tokens["truncated"].all()  # the chat template alone is longer than 24 tokens
+    references = [pd.read_parquet(p) for p in (rlhf_home / "artifacts" / "dpo-reference").glob("*.parquet")]
+    assert all(len(df) and "prompt_ids" in df for df in references)  # the reference scored the cut tokens
+
+
+def test_crash_in_epoch_1_then_rerun_resumes_and_matches_uninterrupted_run(prefect_harness, tmp_path, monkeypatch,
+                                                                          pairs_file, tiny_model_dir):
+    config = small_config(pairs_file, tiny_model_dir)
+    monkeypatch.setenv("RLHF_HOME", str(tmp_path / "uninterrupted"))
+    uninterrupted = sha256_dir(dpo(config))
+
+    monkeypatch.setenv("RLHF_HOME", str(tmp_path / "crashed"))
+    real_save, calls = tasks.update.save_checkpoint, []
+
+    def save_then_crash(*args, **kwargs):  # epoch 1 dies after training, before its checkpoint is written
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.update, "save_checkpoint", save_then_crash)
+    crashed = dpo(config, return_state=True)
+    assert crashed.is_failed()
+    assert mlflow_run_of(crashed.state_details.flow_run_id).info.status == "FAILED"
+    assert len(list((tmp_path / "crashed" / "checkpoints").iterdir())) == 1  # epoch 0's; no partial one
+    monkeypatch.setattr(tasks.update, "save_checkpoint", real_save)
+
+    resumed = dpo(config, return_state=True)
+    stages = task_states(resumed.state_details.flow_run_id)
+    assert [s for name, s in stages if name == "train-dpo-epoch"] == ["Cached", "Completed"]
+    assert [s for name, s in stages if name == "compute-reference-logprobs"] == ["Cached", "Cached"]
+    assert dict(stages)["load-preference-dataset"] == "Cached"
+    assert sha256_dir(resumed.result()) == uninterrupted

@@ -17,10 +17,11 @@ from rlhf_core.checkpoint import OPTIMIZER_FILE, trainable_parameters
 from rlhf_core.config import PreferenceDataConfig, RewardModelConfig, RuntimeConfig
 from rlhf_core.data import DatasetError
 from rlhf_core.models import PAD_TOKEN, ModelLoadError
-from rlhf_core.reward_model import (DEFAULT_REWARD_BACKBONE, bradley_terry_loss, encode_pairs, ensure_pad_token,
-                                   load_reward_model, pair_metrics, resolve_reward_backbone, reward_model_step,
-                                   reward_scores, sequence_rewards, train_reward_model_epoch)
-from rlhf_core.update import NonFiniteError
+from rlhf_core.reward_model import (DEFAULT_REWARD_BACKBONE, bradley_terry_loss, collate_text_pairs, encode_pairs,
+                                   ensure_pad_token, load_reward_model, pair_metrics, resolve_reward_backbone,
+                                   reward_model_loss, reward_scores, sequence_rewards, train_reward_model_epoch)
+from rlhf_core.batch import select_rows
+from rlhf_core.update import NonFiniteError, Normalizers
 
 PROMPTS = ["Write a one-sentence review of a quiet seaside hotel.", "Review a new phone.", "Review a cheap diner."]
 CHOSEN = ["Lovely rooms and a wonderful view: I would happily stay again.", "Great battery.", "Tasty and friendly!"]
@@ -164,7 +165,8 @@ def test_a_few_steps_learn_a_separable_set(tiny_model_dir):
     history = []
     for epoch in range(3):
         history += train_reward_model_epoch(model, optimizer, tokenizer, prompts, chosen, rejected, None, batch_size=4,
-                                            max_length=64, center_coef=0.01, max_grad_norm=1.0, seed=epoch)
+                                            micro_batch_size=2, max_length=64, center_coef=0.01, max_grad_norm=1.0,
+                                            seed=epoch)
     assert len(history) == 6 and history[-1]["loss/train"] < history[0]["loss/train"]
     after = score_held_out()
     assert abs(before["reward_model/margin"]) < 0.1  # the random head has no real preference ...
@@ -175,11 +177,45 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tiny_model_dir):
     model, tokenizer = load_reward_model(tiny_model_dir)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
     before = [p.detach().clone() for p in trainable_parameters(model)]
-    with pytest.raises(NonFiniteError, match="reward model loss"):
-        reward_model_step(model, optimizer, tokenizer, PROMPTS[:2], CHOSEN[:2], REJECTED[:2],
-                          torch.tensor([0.0, float("nan")]), max_length=64, center_coef=0.0, max_grad_norm=1.0)
+    with pytest.raises(NonFiniteError, match="loss"):
+        train_reward_model_epoch(model, optimizer, tokenizer, PROMPTS[:2], CHOSEN[:2], REJECTED[:2],
+                                 torch.tensor([0.0, float("nan")]), batch_size=2, micro_batch_size=2, max_length=64,
+                                 center_coef=0.0, max_grad_norm=1.0, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(before, trainable_parameters(model)))
     assert not optimizer.state  # no step was taken
+
+
+def test_loss_and_gradient_do_not_depend_on_the_micro_batch_split(tiny_model_dir):
+    """Pairs of different lengths: one micro-batch of 3 pairs == 3 micro-batches of 1, and == the mean of
+    bradley_terry_losses over the scores of `reward_scores` (an independent path)."""
+    torch.manual_seed(0)
+    model, tokenizer = load_reward_model(tiny_model_dir)
+    margin = torch.tensor([0.0, 0.5, -0.2])
+    batch = collate_text_pairs(tokenizer, PROMPTS, CHOSEN, REJECTED, max_length=64, margin=margin)
+    norm = Normalizers(num_seqs=3.0, num_tokens=float(batch["response_mask"].sum()))
+
+    def loss_and_grads(splits):
+        model.zero_grad()
+        total, metrics = 0.0, {}
+        for rows in splits:
+            loss, parts = reward_model_loss(model, select_rows(batch, torch.tensor(rows)), norm, center_coef=0.1)
+            loss.backward()
+            total += float(loss.detach())
+            metrics = {k: metrics.get(k, 0.0) + float(v) for k, v in parts.items()}
+        return total, metrics, [p.grad.clone() for p in trainable_parameters(model)]
+
+    whole, whole_metrics, whole_grads = loss_and_grads([[0, 1, 2]])
+    split, split_metrics, split_grads = loss_and_grads([[0], [1], [2]])
+    assert split == pytest.approx(whole, abs=1e-5)
+    assert split_metrics == pytest.approx(whole_metrics, abs=1e-5)
+    for a, b in zip(whole_grads, split_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        chosen = reward_scores(model, tokenizer, PROMPTS, CHOSEN, batch_size=1, max_length=64)
+        rejected = reward_scores(model, tokenizer, PROMPTS, REJECTED, batch_size=1, max_length=64)
+    expected = bradley_terry_loss(chosen, rejected, margin, center_coef=0.1)[0]
+    assert whole == pytest.approx(float(expected), abs=1e-5)
+    assert whole_metrics["reward_model/accuracy"] == pytest.approx(float((chosen > rejected).float().mean()))
 
 
 # ---------------------------------------------------------------- config
@@ -252,7 +288,7 @@ def test_train_epochs_then_evaluate(tmp_path, rlhf_home, tiny_model_dir, monkeyp
     backbone = t.resolve_reward_backbone.fn(str(tiny_model_dir))
     restored, real_restore = [], t.restore_optimizer
     monkeypatch.setattr(t, "restore_optimizer", lambda opt, path: restored.append(real_restore(opt, path)))
-    args = dict(batch_size=4, lr=3e-3, max_length=64, center_coef=0.0, max_grad_norm=1.0, seed=0,
+    args = dict(batch_size=4, micro_batch_size=2, lr=3e-3, max_length=64, center_coef=0.0, max_grad_norm=1.0, seed=0,
                 runtime=RuntimeConfig())
     first = t.train_reward_model_epoch.fn(backbone, splits.train, 0, **args)
     second = t.train_reward_model_epoch.fn(first.checkpoint, splits.train, 1, **args)

@@ -86,6 +86,27 @@ def test_uneven_mini_batches():
     assert [norm.num_seqs for _, norm in loss_fn.calls] == [4.0, 3.0, 3.0]  # tensor_split: 10 = 4 + 3 + 3
 
 
+def test_mini_batch_stats_are_computed_once_per_mini_batch_and_shared_by_its_micro_batches():
+    seen_by_stats, seen_by_loss = [], []
+
+    def stats(model, mini):
+        seen_by_stats.append(sorted(mini["row"].long().tolist()))
+        return {"mini_mean_x": mini["x"].mean()}
+
+    def loss_fn(model, micro, norm):
+        seen_by_loss.append((sorted(micro["row"].long().tolist()), float(micro["mini_mean_x"])))
+        return RecordingLoss()(model, micro, norm)
+
+    run(loss_fn, mini_batches=2, micro_batch_size=2, mini_batch_stats=stats)
+    assert len(seen_by_stats) == 2 and len(seen_by_loss) == 6  # 2 mini-batches of 5 rows -> 3 micro-batches each
+    x = toy_batch()["x"]
+    for index, mini_rows in enumerate(seen_by_stats):
+        expected = float(x[mini_rows].mean())  # the whole mini-batch's mean, not a micro-batch's
+        micro = seen_by_loss[3 * index: 3 * index + 3]
+        assert sorted(r for rows, _ in micro for r in rows) == mini_rows
+        assert all(value == pytest.approx(expected) for _, value in micro)
+
+
 def test_micro_batches_helper():
     assert [t.tolist() for t in micro_batches(torch.arange(5), 2)] == [[0, 1], [2, 3], [4]]
 
