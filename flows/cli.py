@@ -15,11 +15,13 @@ import yaml
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
-from rlhf_core.config import DPOConfig, GRPOConfig, PPOConfig, RewardModelConfig
+from rlhf_core.config import (DPOConfig, GRPOConfig, KTOConfig, PPOConfig, PreferenceDatasetConfig,
+                              RewardModelConfig)
 
 FLOWS = {"grpo": (GRPOConfig, "flows.grpo", "grpo"), "ppo": (PPOConfig, "flows.ppo", "ppo"),
          "reward-model": (RewardModelConfig, "flows.reward_model", "reward_model"),
-         "dpo": (DPOConfig, "flows.dpo", "dpo")}
+         "preference-data": (PreferenceDatasetConfig, "flows.preference_data", "preference_data"),
+         "dpo": (DPOConfig, "flows.dpo", "dpo"), "kto": (KTOConfig, "flows.kto", "kto")}
 USAGE = f"usage: rlhf {{{','.join(FLOWS)}}} [--config FILE] [--section.field VALUE ...] [--dry-run]"
 
 
@@ -63,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     flow = getattr(importlib.import_module(module), function)
-    final_checkpoint = flow(config)
-    print(f"final checkpoint: {final_checkpoint}")
+    output = flow(config)  # the final checkpoint's folder; for preference-data, the dataset's folder
+    print(f"output: {output}")
     return 0
 
 

@@ -10,18 +10,16 @@ crashed resumes at the epoch that failed. Every epoch's checkpoint is registered
 
 from __future__ import annotations
 
-import time
-
+import pandas as pd
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.tracking import StageClock, Tracker, log_epoch_outputs, mlflow_run
-from rlhf_core.config import DPOConfig, TrackingConfig
+from flows.tracking import StageClock, log_offline_epoch, mlflow_run
+from rlhf_core.config import DPOConfig
 from rlhf_core.data import dataset_fingerprint
 from tasks.dpo import compute_reference_logprobs, evaluate_dpo, tokenize_pairs, train_dpo_epoch
 from tasks.models import resolve_model
 from tasks.paths import resolve_data_path
-from tasks.refs import ArtifactRef, UpdateResult
 from tasks.reward_model import load_preference_dataset
 from tasks.update import prune_checkpoints
 
@@ -53,7 +51,8 @@ def dpo(config: DPOConfig = DPOConfig()) -> str:
                 scores = evaluate_dpo(update.checkpoint, eval_pairs, config.loss_type, config.beta,
                                       config.micro_batch_size, runtime, trust)
             policy = update.checkpoint
-            metrics = log_dpo_epoch(tracker, epoch, update, scores, clock, config.tracking)
+            metrics = log_offline_epoch(tracker, epoch, update, scores, clock, config.tracking,
+                                        summarize_held_out(scores.read()))
             checkpoints.append(policy)
             prune_checkpoints(checkpoints, keep=config.keep_checkpoints)
             print(f"epoch {epoch}: train loss {metrics['loss/train']:.4f}, held-out accuracy "
@@ -62,22 +61,8 @@ def dpo(config: DPOConfig = DPOConfig()) -> str:
     return policy.path
 
 
-def log_dpo_epoch(tracker: Tracker, epoch: int, update: UpdateResult, scores: ArtifactRef,
-                  stage_seconds: dict[str, float], tracking: TrackingConfig) -> dict[str, float]:
-    """The epoch's Parquet files, its checkpoint as a model version, then one batch of metrics (returned)."""
-    start = time.perf_counter()
-    log_epoch_outputs(tracker, epoch, update, scores, tracking)
-    train = update.metrics.read().mean().to_dict()  # mean over the epoch's optimizer steps
-    pairs = scores.read()
+def summarize_held_out(pairs: pd.DataFrame) -> dict[str, float]:
+    """Mean implicit rewards of an `evaluate_dpo` table, their margin, and the share of pairs ranked right."""
     margins = pairs["chosen_rewards"] - pairs["rejected_rewards"]
-    metrics = {
-        **train,
-        "eval/rewards/chosen": pairs["chosen_rewards"].mean(),
-        "eval/rewards/rejected": pairs["rejected_rewards"].mean(),
-        "eval/rewards/margins": margins.mean(),
-        "eval/rewards/accuracies": (margins > 0).mean(),
-        **{f"time/{stage}_s": seconds for stage, seconds in stage_seconds.items()},
-        "time/tracking_s": time.perf_counter() - start,
-    }
-    tracker.log_metrics(metrics, step=epoch)
-    return metrics
+    return {"rewards/chosen": pairs["chosen_rewards"].mean(), "rewards/rejected": pairs["rejected_rewards"].mean(),
+            "rewards/margins": margins.mean(), "rewards/accuracies": (margins > 0).mean()}

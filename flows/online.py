@@ -1,9 +1,11 @@
-"""What the online flows (GRPO, PPO) resolve before any work: a bad input fails here, not an hour in."""
+"""What the online flows (GRPO, PPO, preference data) resolve before any work: a bad input fails here, not an hour
+in."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+from rlhf_core.config import DataConfig, RewardSpec
 from rlhf_core.data import dataset_fingerprint
 from rlhf_core.rewards import reward_source_fingerprint
 from tasks.data import load_prompt_dataset
@@ -19,10 +21,20 @@ class OnlineInputs(NamedTuple):
     policy: CheckpointRef  # the initial policy
 
 
+def resolve_rewards(rewards: list[RewardSpec]) -> tuple[list[str | None], list[CheckpointRef | None]]:
+    """(source hashes of the reward functions, resolved reward models), None where a spec is the other kind:
+    every function imports and every model resolves, or this raises naming it."""
+    return ([reward_source_fingerprint(r.function) if r.function else None for r in rewards],
+            [resolve_model(r.model) if r.model else None for r in rewards])
+
+
+def resolve_prompts(data: DataConfig) -> ArtifactRef:
+    """The validated prompt dataset, cached on the file's content hash."""
+    return load_prompt_dataset(data, dataset_fingerprint(resolve_data_path(data.path)))
+
+
 def resolve_online_inputs(config) -> OnlineInputs:
     """Every reward function imports, every reward model and the policy resolve, the dataset is valid."""
-    return OnlineInputs(
-        reward_fingerprints=[reward_source_fingerprint(r.function) if r.function else None for r in config.rewards],
-        reward_models=[resolve_model(r.model) if r.model else None for r in config.rewards],
-        dataset=load_prompt_dataset(config.data, dataset_fingerprint(resolve_data_path(config.data.path))),
-        policy=resolve_model(config.model.name_or_path))
+    reward_fingerprints, reward_models = resolve_rewards(config.rewards)
+    return OnlineInputs(reward_fingerprints, reward_models, dataset=resolve_prompts(config.data),
+                        policy=resolve_model(config.model.name_or_path))

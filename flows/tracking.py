@@ -158,6 +158,23 @@ def log_epoch_outputs(tracker: Tracker, epoch: int, update, scores, tracking) ->
     tracker.register_checkpoint(update.checkpoint.path, update.checkpoint.sha256, tracking.registered_model, epoch)
 
 
+def log_offline_epoch(tracker: Tracker, epoch: int, update, scores, stage_seconds: dict[str, float], tracking,
+                      eval_metrics: dict[str, float]) -> dict[str, float]:
+    """Everything an offline flow's epoch leaves in MLflow: `log_epoch_outputs`, then one batch of metrics
+    (returned): the mean of each training metric over the epoch's steps (NaN steps skipped), `eval_metrics` under
+    `eval/`, the stage times and the time this logging took."""
+    start = time.perf_counter()
+    log_epoch_outputs(tracker, epoch, update, scores, tracking)
+    metrics = {
+        **update.metrics.read().mean().to_dict(),
+        **{f"eval/{key}": value for key, value in eval_metrics.items()},
+        **{f"time/{stage}_s": seconds for stage, seconds in stage_seconds.items()},
+        "time/tracking_s": time.perf_counter() - start,
+    }
+    tracker.log_metrics(metrics, step=epoch)
+    return metrics
+
+
 def log_online_iteration(tracker: Tracker, iteration: int, stage_refs: dict, update, stage_seconds: dict[str, float],
                          registered_model: str, log_rollouts: bool, extra_metrics: dict | None = None) -> None:
     """Everything one online iteration leaves in MLflow: Parquet files, samples, the checkpoint, then one batch of

@@ -290,3 +290,138 @@ def check_lengths(max_length: int | None, max_prompt_length: int) -> None:
     """Truncation (`rlhf_core.batch.truncate_sequences`) must leave room for at least one response token."""
     if max_length is not None and max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length={max_prompt_length} must be below max_length={max_length}")
+
+
+def _default_judge_rewards() -> list[RewardSpec]:
+    return [RewardSpec(function="vader_sentiment")]
+
+
+class JudgeConfig(_Config):
+    """Who scores the sampled responses: reward functions and reward models (their weighted sum), or a person
+    answering forms in the Prefect UI. Rule: the human judge uses no reward, so `rewards` must stay at its
+    default with kind='human' (a custom list would be silently ignored, so it is rejected)."""
+
+    kind: Literal["reward", "human"] = Field("reward", description=(
+        "reward: score = the weighted sum of `rewards`; human: the flow pauses and asks in the Prefect UI which "
+        "response to each prompt is best (1.0 for it, 0.0 for the others)"))
+    rewards: list[RewardSpec] = Field(default_factory=_default_judge_rewards, min_length=1, description=(
+        "reward functions and reward models, summed by weight (kind=reward only)"))
+    human_batch_size: int = Field(8, ge=1, le=100, description="prompts shown per pause of the human judge")
+    human_timeout_s: int = Field(86400, ge=1, description=(
+        "seconds one pause waits for the human's answer before the run fails (answered batches are kept)"))
+    poll_interval_s: float = Field(5, gt=0, description="seconds between checks whether the human has answered")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "JudgeConfig":
+        names = [r.name for r in self.rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"judge.rewards: a source is listed twice: {names}")
+        if self.kind == "human" and self.rewards != _default_judge_rewards():
+            raise ValueError("judge.rewards is not used by the human judge (kind='human'): leave it at its "
+                             "default, or set kind='reward'")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The `judge` column: "human", or the reward sources ("vader_sentiment", "0.5*a+1*b")."""
+        if self.kind == "human":
+            return "human"
+        if len(self.rewards) == 1 and self.rewards[0].weight == 1:
+            return self.rewards[0].name
+        return "+".join(f"{r.weight:g}*{r.name}" for r in self.rewards)
+
+
+class PreferenceDatasetConfig(_Config):
+    """Preference data: sample G responses per prompt from a policy, let a judge score them, and keep the pairs
+    (and unpaired labels) the judge is sure about (rlhf_core/preference_data.py)."""
+
+    model: ModelConfig = Field(ModelConfig(), description="the policy that writes the responses")
+    runtime: RuntimeConfig = Field(RuntimeConfig(), description="device and dtype of the policy and reward models")
+    data: DataConfig = Field(DataConfig(path="data/review_prompts.jsonl", extra_columns=[]), description=(
+        "the prompts; extra_columns are passed to reward functions"))
+    num_prompts: int | None = Field(None, ge=1, description=(
+        "use a seeded sample of this many prompts (None: every prompt of data.path)"))
+    generation: GenerationConfig = Field(GenerationConfig(group_size=4, max_new_tokens=48, temperature=1.0),
+                                         description="sampling; group_size = G responses per prompt (>= 2)")
+    judge: JudgeConfig = Field(JudgeConfig(), description="who scores the responses: rewards or a human")
+    pairing: Literal["best_worst", "all"] = Field("all", description=(
+        "best_worst: one pair per prompt, highest vs lowest score; all: every two responses of a prompt"))
+    min_gap: float = Field(0.2, gt=0.0, description=(
+        "a pair needs chosen_score - rejected_score >= min_gap; an unpaired response a score at least "
+        "min_gap / 2 above (desirable) or below (undesirable) its prompt's mean"))
+    output_dir: str | None = Field(None, description=(
+        "also copy pairs.parquet and unpaired.parquet here (relative: to the current directory); None: only "
+        "under $RLHF_HOME/preference-data"))
+    seed: int = Field(0, ge=0, description="the prompt sample and the per-response sampling seeds")
+    tracking: TrackingConfig = Field(TrackingConfig(experiment="preference-data"), description=(
+        "MLflow experiment; log_rollouts also logs every judged response (samples.parquet); registered_model is "
+        "unused (this flow trains no model)"))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PreferenceDatasetConfig":
+        group_size = self.generation.group_size
+        if group_size < 2:
+            raise ValueError(f"generation.group_size={group_size}: a judge needs at least 2 responses per prompt "
+                             "to prefer one")
+        if self.generation.temperature == 0:
+            raise ValueError("generation.temperature=0 is greedy decoding: the responses to a prompt would all be "
+                             "identical, so no pair could be made")
+        if self.judge.kind == "human" and self.min_gap > 2 / group_size:
+            raise ValueError(f"min_gap={self.min_gap} is above 2 / generation.group_size = {2 / group_size:g}: the "
+                             "human judge scores 1 for the chosen response and 0 for the others, so no response "
+                             "would be labelled undesirable")
+        return self
+
+
+class UnpairedDataConfig(_Config):
+    """Unpaired examples for KTO: one (prompt, completion, label) per row, label True = desirable. The label must
+    be a bool: 0/1 ints are rejected, because an int column is as likely a 1-5 rating as a flag (convert it)."""
+
+    path: str = Field("data/preferences/train/unpaired.parquet", description=(
+        "unpaired examples: .jsonl, .json, .parquet or a datasets.save_to_disk folder; relative paths are looked "
+        "up in the current directory, then in the project folder"))
+    eval_path: str | None = Field("data/preferences/eval/unpaired.parquet", description=(
+        "held-out examples; None holds out `eval_fraction` of `path`'s prompts (seeded), each with all its rows"))
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of `path`'s distinct prompts held out "
+                                                                 "when eval_path is None (at least 2)")
+    prompt_column: str = Field("prompt", description="column holding the prompt text")
+    completion_column: str = Field("completion", description="column holding the response text")
+    label_column: str = Field("label", description="column holding the bool label: true = desirable")
+
+
+class KTOConfig(_Config):
+    """KTO (Ethayarajh et al. 2024): train the policy on unpaired desirable / undesirable completions against a
+    frozen reference (the starting model); the reference log-probs of each example and of its mismatched
+    completion (the KL reference point's sample) are computed once per dataset."""
+
+    model: ModelConfig = Field(ModelConfig(), description="the starting policy, which is also the frozen reference")
+    data: UnpairedDataConfig = Field(UnpairedDataConfig(), description="the unpaired examples and their columns")
+    beta: float = Field(0.1, gt=0.0, description="inverse temperature of the implicit reward beta * log(pi / ref)")
+    desirable_weight: float = Field(1.0, gt=0.0, description=(
+        "lambda_D: weight of a desirable example's loss; the paper advises lambda_D * n_D / (lambda_U * n_U) in "
+        "[1, 4/3] for n_D desirable and n_U undesirable examples"))
+    undesirable_weight: float = Field(1.0, gt=0.0, description="lambda_U: weight of an undesirable example's loss")
+    max_length: int | None = Field(512, ge=2, description="tokens per prompt + completion; longer examples lose "
+                                                           "the prompt's start, then the completion's end (None: "
+                                                           "no limit)")
+    max_prompt_length: int = Field(256, ge=1, description="tokens the prompt keeps when an example is too long")
+    epochs: int = Field(1, ge=1, le=10_000, description="passes over the training examples (one task each)")
+    batch_size: int = Field(8, ge=1, description=(
+        "examples per optimizer step, and the sample z0 is estimated on; 1 is allowed (the mismatched pairs are "
+        "fixed per dataset, not built inside the batch) but gives a noisy z0"))
+    micro_batch_size: int = Field(4, ge=1, description="examples per forward/backward (the reference and eval "
+                                                       "stages run 2x sequences: completion and mismatched)")
+    lr: float = Field(5e-6, gt=0.0, le=1.0, description="AdamW learning rate")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="the gradient's global norm is clipped to this")
+    seed: int = Field(0, ge=0, description="eval hold-out (without eval_path), mismatched pairs and per-epoch "
+                                           "shuffling")
+    keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (with optimizer state); the MLflow "
+                                                       "registry keeps every epoch's weights")
+    runtime: RuntimeConfig = Field(RuntimeConfig(), description="device, dtype and threads of every model stage")
+    tracking: TrackingConfig = Field(TrackingConfig(experiment="kto", registered_model="kto-policy"),
+                                     description="MLflow experiment and registered model of the trained policy")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "KTOConfig":
+        check_lengths(self.max_length, self.max_prompt_length)
+        return self

@@ -77,3 +77,17 @@ def write_dir(write: Callable[[Path], None], directory: str | Path) -> tuple[Pat
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final, digest
+
+
+def write_atomically(write: Callable[[Path], None], path: str | Path) -> Path:
+    """Call `write(tmp)` on a temporary name beside `path`, then rename it to `path` (replacing what was there):
+    for outputs that live under a chosen name rather than their content hash."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path.parent, path.suffix)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

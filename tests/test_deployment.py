@@ -41,3 +41,10 @@ def test_prefect_yaml_deploys_grpo_with_a_validated_form(prefect_harness):
         assert ppo.parameter_openapi_schema["definitions"]["ValueConfig"]["properties"]["critic"]["enum"] == [
             "shared", "separate"]
         assert client.read_deployment_by_name("reward-model/reward-model").parameters["config"]["epochs"] == 2
+        human = client.read_deployment_by_name("preference-data/preference-data-human")
+        assert human.parameters["config"]["judge"]["kind"] == "human"
+        assert human.parameter_openapi_schema["definitions"]["JudgeConfig"]["properties"]["kind"]["enum"] == [
+            "reward", "human"]
+        kto = client.read_deployment_by_name("kto/kto")
+        with pytest.raises(Exception, match="(?i)validation"):
+            client.create_flow_run_from_deployment(kto.id, parameters={"config": {"desirable_weight": 0}})

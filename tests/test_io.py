@@ -152,3 +152,21 @@ def test_write_dir_failure_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         write_dir(write, tmp_path / "ckpts")
     assert os.listdir(tmp_path / "ckpts") == []  # no final folder, no temp folder
+
+
+# ---------------------------------------------------------------- write_atomically
+
+
+def test_write_atomically_replaces_the_named_file_or_leaves_it_alone(tmp_path):
+    target = tmp_path / "new" / "pairs.parquet"
+    assert io_module.write_atomically(lambda tmp: tmp.write_text("v1"), target) == target
+    io_module.write_atomically(lambda tmp: tmp.write_text("v2"), target)
+    assert target.read_text() == "v2"
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        io_module.write_atomically(fail, target)
+    assert target.read_text() == "v2" and os.listdir(target.parent) == ["pairs.parquet"]
