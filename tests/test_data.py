@@ -299,3 +299,14 @@ def test_fingerprint_of_a_directory_depends_on_names(tmp_path):
 def test_fingerprint_of_missing_path(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
         dataset_fingerprint(tmp_path / "nope")
+
+
+def test_shipped_review_prompts_are_what_the_script_makes():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "data" / "make_review_prompts.py"
+    spec = importlib.util.spec_from_file_location("make_review_prompts", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(write=False) == 0  # checks only: review_prompts.jsonl is the generated order minus eval

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from transformers import AutoTokenizer
 
 from rlhf_core.checkpoint import OPTIMIZER_FILE, trainable_parameters
-from rlhf_core.config import PreferenceDataConfig, RewardModelConfig, RuntimeConfig
+from rlhf_core.config import PreferenceDataConfig, RewardModelConfig, RuntimeConfig, UnpairedDataConfig
 from rlhf_core.data import DatasetError
 from rlhf_core.models import PAD_TOKEN, ModelLoadError
 from rlhf_core.reward_model import (DEFAULT_REWARD_BACKBONE, bradley_terry_loss, collate_text_pairs, encode_pairs,
@@ -237,7 +237,7 @@ def test_invalid_reward_model_config_is_rejected_by_name(values, field):
 
 def test_reward_model_config_defaults():
     config = RewardModelConfig()
-    assert config.model == DEFAULT_REWARD_BACKBONE and config.data.path == "data/preferences_train.jsonl"
+    assert config.model == DEFAULT_REWARD_BACKBONE and config.data.path == "data/preferences/train/pairs.parquet"
     assert (config.tracking.experiment, config.tracking.registered_model) == ("reward-model", "reward-model")
 
 
@@ -271,11 +271,20 @@ def test_load_preference_dataset_maps_columns_and_holds_out_pairs(tmp_path, rlhf
 
 
 def test_shipped_preference_sets_are_valid_and_disjoint(rlhf_home):
+    """The shipped pairs (reward model, DPO) and unpaired examples (KTO) load with the default configs; no held-out
+    prompt is trained on; they were made from the shipped prompt files."""
+    from tasks.kto import load_unpaired_dataset
     from tasks.reward_model import load_preference_dataset
 
-    splits = load_preference_dataset.fn(PreferenceDataConfig(), ["shipped"], seed=0)
-    train, held_out = splits.train.read(), splits.eval.read()
-    assert len(train) >= 150 and len(held_out) == 40 and not set(train.prompt) & set(held_out.prompt)
+    pairs = load_preference_dataset.fn(PreferenceDataConfig(), ["shipped"], seed=0)
+    unpaired = load_unpaired_dataset.fn(UnpairedDataConfig(), ["shipped"], seed=0)
+    train_prompts = set(pairs.train.read().prompt) | set(unpaired.train.read().prompt)
+    eval_prompts = set(pairs.eval.read().prompt) | set(unpaired.eval.read().prompt)
+    assert len(pairs.train.read()) >= 200 and len(pairs.eval.read()) >= 150 and len(unpaired.train.read()) >= 500
+    assert not train_prompts & eval_prompts
+    project = Path(__file__).resolve().parents[1] / "data"
+    assert train_prompts <= {json.loads(line)["prompt"] for line in open(project / "review_prompts.jsonl")}
+    assert eval_prompts <= {json.loads(line)["prompt"] for line in open(project / "review_prompts_eval.jsonl")}
 
 
 def test_train_epochs_then_evaluate(tmp_path, rlhf_home, tiny_model_dir, monkeypatch):

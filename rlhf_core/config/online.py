@@ -1,0 +1,94 @@
+"""Configs of the online flows: GRPO and PPO."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rlhf_core.config.common import (AdvantageConfig, DataConfig, GenerationConfig, KLConfig, LossConfig, ModelConfig,
+                                     OptimConfig, RewardSpec, RuntimeConfig, TrackingConfig, _Config,
+                                     check_online_config)
+
+
+class GRPOConfig(_Config):
+    """GRPO: sample G responses per prompt, reward them, normalise rewards within each group, update."""
+
+    iterations: int = Field(12, ge=1, le=100_000)
+    prompts_per_iteration: int = Field(8, ge=1, le=100_000, description="P: prompts per iteration (B = P * G)")
+    seed: int = Field(0, ge=0)
+    keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (with optimizer state); the MLflow "
+                                                       "registry keeps every checkpoint's weights")
+    model: ModelConfig = ModelConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    data: DataConfig = DataConfig()
+    generation: GenerationConfig = GenerationConfig()
+    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(function="arithmetic_answer")],
+                                      min_length=1)
+    kl: KLConfig = KLConfig()
+    advantage: AdvantageConfig = AdvantageConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GRPOConfig":
+        return check_online_config(self)
+
+
+class PPOKLConfig(_Config):
+    coef: float = Field(0.05, ge=0.0, description="beta: (initial) weight of the KL penalty in the per-token reward")
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    target: float | None = Field(None, gt=0.0, description="KL target of the adaptive controller (Ziegler et al. "
+                                                            "2019); None keeps beta fixed")
+    horizon: int = Field(10000, ge=1, description="adaptive controller horizon, in sequences")
+
+
+class GAEConfig(_Config):
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    whiten_advantages: bool = Field(True, description="normalise advantages over the batch (mean 0, std 1)")
+
+
+class ValueConfig(_Config):
+    critic: Literal["shared", "separate"] = Field("shared", description="shared: a value head on the policy's "
+                                                  "backbone; separate: a copy of the backbone for the critic")
+    vf_coef: float = Field(0.1, ge=0.0, description="weight of the value loss in the total loss")
+    head_lr: float | None = Field(1e-3, gt=0.0, le=1.0, description=(
+        "learning rate of the value head (None: optim.lr). The zero-initialised head is tiny; at a policy-sized "
+        "lr it would barely move in a short run, leaving PPO without a baseline"))
+    clip_range_value: float = Field(0.2, gt=0.0, description="values move at most this far from the old values")
+
+
+class ScoreConfig(_Config):
+    missing_eos_penalty: float | None = Field(None, ge=0.0, description="subtracted from responses without EOS")
+    clip: float | None = Field(None, gt=0.0, description="clip scores to [-clip, clip]")
+    normalize: bool = Field(False, description="standardise scores over the batch")
+
+
+class PPOConfig(_Config):
+    """PPO: actor-critic sharing the backbone, KL-penalised per-token rewards, GAE, clipped policy and value
+    losses, several epochs of mini-batches per rollout batch."""
+
+    iterations: int = Field(12, ge=1, le=100_000)
+    prompts_per_iteration: int = Field(16, ge=1, le=100_000)
+    seed: int = Field(0, ge=0)
+    keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (with optimizer state and value "
+                                                       "head); the MLflow registry keeps every checkpoint's weights")
+    model: ModelConfig = ModelConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    data: DataConfig = DataConfig(path="data/review_prompts.jsonl", extra_columns=[])
+    generation: GenerationConfig = GenerationConfig(group_size=1, max_new_tokens=32, temperature=0.7)
+    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(model="models:/reward-model@newest")],
+                                      min_length=1)
+    kl: PPOKLConfig = PPOKLConfig()
+    gae: GAEConfig = GAEConfig()
+    value: ValueConfig = ValueConfig()
+    scores: ScoreConfig = ScoreConfig()
+    loss: LossConfig = LossConfig(clip_eps_high=0.2)
+    optim: OptimConfig = OptimConfig(lr=1e-5, epochs=2, mini_batches=2)
+    tracking: TrackingConfig = TrackingConfig(experiment="ppo", registered_model="ppo-policy")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PPOConfig":
+        return check_online_config(self)
