@@ -22,7 +22,8 @@ FLOWS = {"grpo": (GRPOConfig, "flows.grpo", "grpo"), "ppo": (PPOConfig, "flows.p
          "reward-model": (RewardModelConfig, "flows.reward_model", "reward_model"),
          "preference-data": (PreferenceDatasetConfig, "flows.preference_data", "preference_data"),
          "dpo": (DPOConfig, "flows.dpo", "dpo"), "kto": (KTOConfig, "flows.kto", "kto")}
-USAGE = f"usage: rlhf {{{','.join(FLOWS)}}} [--config FILE] [--section.field VALUE ...] [--dry-run]"
+USAGE = (f"usage: rlhf {{{','.join(FLOWS)}}} [--config FILE] [--section.field VALUE ...] [--dry-run]\n"
+         "       rlhf up|down [--host 127.0.0.1] [--prefect-port 4200] [--mlflow-port 5000]")
 
 
 def read_config_file(path: str) -> dict:
@@ -50,6 +51,10 @@ def parse_config(config_cls, args: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("up", "down"):
+        from flows.service import main as service_main
+
+        return service_main(argv)
     if not argv or argv[0] not in FLOWS:
         print(USAGE, file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ from typing import Iterator
 import mlflow
 import pandas as pd
 from mlflow.entities import Metric, Param
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from pydantic import BaseModel
 
 from rlhf_core.checkpoint import OPTIMIZER_FILE
@@ -141,12 +142,38 @@ def mlflow_run(experiment: str, config: BaseModel, flow_run_id: str | None, run_
     tracker = Tracker(run_id)
     if not existing:
         tracker.log_params(config)
+    if flow_run_id != "local":
+        create_link_artifact(key="mlflow-run", link=mlflow_run_url(experiment_id, run_id),
+                             link_text=f"MLflow run {run_id}", description="this flow run's MLflow run")
     try:
         yield tracker
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
+    if flow_run_id != "local":
+        create_markdown_artifact(key="run-summary", markdown=run_summary(client.get_run(run_id)),
+                                 description="final metrics and registered checkpoints")
+
+
+def mlflow_run_url(experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI for a tracking server; for a local SQLite store, its `file://` artifact
+    folder (open the UI with `mlflow ui --backend-store-uri <the store>`)."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return mlflow.MlflowClient().get_run(run_id).info.artifact_uri
+
+
+def run_summary(run) -> str:
+    """A markdown summary of a finished MLflow run: status, its last value of every metric, its model versions."""
+    metrics = "\n".join(f"| `{key}` | {value:.4g} |" for key, value in sorted(run.data.metrics.items())
+                        if not key.startswith("time/"))
+    versions = mlflow.MlflowClient().search_model_versions(f"run_id = '{run.info.run_id}'")
+    registered = "\n".join(f"- `models:/{v.name}/{v.version}` (iteration {v.tags.get('iteration', '?')})"
+                            for v in sorted(versions, key=lambda v: int(v.version))) or "- none"
+    return (f"## MLflow run `{run.info.run_id}`: {run.info.status}\n\n| metric (last value) | |\n|---|---|\n"
+            f"{metrics}\n\n**Registered checkpoints**\n{registered}\n")
 
 
 def log_epoch_outputs(tracker: Tracker, epoch: int, update, scores, tracking) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flow_helpers import metric_steps, mlflow_run_of, task_states
 import tasks.update
@@ -75,6 +77,16 @@ def test_dpo_flow_end_to_end_then_rerun_reuses_reference_logprobs(prefect_harnes
     assert sorted(v.tags["iteration"] for v in versions) == ["0", "1"]
     newest = client.get_model_version_by_alias("tiny-dpo", "newest")
     assert newest.tags["iteration"] == "1" and newest.tags["checkpoint_sha256"] == sha256_dir(final_checkpoint)
+
+    # Prefect: the flow run links to its MLflow run and carries a markdown summary of it
+    with get_client(sync_client=True) as prefect_client:
+        artifacts = prefect_client.read_artifacts(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    by_key = {a.key: a for a in artifacts if a.key}
+    assert run.info.run_id in by_key["mlflow-run"].data  # a link artifact is stored as markdown holding the URL
+    summary = by_key["run-summary"].data
+    assert run.info.run_id in summary and "FINISHED" in summary and "eval/rewards/accuracies" in summary
+    assert "models:/tiny-dpo/" in summary
 
     # Another learning rate on the same data and model: the reference stage is a cache hit, training reruns
     rerun = dpo(small_config(pairs_file, tiny_model_dir, lr=5e-4), return_state=True)

@@ -1,0 +1,84 @@
+"""`rlhf up` / `rlhf down` through the real servers on loopback ports: the Prefect server, a process worker and the
+MLflow server start healthy; a deployment triggered with parameters runs on the worker and lands in MLflow (run,
+metrics, artifacts, a model version); invalid parameters are refused by the server; `down` leaves no process and
+no open port behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from flows import service
+
+PROJECT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def prefect_cli(api_url: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_API_URL": api_url}
+    return subprocess.run([sys.executable, "-m", "prefect", *args], cwd=PROJECT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_up_deploy_trigger_inspect_down(rlhf_home, tiny_model_dir, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Review the {p}.", "chosen": f"The {p} {g}.",
+                                         "rejected": f"The {p} {b}."}) + "\n"
+                             for g, b in [("was wonderful", "was awful"), ("is great", "is terrible")]
+                             for p in ["hotel", "diner", "museum", "phone"]))
+    prefect_port, mlflow_port = free_port(), free_port()
+    services = service.up("127.0.0.1", prefect_port, mlflow_port, timeout_s=120)
+    try:
+        assert [s.name for s in services] == ["prefect-server", "mlflow-server", "prefect-worker"]
+        assert json.loads((rlhf_home / "service" / "state.json").read_text())[0]["pid"] == services[0].pid
+        with pytest.raises(RuntimeError, match="already running"):
+            service.up("127.0.0.1", prefect_port, mlflow_port, timeout_s=5)
+        api = f"http://127.0.0.1:{prefect_port}/api"
+        deployed = prefect_cli(api, "--no-prompt", "deploy", "-n", "dpo")
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+
+        refused = prefect_cli(api, "deployment", "run", "dpo/dpo", "--params", json.dumps({"config": {"lr": -1}}))
+        assert refused.returncode != 0 and "validation" in (refused.stdout + refused.stderr).lower()
+
+        config = {"model": {"name_or_path": str(tiny_model_dir)},
+                  "data": {"path": str(pairs), "eval_path": None, "eval_fraction": 0.25},
+                  "epochs": 1, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-3,
+                  "tracking": {"experiment": "service-e2e", "registered_model": "service-dpo"}}
+        run = prefect_cli(api, "deployment", "run", "dpo/dpo", "--params", json.dumps({"config": config}), "--watch")
+        assert run.returncode == 0 and "Completed" in run.stdout, run.stdout + run.stderr
+
+        client = mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{mlflow_port}")
+        experiment = client.get_experiment_by_name("service-e2e")
+        (mlflow_run,) = client.search_runs([experiment.experiment_id])
+        assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.tags["prefect.flow_run_id"]
+        assert mlflow_run.data.params["lr"] == "0.001"
+        assert 0.0 <= mlflow_run.data.metrics["eval/rewards/accuracies"] <= 1.0
+        assert {a.path for a in client.list_artifacts(mlflow_run.info.run_id)} >= {"config.json", "data",
+                                                                                  "checkpoints"}
+        (version,) = client.search_model_versions("name = 'service-dpo'")
+        assert version.tags["iteration"] == "0" and version.run_id == mlflow_run.info.run_id
+        assert not list(Path.cwd().glob("mlflow.db"))  # nothing written to the current directory
+    finally:
+        stopped = service.down()
+    assert stopped == ["prefect-server", "mlflow-server", "prefect-worker"]
+    assert not any(service.alive(s.pid) for s in services)
+    assert not port_open(prefect_port) and not port_open(mlflow_port)
+    assert not (rlhf_home / "service" / "state.json").exists()
