@@ -1,7 +1,7 @@
 """`rlhf up` / `rlhf down` through the real servers on loopback ports: the Prefect server, a process worker and the
 MLflow server start healthy; a deployment triggered with parameters runs on the worker and lands in MLflow (run,
-metrics, artifacts, a model version); invalid parameters are refused by the server; `down` leaves no process and
-no open port behind."""
+metrics, artifacts, a model version); invalid parameters are refused by the server; a short-interval schedule
+produces a run that completes; `down` leaves no process and no open port behind."""
 
 from __future__ import annotations
 
@@ -10,10 +10,16 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import mlflow
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+from prefect.client.schemas.schedules import IntervalSchedule
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows import service
 
@@ -36,6 +42,27 @@ def prefect_cli(api_url: str, *args: str, timeout: int = 300) -> subprocess.Comp
     env = {**os.environ, "PREFECT_API_URL": api_url}
     return subprocess.run([sys.executable, "-m", "prefect", *args], cwd=PROJECT, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def run_first_scheduled(api: str, deployment_name: str, parameters: dict, timeout_s: float):
+    """Adds an active 20-second interval schedule with `parameters` to the deployment, waits for the first run
+    it creates to finish, then removes the schedule; returns that flow run."""
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(deployment_name)
+        (schedule,) = client.create_deployment_schedules(
+            deployment.id, [(IntervalSchedule(interval=timedelta(seconds=20)), True)], parameters=parameters)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                runs = [r for r in client.read_flow_runs(deployment_filter=DeploymentFilter(
+                    id=DeploymentFilterId(any_=[deployment.id]))) if r.auto_scheduled]
+                finished = [r for r in runs if r.state and r.state.is_final()]
+                if finished:
+                    return finished[0]
+                time.sleep(2)
+            raise TimeoutError(f"no scheduled run of {deployment_name} finished within {timeout_s} s")
+        finally:
+            client.delete_deployment_schedule(deployment.id, schedule.id)
 
 
 def test_up_deploy_trigger_inspect_down(rlhf_home, tiny_model_dir, tmp_path):
@@ -76,6 +103,13 @@ def test_up_deploy_trigger_inspect_down(rlhf_home, tiny_model_dir, tmp_path):
         (version,) = client.search_model_versions("name = 'service-dpo'")
         assert version.tags["iteration"] == "0" and version.run_id == mlflow_run.info.run_id
         assert not list(Path.cwd().glob("mlflow.db"))  # nothing written to the current directory
+
+        # A schedule fires: a 20 s interval on the same deployment, with its own parameters, yields a completed run
+        scheduled = run_first_scheduled(api, "dpo/dpo", {"config": {**config, "tracking": {
+            "experiment": "service-schedule", "registered_model": "service-dpo-scheduled"}}}, timeout_s=240)
+        assert scheduled.state.is_completed() and scheduled.auto_scheduled
+        (scheduled_run,) = client.search_runs([client.get_experiment_by_name("service-schedule").experiment_id])
+        assert scheduled_run.data.tags["prefect.flow_run_id"] == str(scheduled.id)
     finally:
         stopped = service.down()
     assert stopped == ["prefect-server", "mlflow-server", "prefect-worker"]
