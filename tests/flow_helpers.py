@@ -1,6 +1,9 @@
-"""Queries shared by the end-to-end flow tests: task-run states from the Prefect API, runs from MLflow."""
+"""Shared by the end-to-end flow tests: task-run states from the Prefect API, runs from MLflow, and the crash
+injected by the resume tests."""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import mlflow
 from prefect.client.orchestration import get_client
@@ -27,3 +30,22 @@ def mlflow_run_of(flow_run_id):
 
 def metric_steps(run_id: str, key: str) -> list[int]:
     return [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, key)]
+
+
+@contextmanager
+def failing_call(module, name: str, call: int):
+    """While open, the `call`-th call of `module.<name>` raises RuntimeError("injected failure") and every other
+    call runs the real function; the real one is back on exit."""
+    real, calls = getattr(module, name), []
+
+    def fail_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    setattr(module, name, fail_once)
+    try:
+        yield
+    finally:
+        setattr(module, name, real)

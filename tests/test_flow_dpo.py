@@ -13,7 +13,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from flow_helpers import metric_steps, mlflow_run_of, task_states
+from flow_helpers import failing_call, metric_steps, mlflow_run_of, task_states
 import tasks.update
 from flows.dpo import dpo
 from rlhf_core.config import DPOConfig, ModelConfig, PreferenceDataConfig, TrackingConfig
@@ -115,20 +115,11 @@ def test_crash_in_epoch_1_then_rerun_resumes_and_matches_uninterrupted_run(prefe
     uninterrupted = sha256_dir(dpo(config))
 
     monkeypatch.setenv("RLHF_HOME", str(tmp_path / "crashed"))
-    real_save, calls = tasks.update.save_checkpoint, []
-
-    def save_then_crash(*args, **kwargs):  # epoch 1 dies after training, before its checkpoint is written
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("injected failure")
-        return real_save(*args, **kwargs)
-
-    monkeypatch.setattr(tasks.update, "save_checkpoint", save_then_crash)
-    crashed = dpo(config, return_state=True)
+    with failing_call(tasks.update, "save_checkpoint", call=2):  # epoch 1 dies before its checkpoint is written
+        crashed = dpo(config, return_state=True)
     assert crashed.is_failed()
     assert mlflow_run_of(crashed.state_details.flow_run_id).info.status == "FAILED"
     assert len(list((tmp_path / "crashed" / "checkpoints").iterdir())) == 1  # epoch 0's; no partial one
-    monkeypatch.setattr(tasks.update, "save_checkpoint", real_save)
 
     resumed = dpo(config, return_state=True)
     stages = task_states(resumed.state_details.flow_run_id)

@@ -11,7 +11,7 @@ import pytest
 
 import tasks.update
 from flows.grpo import grpo
-from flow_helpers import mlflow_run_of, task_states
+from flow_helpers import failing_call, mlflow_run_of, task_states
 from rlhf_core.config import (DataConfig, GenerationConfig, GRPOConfig, KLConfig, ModelConfig, OptimConfig,
                                TrackingConfig)
 from rlhf_core.io import sha256_dir, sha256_file
@@ -81,21 +81,12 @@ def test_crash_in_update_then_rerun_resumes_and_matches_uninterrupted_run(prefec
     uninterrupted = sha256_dir(grpo(config))
 
     monkeypatch.setenv("RLHF_HOME", str(tmp_path / "crashed"))
-    real_save = tasks.update.save_checkpoint
-    calls = []
-
-    def save_then_crash(*args, **kwargs):  # iteration 1's update dies after training, before its checkpoint
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("injected failure")
-        return real_save(*args, **kwargs)
-
-    monkeypatch.setattr(tasks.update, "save_checkpoint", save_then_crash)
-    crashed = grpo(config, return_state=True)
+    # iteration 1's update dies after training, before its checkpoint
+    with failing_call(tasks.update, "save_checkpoint", call=2):
+        crashed = grpo(config, return_state=True)
     assert crashed.is_failed()
     assert mlflow_run_of(crashed.state_details.flow_run_id).info.status == "FAILED"
     assert len(list((tmp_path / "crashed" / "checkpoints").iterdir())) == 1  # no partial checkpoint
-    monkeypatch.setattr(tasks.update, "save_checkpoint", real_save)
 
     resumed = grpo(config, return_state=True)
     states = [s for s in task_states(resumed.state_details.flow_run_id) if s[0] in STAGES]

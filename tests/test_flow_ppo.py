@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoModelForSequenceClassification
 
 import tasks.ppo
-from flow_helpers import metric_steps, mlflow_run_of, task_states
+from flow_helpers import failing_call, metric_steps, mlflow_run_of, task_states
 from flows.ppo import ppo
 from rlhf_core.config import PPOConfig
 from rlhf_core.io import sha256_dir
@@ -81,18 +81,8 @@ def test_ppo_crash_in_update_then_rerun_resumes_and_matches(prefect_harness, tmp
     uninterrupted = sha256_dir(ppo(config))
 
     monkeypatch.setenv("RLHF_HOME", str(tmp_path / "crashed"))
-    real_update = tasks.ppo.ppo_update
-    calls = []
-
-    def crash_on_second_update(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("injected failure")
-        return real_update(*args, **kwargs)
-
-    monkeypatch.setattr(tasks.ppo, "ppo_update", crash_on_second_update)
-    assert ppo(config, return_state=True).is_failed()
-    monkeypatch.setattr(tasks.ppo, "ppo_update", real_update)
+    with failing_call(tasks.ppo, "ppo_update", call=2):
+        assert ppo(config, return_state=True).is_failed()
 
     resumed = ppo(config, return_state=True)
     states = [s for s in task_states(resumed.state_details.flow_run_id) if s[0] in STAGES]

@@ -13,7 +13,7 @@ import torch
 
 import tasks.reward_model
 import tasks.update
-from flow_helpers import metric_steps, mlflow_run_of, task_states
+from flow_helpers import failing_call, metric_steps, mlflow_run_of, task_states
 from flows.reward_model import reward_model
 from rlhf_core.config import PreferenceDataConfig, RewardModelConfig, TrackingConfig
 from rlhf_core.io import sha256_dir
@@ -108,21 +108,11 @@ def test_crash_in_epoch_1_then_rerun_resumes_and_matches_uninterrupted_run(prefe
     uninterrupted = sha256_dir(reward_model(config))
 
     monkeypatch.setenv("RLHF_HOME", str(tmp_path / "crashed"))
-    real_save = tasks.update.save_checkpoint
-    calls = []
-
-    def save_then_crash(*args, **kwargs):  # epoch 1 dies after training, before its checkpoint
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("injected failure")
-        return real_save(*args, **kwargs)
-
-    monkeypatch.setattr(tasks.update, "save_checkpoint", save_then_crash)
-    crashed = reward_model(config, return_state=True)
+    with failing_call(tasks.update, "save_checkpoint", call=2):  # epoch 1 dies after training, before its checkpoint
+        crashed = reward_model(config, return_state=True)
     assert crashed.is_failed()
     assert mlflow_run_of(crashed.state_details.flow_run_id).info.status == "FAILED"
     assert len(list((tmp_path / "crashed" / "checkpoints").iterdir())) == 1  # epoch 0's; no partial one
-    monkeypatch.setattr(tasks.update, "save_checkpoint", real_save)
 
     resumed = reward_model(config, return_state=True)
     states = [s for s in task_states(resumed.state_details.flow_run_id) if s[0] in STAGES]
