@@ -15,14 +15,13 @@ import torch
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.online import data_fingerprints
 from flows.tracking import StageClock, log_offline_epoch, mlflow_run
 from rlhf_core.config import KTOConfig
-from rlhf_core.data import dataset_fingerprint
 from rlhf_core.kto import held_out_metrics
 from tasks.kto import (compute_kto_reference_logprobs, evaluate_kto, load_unpaired_dataset, tokenize_unpaired,
                        train_kto_epoch)
 from tasks.models import resolve_model
-from tasks.paths import resolve_data_path
 from tasks.update import prune_checkpoints
 
 
@@ -30,8 +29,7 @@ from tasks.update import prune_checkpoints
 def kto(config: KTOConfig = KTOConfig()) -> str:
     """Train a policy with KTO on unpaired labelled completions; returns the final checkpoint's folder."""
     data = config.data
-    files = [path for path in (data.path, data.eval_path) if path is not None]
-    examples = load_unpaired_dataset(data, [dataset_fingerprint(resolve_data_path(p)) for p in files], config.seed)
+    examples = load_unpaired_dataset(data, data_fingerprints(data.path, data.eval_path), config.seed)
     policy = resolve_model(config.model.name_or_path)  # checked before any work: the data is valid, the model loads
     trust, runtime = config.model.trust_remote_code, config.runtime
     tokens = [tokenize_unpaired(policy, split, config.max_length, config.max_prompt_length, config.seed)

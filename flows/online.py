@@ -1,5 +1,5 @@
-"""What the online flows (GRPO, PPO, preference data) resolve before any work: a bad input fails here, not an hour
-in."""
+"""What the flows resolve before any work (prompts, reward sources, data files' hashes): a bad input fails here,
+not an hour in."""
 
 from __future__ import annotations
 
@@ -28,9 +28,15 @@ def resolve_rewards(rewards: list[RewardSpec]) -> tuple[list[str | None], list[C
             [resolve_model(r.model) if r.model else None for r in rewards])
 
 
+def data_fingerprints(*paths: str | None) -> list[str]:
+    """Content hashes of a flow's data files (None skipped): the loading stages' cache keys, so an edited file is
+    re-read."""
+    return [dataset_fingerprint(resolve_data_path(path)) for path in paths if path is not None]
+
+
 def resolve_prompts(data: DataConfig) -> ArtifactRef:
     """The validated prompt dataset, cached on the file's content hash."""
-    return load_prompt_dataset(data, dataset_fingerprint(resolve_data_path(data.path)))
+    return load_prompt_dataset(data, data_fingerprints(data.path)[0])
 
 
 def resolve_online_inputs(config) -> OnlineInputs:

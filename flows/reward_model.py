@@ -14,11 +14,10 @@ import torch
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.online import data_fingerprints
 from flows.tracking import StageClock, Tracker, log_epoch_outputs, mlflow_run
 from rlhf_core.config import RewardModelConfig, TrackingConfig
-from rlhf_core.data import dataset_fingerprint
 from rlhf_core.reward_model import bradley_terry_loss
-from tasks.paths import resolve_data_path
 from tasks.refs import ArtifactRef, UpdateResult
 from tasks.reward_model import (evaluate_reward_model, load_preference_dataset, resolve_reward_backbone,
                                 train_reward_model_epoch)
@@ -29,8 +28,7 @@ from tasks.update import prune_checkpoints
 def reward_model(config: RewardModelConfig = RewardModelConfig()) -> str:
     """Train a Bradley-Terry reward model; returns the final checkpoint's folder."""
     data = config.data
-    files = [path for path in (data.path, data.eval_path) if path is not None]
-    pairs = load_preference_dataset(data, [dataset_fingerprint(resolve_data_path(p)) for p in files], config.seed)
+    pairs = load_preference_dataset(data, data_fingerprints(data.path, data.eval_path), config.seed)
     model = resolve_reward_backbone(config.model)  # checked before any work: the dataset is valid, the model loads
     trust = config.trust_remote_code
     checkpoints = []

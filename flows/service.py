@@ -19,6 +19,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rlhf_core.io import write_atomically
 from tasks.paths import PROJECT_ROOT, rlhf_home
 
 WORK_POOL = "local-process"  # the pool prefect.yaml's deployments use
@@ -104,9 +105,7 @@ def read_state() -> list[Service]:
 
 
 def write_state(services: list[Service]) -> None:
-    temp = state_file().with_suffix(".tmp")
-    temp.write_text(json.dumps([asdict(s) for s in services], indent=2))
-    temp.replace(state_file())
+    write_atomically(lambda tmp: tmp.write_text(json.dumps([asdict(s) for s in services], indent=2)), state_file())
 
 
 def service_env(prefect_url: str | None = None, mlflow_url: str | None = None) -> dict[str, str]:

@@ -19,13 +19,12 @@ from tqdm.auto import tqdm
 
 from rlhf_core import dpo
 from rlhf_core.batch import truncate_sequences
-from rlhf_core.checkpoint import restore_optimizer, trainable_parameters
 from rlhf_core.config import RuntimeConfig
 from rlhf_core.models import load_tokenizer
 from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
 from tasks.runtime import load_model
-from tasks.update import save_update
+from tasks.update import resume_training, save_update
 
 REF_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
 
@@ -74,9 +73,7 @@ def train_dpo_epoch(policy_ref: CheckpointRef, pairs_with_ref_ref: ArtifactRef, 
     """One shuffled pass over the pairs from `policy_ref` (its Adam state restored); returns the new checkpoint
     and one metrics row per optimizer step."""
     df = pairs_with_ref_ref.read()
-    model, tokenizer = load_model(policy_ref, runtime, trust_remote_code)
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=0.0)
-    restore_optimizer(optimizer, policy_ref.path)
+    model, tokenizer, optimizer = resume_training(policy_ref, runtime, trust_remote_code, lr)
     progress = tqdm(total=-(-len(df) // batch_size), desc=f"dpo epoch {epoch}", unit="step")
     history = dpo.dpo_update(
         model, optimizer, pair_batch(df, tokenizer.pad_token_id, runtime.device), batch_size=batch_size,

@@ -18,7 +18,6 @@ from prefect import task
 from tqdm.auto import tqdm
 
 from rlhf_core import kto
-from rlhf_core.checkpoint import restore_optimizer, trainable_parameters
 from rlhf_core.config import RuntimeConfig, UnpairedDataConfig
 from rlhf_core.data import DatasetError, load_table
 from rlhf_core.models import load_tokenizer
@@ -28,7 +27,7 @@ from tasks.paths import resolve_data_path
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
 from tasks.reward_model import PreferenceSplits
 from tasks.runtime import load_model
-from tasks.update import save_update
+from tasks.update import resume_training, save_update
 
 REF_COLUMNS = ["ref_logps", "ref_mismatched_logps"]
 
@@ -117,9 +116,7 @@ def train_kto_epoch(policy_ref: CheckpointRef, examples_with_ref_ref: ArtifactRe
     """One shuffled pass over the examples from `policy_ref` (its Adam state restored); returns the new checkpoint
     and one metrics row per optimizer step."""
     df = examples_with_ref_ref.read()
-    model, tokenizer = load_model(policy_ref, runtime, trust_remote_code)
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=0.0)
-    restore_optimizer(optimizer, policy_ref.path)
+    model, tokenizer, optimizer = resume_training(policy_ref, runtime, trust_remote_code, lr)
     progress = tqdm(total=-(-len(df) // batch_size), desc=f"kto epoch {epoch}", unit="step")
     history = kto.kto_update(
         model, optimizer, example_batch(df, tokenizer.pad_token_id, runtime.device), batch_size=batch_size,

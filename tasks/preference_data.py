@@ -31,7 +31,7 @@ from rlhf_core.preference_data import (SKIP, choice_scores, is_empty, make_pairs
 from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.paths import rlhf_home
 from tasks.refs import ArtifactRef, CheckpointRef, publish
-from tasks.scoring import reward_column, reward_values
+from tasks.scoring import with_rewards
 
 FORM_HEADER = ("### Which response is best?\n"
                f"For each prompt pick the number of the best response, or `{SKIP}` when none is clearly better.\n")
@@ -44,10 +44,8 @@ def judge_with_rewards(rollouts: ArtifactRef, rewards: list[RewardSpec], reward_
                        batch_size: int) -> ArtifactRef:
     """Adds `score` (the weighted sum of the rewards) and one `reward[<source>]` column per source.
     `reward_fingerprints` hash the functions' source, so an edited function is re-run rather than cached."""
-    df = rollouts.read()
-    values = reward_values(df, rewards, reward_models, extra_columns, runtime, batch_size)
-    score = sum(spec.weight * values[spec.name] for spec in rewards)
-    return publish(df.assign(score=score, **{reward_column(name): v for name, v in values.items()}), "judged")
+    return publish(with_rewards(rollouts.read(), "score", rewards, reward_models, extra_columns, runtime,
+                                batch_size), "judged")
 
 
 class PreferenceRefs(pydantic.BaseModel):

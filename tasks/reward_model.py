@@ -26,7 +26,8 @@ from tasks.update import save_update
 
 
 class PreferenceSplits(BaseModel):
-    """Canonical Parquet pairs (pair_id, prompt, chosen, rejected[, margin]) for training and evaluation."""
+    """Canonical Parquet data for training and evaluation: pairs (pair_id, prompt, chosen, rejected[, margin]) for
+    the reward model and DPO, unpaired examples (tasks/kto.py) for KTO."""
 
     train: ArtifactRef
     eval: ArtifactRef

@@ -46,6 +46,16 @@ def reward_values(df: pd.DataFrame, rewards: list[RewardSpec], reward_models: li
     return values
 
 
+def with_rewards(df: pd.DataFrame, total_column: str, rewards: list[RewardSpec],
+                 reward_models: list[CheckpointRef | None], extra_columns: list[str], runtime: RuntimeConfig,
+                 batch_size: int) -> pd.DataFrame:
+    """`df` with the weighted sum of the reward sources in `total_column` and one `reward[<source>]` column per
+    source (unweighted)."""
+    values = reward_values(df, rewards, reward_models, extra_columns, runtime, batch_size)
+    total = sum(spec.weight * values[spec.name] for spec in rewards)
+    return df.assign(**{total_column: total}, **{reward_column(name): v for name, v in values.items()})
+
+
 @task(name="score-rollouts", **STAGE_TASK_OPTIONS)
 def score_rollouts(rollouts: ArtifactRef, rewards: list[RewardSpec], reward_fingerprints: list[str | None],
                    reward_models: list[CheckpointRef | None], extra_columns: list[str],
@@ -54,10 +64,7 @@ def score_rollouts(rollouts: ArtifactRef, rewards: list[RewardSpec], reward_fing
     """Adds `rewards` (the weighted sum), one `reward[<source>]` column per source and, given a reference
     model, `ref_logprobs`. `reward_fingerprints` hash the functions' source code so edits invalidate the cache;
     reward models count through their refs' content hashes."""
-    df = rollouts.read()
-    values = reward_values(df, rewards, reward_models, extra_columns, runtime, micro_batch_size)
-    total = sum(spec.weight * values[spec.name] for spec in rewards)
-    df = df.assign(rewards=total, **{reward_column(name): v for name, v in values.items()})
+    df = with_rewards(rollouts.read(), "rewards", rewards, reward_models, extra_columns, runtime, micro_batch_size)
     if reference is not None:
         model, tokenizer = load_model(reference, runtime, trust_remote_code)
         batch = collate(df["prompt_ids"], df["response_ids"], tokenizer.pad_token_id, device=runtime.device)

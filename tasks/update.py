@@ -25,9 +25,7 @@ def update_policy(policy: CheckpointRef, batch: ArtifactRef, loss: LossConfig, k
                   runtime: RuntimeConfig, temperature: float, max_new_tokens: int, seed: int,
                   trust_remote_code: bool = False) -> UpdateResult:
     df = batch.read()
-    model, tokenizer = load_model(policy, runtime, trust_remote_code)
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=optim.lr, weight_decay=optim.weight_decay)
-    restore_optimizer(optimizer, policy.path)
+    model, tokenizer, optimizer = resume_training(policy, runtime, trust_remote_code, optim.lr, optim.weight_decay)
     per_token = {"ref_logprobs": df["ref_logprobs"]} if kl.coef > 0 else None
     tensors = collate(df["prompt_ids"], df["response_ids"], tokenizer.pad_token_id, per_token=per_token,
                       per_seq={"advantages": df["advantages"]}, device=runtime.device)
@@ -41,6 +39,16 @@ def update_policy(policy: CheckpointRef, batch: ArtifactRef, loss: LossConfig, k
         temperature=temperature or 1.0, chunk_size=optim.logprob_chunk_size)
     progress.close()
     return save_update(model, tokenizer, optimizer, history, "update-metrics")
+
+
+def resume_training(policy: CheckpointRef, runtime: RuntimeConfig, trust_remote_code: bool, lr: float,
+                    weight_decay: float = 0.0):
+    """(model, tokenizer, AdamW) of a policy checkpoint, the optimizer's state restored when the checkpoint has
+    one, so consecutive training tasks continue one optimisation."""
+    model, tokenizer = load_model(policy, runtime, trust_remote_code)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=weight_decay)
+    restore_optimizer(optimizer, policy.path)
+    return model, tokenizer, optimizer
 
 
 def save_update(model, tokenizer, optimizer, history: list[dict], metrics_stage: str,
