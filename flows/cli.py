@@ -15,13 +15,14 @@ import yaml
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
-from rlhf_core.config import (DPOConfig, GRPOConfig, KTOConfig, PPOConfig, PreferenceDatasetConfig,
+from rlhf_core.config import (DPOConfig, EvaluationConfig, GRPOConfig, KTOConfig, PPOConfig, PreferenceDatasetConfig,
                               RewardModelConfig)
 
 FLOWS = {"grpo": (GRPOConfig, "flows.grpo", "grpo"), "ppo": (PPOConfig, "flows.ppo", "ppo"),
          "reward-model": (RewardModelConfig, "flows.reward_model", "reward_model"),
          "preference-data": (PreferenceDatasetConfig, "flows.preference_data", "preference_data"),
-         "dpo": (DPOConfig, "flows.dpo", "dpo"), "kto": (KTOConfig, "flows.kto", "kto")}
+         "dpo": (DPOConfig, "flows.dpo", "dpo"), "kto": (KTOConfig, "flows.kto", "kto"),
+         "evaluate": (EvaluationConfig, "flows.evaluation", "evaluate")}
 USAGE = (f"usage: rlhf {{{','.join(FLOWS)}}} [--config FILE] [--section.field VALUE ...] [--dry-run]\n"
          "       rlhf up|down [--host 127.0.0.1] [--prefect-port 4200] [--mlflow-port 5000]")
 

@@ -18,7 +18,7 @@ from flows.online import data_fingerprints
 from flows.tracking import StageClock, log_offline_epoch, mlflow_run
 from rlhf_core.config import DPOConfig
 from tasks.dpo import compute_reference_logprobs, evaluate_dpo, tokenize_pairs, train_dpo_epoch
-from tasks.models import resolve_model
+from tasks.models import resolve_start_model
 from tasks.reward_model import load_preference_dataset
 from tasks.update import prune_checkpoints
 
@@ -28,7 +28,7 @@ def dpo(config: DPOConfig = DPOConfig()) -> str:
     """Train a policy with DPO (or `config.loss_type`) on preference pairs; returns the final checkpoint's folder."""
     data = config.data
     pairs = load_preference_dataset(data, data_fingerprints(data.path, data.eval_path), config.seed)
-    policy = resolve_model(config.model.name_or_path)  # checked before any work: the data is valid, the model loads
+    policy = resolve_start_model(config.model)  # checked before any work: the data is valid, the model loads
     trust, runtime = config.model.trust_remote_code, config.runtime
     train_pairs, eval_pairs = (tokenize_pairs(policy, split, config.max_length, config.max_prompt_length)
                                for split in (pairs.train, pairs.eval))

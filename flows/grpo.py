@@ -11,7 +11,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.online import resolve_online_inputs
+from flows.online import resolve_online_inputs, resolve_run_seed
 from flows.tracking import StageClock, log_online_iteration, mlflow_run
 from rlhf_core.config import GRPOConfig
 from tasks.advantages import compute_advantages
@@ -24,6 +24,7 @@ from tasks.update import prune_checkpoints, update_policy
 @flow(name="grpo", log_prints=True)
 def grpo(config: GRPOConfig = GRPOConfig()) -> str:
     """Train a policy with GRPO; returns the final checkpoint's folder."""
+    config = resolve_run_seed(config, flow_run.scheduled_start_time)
     reward_fingerprints, reward_models, dataset, policy = resolve_online_inputs(config)
     reference = policy if config.kl.coef > 0 else None  # beta = 0: no reference model at all
     temperature = config.generation.temperature or 1.0

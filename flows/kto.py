@@ -21,7 +21,7 @@ from rlhf_core.config import KTOConfig
 from rlhf_core.kto import held_out_metrics
 from tasks.kto import (compute_kto_reference_logprobs, evaluate_kto, load_unpaired_dataset, tokenize_unpaired,
                        train_kto_epoch)
-from tasks.models import resolve_model
+from tasks.models import resolve_start_model
 from tasks.update import prune_checkpoints
 
 
@@ -30,7 +30,7 @@ def kto(config: KTOConfig = KTOConfig()) -> str:
     """Train a policy with KTO on unpaired labelled completions; returns the final checkpoint's folder."""
     data = config.data
     examples = load_unpaired_dataset(data, data_fingerprints(data.path, data.eval_path), config.seed)
-    policy = resolve_model(config.model.name_or_path)  # checked before any work: the data is valid, the model loads
+    policy = resolve_start_model(config.model)  # checked before any work: the data is valid, the model loads
     trust, runtime = config.model.trust_remote_code, config.runtime
     tokens = [tokenize_unpaired(policy, split, config.max_length, config.max_prompt_length, config.seed)
               for split in (examples.train, examples.eval)]  # also fixes each row's mismatched completion

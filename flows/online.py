@@ -3,13 +3,14 @@ not an hour in."""
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import NamedTuple
 
 from rlhf_core.config import DataConfig, RewardSpec
 from rlhf_core.data import dataset_fingerprint
 from rlhf_core.rewards import reward_source_fingerprint
 from tasks.data import load_prompt_dataset
-from tasks.models import resolve_model
+from tasks.models import resolve_model, resolve_start_model
 from tasks.paths import resolve_data_path
 from tasks.refs import ArtifactRef, CheckpointRef
 
@@ -39,8 +40,18 @@ def resolve_prompts(data: DataConfig) -> ArtifactRef:
     return load_prompt_dataset(data, data_fingerprints(data.path)[0])
 
 
+def resolve_run_seed(config, scheduled_start: datetime | None):
+    """`config` with `seed: run-date` replaced by the run's scheduled date as YYYYMMDD (today outside a run);
+    every stage then sees an int and the MLflow params record the seed actually used."""
+    if config.seed != "run-date":
+        return config
+    seed = int((scheduled_start or datetime.now(timezone.utc)).strftime("%Y%m%d"))
+    print(f"seed: run-date -> {seed}")
+    return config.model_copy(update={"seed": seed})
+
+
 def resolve_online_inputs(config) -> OnlineInputs:
     """Every reward function imports, every reward model and the policy resolve, the dataset is valid."""
     reward_fingerprints, reward_models = resolve_rewards(config.rewards)
     return OnlineInputs(reward_fingerprints, reward_models, dataset=resolve_prompts(config.data),
-                        policy=resolve_model(config.model.name_or_path))
+                        policy=resolve_start_model(config.model))

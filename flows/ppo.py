@@ -11,7 +11,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.online import resolve_online_inputs
+from flows.online import resolve_online_inputs, resolve_run_seed
 from flows.tracking import StageClock, log_online_iteration, mlflow_run
 from rlhf_core.config import PPOConfig
 from rlhf_core.kl_control import make_kl_controller
@@ -26,6 +26,7 @@ from tasks.update import prune_checkpoints
 @flow(name="ppo", log_prints=True)
 def ppo(config: PPOConfig = PPOConfig()) -> str:
     """Train a policy with PPO against reward models and/or functions; returns the final checkpoint's folder."""
+    config = resolve_run_seed(config, flow_run.scheduled_start_time)
     reward_fingerprints, reward_models, dataset, policy = resolve_online_inputs(config)
     reference = policy  # the frozen initial policy
     kl_controller = make_kl_controller("adaptive" if config.kl.target else "fixed", config.kl.coef,

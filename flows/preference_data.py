@@ -22,7 +22,7 @@ from flows.tracking import StageClock, Tracker, mlflow_run
 from rlhf_core.config import PreferenceDatasetConfig, TrackingConfig
 from rlhf_core.preference_data import preference_metrics
 from tasks.data import sample_prompts
-from tasks.models import resolve_model
+from tasks.models import resolve_start_model
 from tasks.preference_data import (PreferenceRefs, build_preference_data, export_preference_data,
                                    judge_by_human, judge_with_rewards)
 from tasks.refs import ArtifactRef
@@ -35,7 +35,7 @@ def preference_data(config: PreferenceDatasetConfig = PreferenceDatasetConfig())
     judge = config.judge
     reward_fingerprints, reward_models = resolve_rewards(judge.rewards) if judge.kind == "reward" else ([], [])
     dataset = resolve_prompts(config.data)
-    policy = resolve_model(config.model.name_or_path)
+    policy = resolve_start_model(config.model)
     if config.num_prompts is not None and config.num_prompts > dataset.rows:  # a second epoch would repeat prompts
         raise ValueError(f"num_prompts={config.num_prompts} exceeds the {dataset.rows} prompts of {config.data.path}")
 

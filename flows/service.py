@@ -121,7 +121,7 @@ def service_env(prefect_url: str | None = None, mlflow_url: str | None = None) -
     return env
 
 
-def up(host: str, prefect_port: int, mlflow_port: int, timeout_s: float) -> list[Service]:
+def up(host: str, prefect_port: int, mlflow_port: int, timeout_s: float, max_runs: int = 1) -> list[Service]:
     """Starts the three services (or says they already run) and returns them, healthy."""
     running = [s for s in read_state() if alive(s.pid)]
     if running:
@@ -143,8 +143,11 @@ def up(host: str, prefect_port: int, mlflow_port: int, timeout_s: float) -> list
         write_state(services)
         wait_healthy(server, f"{prefect_url}/api/health", timeout_s)
         env = service_env(prefect_url, mlflow_url)
-        subprocess.run([bin_path("prefect"), "work-pool", "create", WORK_POOL, "--type", "process",
-                        "--overwrite"], env=env, cwd=PROJECT_ROOT, check=True, capture_output=True)
+        for command in (["create", WORK_POOL, "--type", "process", "--overwrite"],
+                        # one flow at a time: two trainings never fight over the machine's cores
+                        ["set-concurrency-limit", WORK_POOL, str(max_runs)]):
+            subprocess.run([bin_path("prefect"), "work-pool", *command], env=env, cwd=PROJECT_ROOT, check=True,
+                           capture_output=True)
         services.append(start("prefect-worker", [bin_path("prefect"), "worker", "start", "--pool", WORK_POOL],
                               env, f"pool {WORK_POOL}"))
         write_state(services)
@@ -174,13 +177,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prefect-port", type=int, default=4200)
     parser.add_argument("--mlflow-port", type=int, default=5000)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds each server may take to start")
+    parser.add_argument("--max-runs", type=int, default=1, help="flow runs the worker runs at once (default 1)")
     args = parser.parse_args(argv)
     if args.command == "down":
         stopped = down()
         print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
         return 0
     try:
-        services = up(args.host, args.prefect_port, args.mlflow_port, args.timeout)
+        services = up(args.host, args.prefect_port, args.mlflow_port, args.timeout, args.max_runs)
     except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as e:
         print(f"rlhf up failed: {e}", file=sys.stderr)
         return 1

@@ -15,13 +15,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 from prefect import task
-from tqdm.auto import tqdm
 
 from rlhf_core import dpo
 from rlhf_core.batch import truncate_sequences
 from rlhf_core.config import RuntimeConfig
 from rlhf_core.models import load_tokenizer
 from tasks.cache import STAGE_TASK_OPTIONS
+from tasks.progress import StageProgress
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
 from tasks.runtime import load_model
 from tasks.update import resume_training, save_update
@@ -74,7 +74,7 @@ def train_dpo_epoch(policy_ref: CheckpointRef, pairs_with_ref_ref: ArtifactRef, 
     and one metrics row per optimizer step."""
     df = pairs_with_ref_ref.read()
     model, tokenizer, optimizer = resume_training(policy_ref, runtime, trust_remote_code, lr)
-    progress = tqdm(total=-(-len(df) // batch_size), desc=f"dpo epoch {epoch}", unit="step")
+    progress = StageProgress(total=-(-len(df) // batch_size), desc=f"dpo epoch {epoch}", unit="step")
     history = dpo.dpo_update(
         model, optimizer, pair_batch(df, tokenizer.pad_token_id, runtime.device), batch_size=batch_size,
         micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, seed=seed + epoch,

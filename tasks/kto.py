@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 import torch
 from prefect import task
-from tqdm.auto import tqdm
 
 from rlhf_core import kto
 from rlhf_core.config import RuntimeConfig, UnpairedDataConfig
@@ -24,6 +23,7 @@ from rlhf_core.models import load_tokenizer
 from rlhf_core.preference_losses import implicit_rewards
 from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.paths import resolve_data_path
+from tasks.progress import StageProgress
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
 from tasks.reward_model import PreferenceSplits
 from tasks.runtime import load_model
@@ -117,7 +117,7 @@ def train_kto_epoch(policy_ref: CheckpointRef, examples_with_ref_ref: ArtifactRe
     and one metrics row per optimizer step."""
     df = examples_with_ref_ref.read()
     model, tokenizer, optimizer = resume_training(policy_ref, runtime, trust_remote_code, lr)
-    progress = tqdm(total=-(-len(df) // batch_size), desc=f"kto epoch {epoch}", unit="step")
+    progress = StageProgress(total=-(-len(df) // batch_size), desc=f"kto epoch {epoch}", unit="step")
     history = kto.kto_update(
         model, optimizer, example_batch(df, tokenizer.pad_token_id, runtime.device), batch_size=batch_size,
         micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, seed=seed + epoch,

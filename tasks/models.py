@@ -8,29 +8,44 @@ from pathlib import Path
 
 from prefect import task
 
+from rlhf_core.config import ModelConfig
 from rlhf_core.io import sha256_dir
-from rlhf_core.models import ModelLoadError, check_model_folder, resolve_model_path
+from rlhf_core.models import REGISTRY_PREFIX, ModelLoadError, check_model_folder, resolve_model_path
 from tasks.paths import models_dir, use_tracking_uri
 from tasks.refs import CheckpointRef
 
 
-def download_registered_model(uri: str) -> Path:
-    """`models:/<name>@<alias>` or `models:/<name>/<version>` -> a local folder (downloaded once per version)."""
+class RegisteredModelMissing(ModelLoadError):
+    """The registry answered, and has no such model, version or alias."""
+
+
+def registered_version(uri: str):
+    """The MLflow ModelVersion a `models:/<name>@<alias>` or `models:/<name>/<version>` URI names; raises
+    RegisteredModelMissing when the registry has no such thing, ModelLoadError when it cannot be asked."""
     import mlflow  # only this path needs it; rlhf_core never imports mlflow
 
-    body = uri.removeprefix("models:/")
+    body = uri.removeprefix(REGISTRY_PREFIX)
     store = use_tracking_uri()  # registry lookups can run before the flow's MLflow run starts
     client = mlflow.MlflowClient()
     try:
         if "@" in body:
-            name, alias = body.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-        else:
-            name, _, number = body.rpartition("/")
-            version = client.get_model_version(name, number)
+            return client.get_model_version_by_alias(*body.split("@", 1))
+        name, _, number = body.rpartition("/")
+        return client.get_model_version(name, number)
     except mlflow.exceptions.MlflowException as e:
-        raise ModelLoadError(f"model URI {uri!r}: {e.message} (registry searched: {store}; run the flow that "
-                             "registers it first, e.g. `rlhf reward-model`, with the same RLHF_HOME)") from None
+        # a missing alias is INVALID_PARAMETER_VALUE, a missing model or version RESOURCE_DOES_NOT_EXIST
+        missing = e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+        raise (RegisteredModelMissing if missing else ModelLoadError)(
+            f"model URI {uri!r}: {e.message} (registry searched: {store}; run the flow that registers it first, "
+            "e.g. `rlhf reward-model`, with the same RLHF_HOME)") from None
+
+
+def download_registered_model(uri: str) -> Path:
+    """`models:/<name>@<alias>` or `models:/<name>/<version>` -> a local folder (downloaded once per version)."""
+    import mlflow
+
+    version = registered_version(uri)
+    name = version.name
     dest = models_dir() / "registry" / re.sub(r"[^A-Za-z0-9_.-]", "_", f"{name}-v{version.version}")
     if not dest.is_dir():
         tmp = dest.with_name(dest.name + ".download")
@@ -44,8 +59,21 @@ def download_registered_model(uri: str) -> Path:
 @task(name="resolve-model")
 def resolve_model(name_or_path: str) -> CheckpointRef:
     """A built-in name, a local folder or an MLflow model URI -> a folder and the hash of its content."""
-    if name_or_path.startswith("models:/"):
+    if name_or_path.startswith(REGISTRY_PREFIX):
         path = download_registered_model(name_or_path)
     else:
         path = resolve_model_path(name_or_path, models_dir())
     return CheckpointRef(path=str(path), sha256=sha256_dir(path))
+
+
+def resolve_start_model(model: ModelConfig) -> CheckpointRef:
+    """The model a flow starts from: `model.name_or_path`, or `model.fallback` when that is a registry URI the
+    registry does not have yet (the first scheduled run before any `champion` exists)."""
+    name = model.name_or_path
+    if model.fallback and name.startswith(REGISTRY_PREFIX):
+        try:
+            registered_version(name)
+        except RegisteredModelMissing:
+            print(f"{name} is not in the registry yet: starting from model.fallback {model.fallback!r}")
+            name = model.fallback
+    return resolve_model(name)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from prefect import task
-from tqdm.auto import tqdm
 
 from rlhf_core.batch import collate, response_lists
 from rlhf_core.checkpoint import restore_optimizer
@@ -12,6 +11,7 @@ from rlhf_core.config import GAEConfig, LossConfig, OptimConfig, RuntimeConfig, 
 from rlhf_core.ppo import ppo_advantages, ppo_update, rollout_logprobs_and_values
 from rlhf_core.token_rewards import clip_scores, normalize_scores, penalize_missing_eos
 from tasks.cache import STAGE_TASK_OPTIONS
+from tasks.progress import StageProgress
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
 from tasks.update import save_update
 from tasks.runtime import load_actor_critic
@@ -65,7 +65,7 @@ def update_actor_critic(policy: CheckpointRef, batch: ArtifactRef, loss: LossCon
     per_token = {k: df[k] for k in ("old_logprobs", "old_values", "advantages", "returns")}
     tensors = collate(df["prompt_ids"], df["response_ids"], tokenizer.pad_token_id, per_token=per_token,
                       device=runtime.device)
-    progress = tqdm(total=optim.epochs * optim.mini_batches, desc="update", unit="step")
+    progress = StageProgress(total=optim.epochs * optim.mini_batches, desc="update", unit="step")
     history = ppo_update(
         model, optimizer, tensors, epochs=optim.epochs, mini_batches=optim.mini_batches,
         micro_batch_size=optim.micro_batch_size, max_grad_norm=optim.max_grad_norm, seed=seed,

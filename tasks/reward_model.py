@@ -10,7 +10,6 @@ import pandas as pd
 import torch
 from prefect import task
 from pydantic import BaseModel
-from tqdm.auto import tqdm
 
 from rlhf_core import reward_model as rm
 from rlhf_core.checkpoint import restore_optimizer, trainable_parameters
@@ -20,6 +19,7 @@ from rlhf_core.io import sha256_dir
 from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.models import download_registered_model
 from tasks.paths import models_dir, resolve_data_path
+from tasks.progress import StageProgress
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
 from tasks.runtime import apply_runtime
 from tasks.update import save_update
@@ -83,7 +83,7 @@ def train_reward_model_epoch(model_ref: CheckpointRef, train_ref: ArtifactRef, e
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=0.0)
     restore_optimizer(optimizer, model_ref.path)
     margin = torch.tensor(df["margin"].to_numpy(), dtype=torch.float32) if "margin" in df else None
-    progress = tqdm(total=-(-len(df) // batch_size), desc=f"reward model epoch {epoch}", unit="step")
+    progress = StageProgress(total=-(-len(df) // batch_size), desc=f"reward model epoch {epoch}", unit="step")
     history = rm.train_reward_model_epoch(
         model, optimizer, tokenizer, df["prompt"].tolist(), df["chosen"].tolist(), df["rejected"].tolist(), margin,
         batch_size=batch_size, micro_batch_size=micro_batch_size, max_length=max_length, center_coef=center_coef, max_grad_norm=max_grad_norm,

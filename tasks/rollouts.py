@@ -6,12 +6,12 @@ import hashlib
 
 import numpy as np
 from prefect import task
-from tqdm.auto import tqdm
 
 from rlhf_core.config import GenerationConfig, RuntimeConfig
 from rlhf_core.generation import chat_prompt_ids, sample_responses
 from rlhf_core.models import eos_token_ids
 from tasks.cache import STAGE_TASK_OPTIONS
+from tasks.progress import StageProgress
 from tasks.refs import ArtifactRef, CheckpointRef, publish
 from tasks.runtime import load_model
 
@@ -35,7 +35,7 @@ def generate_rollouts(policy: CheckpointRef, prompts: ArtifactRef, generation: G
     seeds = [row_seed(seed, iteration, p, k) for p, k in zip(rows["prompt_id"], rows["sample_index"])]
     out = {"prompt_ids": [], "response_ids": [], "sampling_logprobs": [], "finished": []}
     starts = range(0, len(rows), generation.batch_size)
-    progress = tqdm(total=len(starts) * generation.max_new_tokens, desc="generate", unit="token")
+    progress = StageProgress(total=len(starts) * generation.max_new_tokens, desc="generate", unit="token")
     for start in starts:
         chunk = slice(start, start + generation.batch_size)
         result = sample_responses(model, prompt_ids[chunk], eos_ids=eos_token_ids(model, tokenizer),

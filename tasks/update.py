@@ -8,7 +8,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 from prefect import task
-from tqdm.auto import tqdm
 
 from rlhf_core.batch import collate
 from rlhf_core.checkpoint import restore_optimizer, save_checkpoint, trainable_parameters
@@ -16,6 +15,7 @@ from rlhf_core.config import KLConfig, LossConfig, OptimConfig, RuntimeConfig
 from rlhf_core.grpo import grpo_update
 from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.paths import checkpoints_dir
+from tasks.progress import StageProgress
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
 from tasks.runtime import load_model
 
@@ -29,7 +29,7 @@ def update_policy(policy: CheckpointRef, batch: ArtifactRef, loss: LossConfig, k
     per_token = {"ref_logprobs": df["ref_logprobs"]} if kl.coef > 0 else None
     tensors = collate(df["prompt_ids"], df["response_ids"], tokenizer.pad_token_id, per_token=per_token,
                       per_seq={"advantages": df["advantages"]}, device=runtime.device)
-    progress = tqdm(total=optim.epochs * optim.mini_batches, desc="update", unit="step")
+    progress = StageProgress(total=optim.epochs * optim.mini_batches, desc="update", unit="step")
     history = grpo_update(
         model, optimizer, tensors, epochs=optim.epochs, mini_batches=optim.mini_batches,
         micro_batch_size=optim.micro_batch_size, max_grad_norm=optim.max_grad_norm, seed=seed,

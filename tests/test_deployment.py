@@ -48,3 +48,16 @@ def test_prefect_yaml_deploys_grpo_with_a_validated_form(prefect_harness):
         kto = client.read_deployment_by_name("kto/kto")
         with pytest.raises(Exception, match="(?i)validation"):
             client.create_flow_run_from_deployment(kto.id, parameters={"config": {"desirable_weight": 0}})
+        nightly = client.read_deployment_by_name("grpo/grpo-nightly")
+        assert nightly.parameters["config"]["seed"] == "run-date"
+        assert nightly.parameters["config"]["model"]["name_or_path"] == "models:/grpo-policy@champion"
+        assert [s.active for s in nightly.schedules] == [False]  # created paused
+        with pytest.raises(Exception, match="(?i)validation"):
+            client.create_flow_run_from_deployment(nightly.id, parameters={"config": {"seed": "yesterday"}})
+        evaluate = client.read_deployment_by_name("evaluate/evaluate")
+        assert evaluate.parameters["config"]["baseline"] == "champion"
+        with pytest.raises(Exception, match="(?i)validation"):
+            client.create_flow_run_from_deployment(evaluate.id, parameters={"config": {"min_win_rate": 1.5}})
+        deployed = {d.name for d in client.read_deployments()}
+        assert deployed == {"grpo", "grpo-nightly", "evaluate", "reward-model", "ppo", "dpo", "preference-data",
+                            "preference-data-human", "kto"}

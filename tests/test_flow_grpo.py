@@ -8,6 +8,9 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterType, FlowRunFilter, FlowRunFilterId,
+                                            TaskRunFilter, TaskRunFilterName)
 
 import tasks.update
 from flows.grpo import grpo
@@ -45,6 +48,14 @@ def test_grpo_flow_end_to_end(prefect_harness, rlhf_home, tiny_model_dir):
     assert [p.name for p in (rlhf_home / "checkpoints").iterdir()] == [Path(final_checkpoint).name]  # pruned
     batch = pd.read_parquet(sorted((rlhf_home / "artifacts" / "advantages").glob("*.parquet"))[0])
     assert len(batch) == 8 and {"rewards", "advantages", "response_ids", "group_id"} <= set(batch.columns)
+
+    # Prefect UI: each iteration's rollout task run shows a progress bar that ended at 100 %
+    with get_client(sync_client=True) as prefect_client:
+        bars = prefect_client.read_artifacts(
+            artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="generate-rollouts")))
+    assert [(bar.description, bar.data) for bar in bars] == [("generate", 100.0)] * 2
 
     # MLflow: params, one metric point per iteration, Parquet artifacts, a registered version per checkpoint
     run = mlflow_run_of(flow_run_id)

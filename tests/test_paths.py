@@ -42,3 +42,31 @@ def test_registry_lookups_never_create_mlflow_db_in_the_working_directory(rlhf_h
         download_registered_model("models:/nope@newest")
     assert list(workdir.iterdir()) == []
     assert (rlhf_home / "mlflow" / "mlflow.db").is_file()
+
+
+def test_fallback_applies_only_when_the_registry_has_no_such_model(rlhf_home, tiny_model_dir, monkeypatch):
+    import mlflow
+    import pytest
+
+    from rlhf_core.config import ModelConfig
+    from rlhf_core.models import ModelLoadError
+    from tasks.models import RegisteredModelMissing, registered_version, resolve_start_model
+    from tasks.paths import use_tracking_uri
+
+    use_tracking_uri()
+    mlflow.MlflowClient().create_registered_model("no-champion-yet")
+    for uri in ("models:/no-champion-yet@champion", "models:/no-champion-yet/3", "models:/nope@champion"):
+        with pytest.raises(RegisteredModelMissing, match=uri):
+            registered_version(uri)
+    ref = resolve_start_model(ModelConfig(name_or_path="models:/no-champion-yet@champion", fallback=str(tiny_model_dir)))
+    assert ref.path == str(tiny_model_dir)
+    with pytest.raises(RegisteredModelMissing):
+        resolve_start_model(ModelConfig(name_or_path="models:/no-champion-yet@champion"))
+
+    # A registry that does not answer is not "no champion yet": no silent fall back to the base model
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with pytest.raises(ModelLoadError) as error:
+        resolve_start_model(ModelConfig(name_or_path="models:/no-champion-yet@champion", fallback=str(tiny_model_dir)))
+    assert not isinstance(error.value, RegisteredModelMissing) and "127.0.0.1:9" in str(error.value)

@@ -1,6 +1,7 @@
 """`rlhf up` / `rlhf down` through the real servers on loopback ports: the Prefect server, a process worker and the
 MLflow server start healthy; a deployment triggered with parameters runs on the worker and lands in MLflow (run,
-metrics, artifacts, a model version); invalid parameters are refused by the server; a short-interval schedule
+metrics, artifacts, a model version), and the evaluation deployment promotes that version to champion; invalid
+parameters are refused by the server; a short-interval schedule
 produces a run that completes; `down` leaves no process and no open port behind."""
 
 from __future__ import annotations
@@ -79,8 +80,10 @@ def test_up_deploy_trigger_inspect_down(rlhf_home, tiny_model_dir, tmp_path):
         with pytest.raises(RuntimeError, match="already running"):
             service.up("127.0.0.1", prefect_port, mlflow_port, timeout_s=5)
         api = f"http://127.0.0.1:{prefect_port}/api"
-        deployed = prefect_cli(api, "--no-prompt", "deploy", "-n", "dpo")
+        deployed = prefect_cli(api, "--no-prompt", "deploy", "-n", "dpo", "-n", "evaluate")
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as prefect:
+            assert prefect.read_work_pool(service.WORK_POOL).concurrency_limit == 1  # one flow run at a time
 
         refused = prefect_cli(api, "deployment", "run", "dpo/dpo", "--params", json.dumps({"config": {"lr": -1}}))
         assert refused.returncode != 0 and "validation" in (refused.stdout + refused.stderr).lower()
@@ -103,6 +106,19 @@ def test_up_deploy_trigger_inspect_down(rlhf_home, tiny_model_dir, tmp_path):
         (version,) = client.search_model_versions("name = 'service-dpo'")
         assert version.tags["iteration"] == "0" and version.run_id == mlflow_run.info.run_id
         assert not list(Path.cwd().glob("mlflow.db"))  # nothing written to the current directory
+
+        # The registered model is evaluated against the reference (no champion yet) and promoted
+        evaluation = {"candidate": "models:/service-dpo@newest", "reference": str(tiny_model_dir), "num_prompts": 2,
+                      "data": {"path": str(pairs), "extra_columns": []}, "rewards": [{"function": "response_length"}],
+                      "generation": {"group_size": 2, "max_new_tokens": 4, "temperature": 1.0}, "min_win_rate": 0.0}
+        run = prefect_cli(api, "deployment", "run", "evaluate/evaluate", "--params",
+                          json.dumps({"config": evaluation}), "--watch")
+        assert run.returncode == 0 and "Completed" in run.stdout, run.stdout + run.stderr
+        assert client.get_model_version_by_alias("service-dpo", "champion").version == version.version
+        (evaluation_run,) = client.search_runs([client.get_experiment_by_name("evaluation").experiment_id])
+        assert evaluation_run.data.metrics["promoted"] == 1.0
+        assert {a.path for a in client.list_artifacts(evaluation_run.info.run_id, "plots")} == {
+            "plots/length_histogram.png", "plots/reward_histogram.png", "plots/training_curves.png"}
 
         # A schedule fires: a 20 s interval on the same deployment, with its own parameters, yields a completed run
         scheduled = run_first_scheduled(api, "dpo/dpo", {"config": {**config, "tracking": {

