@@ -53,7 +53,8 @@ def logprobs_from_hidden(hidden: Tensor, targets: Tensor, mask: Tensor, lm_head:
     hidden: [B, T, H], targets: [B, T], mask: [B, T] bool -> (logprobs [B, T], entropy [B, T]); 0 where mask
     is False."""
     assert hidden.shape[:2] == targets.shape == mask.shape, (hidden.shape, targets.shape, mask.shape)
-    flat_hidden, flat_targets = hidden[mask], targets[mask]  # [N, H], [N]
+    # under mixed precision the backbone's states are bf16; the head and log-softmax run in the head's dtype
+    flat_hidden, flat_targets = hidden[mask].to(lm_head.weight.dtype), targets[mask]  # [N, H], [N]
     pieces_lp, pieces_ent = [], []
     for start in range(0, flat_targets.shape[0], chunk_size):
         args = (flat_hidden[start:start + chunk_size], flat_targets[start:start + chunk_size],

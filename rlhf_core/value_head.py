@@ -43,7 +43,7 @@ class ActorCritic(torch.nn.Module):
                                                  temperature=temperature, chunk_size=chunk_size)
         if self.critic is not None:
             hidden = response_hidden_states(self.critic, prompt_ids, prompt_mask, response_ids, mask)
-        values = self.value_head(hidden).squeeze(-1).float()  # [B, T]
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()  # [B, T]
         return logprobs, entropy, torch.where(mask, values, 0.0)
 
     def parameter_groups(self, lr: float, head_lr: float | None) -> list[dict]:

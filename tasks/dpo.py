@@ -81,7 +81,7 @@ def train_dpo_epoch(policy_ref: CheckpointRef, pairs_with_ref_ref: ArtifactRef, 
         on_step=lambda metrics: progress.update(1), loss_type=loss_type, beta=beta,
         label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, rpo_alpha=rpo_alpha)
     progress.close()
-    return save_update(model, tokenizer, optimizer, history, "dpo-metrics")
+    return save_update(model, tokenizer, optimizer, history, "dpo-metrics", keep=(runtime, trust_remote_code, True))
 
 
 @task(name="evaluate-dpo", **STAGE_TASK_OPTIONS)

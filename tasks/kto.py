@@ -124,7 +124,7 @@ def train_kto_epoch(policy_ref: CheckpointRef, examples_with_ref_ref: ArtifactRe
         on_step=lambda metrics: progress.update(1), beta=beta, desirable_weight=desirable_weight,
         undesirable_weight=undesirable_weight)
     progress.close()
-    return save_update(model, tokenizer, optimizer, history, "kto-metrics")
+    return save_update(model, tokenizer, optimizer, history, "kto-metrics", keep=(runtime, trust_remote_code, True))
 
 
 @task(name="evaluate-kto", **STAGE_TASK_OPTIONS)

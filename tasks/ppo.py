@@ -59,7 +59,7 @@ def update_actor_critic(policy: CheckpointRef, batch: ArtifactRef, loss: LossCon
                         optim: OptimConfig, runtime: RuntimeConfig, temperature: float, max_new_tokens: int,
                         seed: int, trust_remote_code: bool = False) -> UpdateResult:
     df = batch.read()
-    model, tokenizer = load_actor_critic(policy, runtime, value.critic, trust_remote_code)
+    model, tokenizer = load_actor_critic(policy, runtime, value.critic, trust_remote_code, for_training=True)
     optimizer = torch.optim.AdamW(model.parameter_groups(optim.lr, value.head_lr), weight_decay=optim.weight_decay)
     restore_optimizer(optimizer, policy.path)
     per_token = {k: df[k] for k in ("old_logprobs", "old_values", "advantages", "returns")}
@@ -74,4 +74,6 @@ def update_actor_critic(policy: CheckpointRef, batch: ArtifactRef, loss: LossCon
         aggregation=loss.aggregation, norm_length=max_new_tokens, temperature=temperature,
         chunk_size=optim.logprob_chunk_size)
     progress.close()
-    return save_update(model.policy, tokenizer, optimizer, history, "update-metrics", write_extra=model.save_critic)
+    # the policy stays in memory for the next generation; the optimizer does not (it also holds the value head)
+    return save_update(model.policy, tokenizer, optimizer, history, "update-metrics", write_extra=model.save_critic,
+                       keep=(runtime, trust_remote_code, False))

@@ -27,6 +27,8 @@ def generate_rollouts(policy: CheckpointRef, prompts: ArtifactRef, generation: G
                       runtime: RuntimeConfig, system_prompt: str | None, seed: int,
                       iteration: int, trust_remote_code: bool = False) -> ArtifactRef:
     df = prompts.read()
+    if generation.dtype is not None:  # the sampler may run in a lower precision than training
+        runtime = runtime.model_copy(update={"dtype": generation.dtype})
     model, tokenizer = load_model(policy, runtime, trust_remote_code)
     rows = df.loc[df.index.repeat(generation.group_size)].reset_index(drop=True)
     rows.insert(0, "group_id", np.repeat(np.arange(len(df)), generation.group_size))

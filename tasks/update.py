@@ -17,7 +17,7 @@ from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.paths import checkpoints_dir
 from tasks.progress import StageProgress
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
-from tasks.runtime import load_model
+from tasks.runtime import MODELS, ModelCache, load_model
 
 
 @task(name="update-policy", **STAGE_TASK_OPTIONS)
@@ -38,24 +38,39 @@ def update_policy(policy: CheckpointRef, batch: ArtifactRef, loss: LossConfig, k
         kl_estimator=kl.estimator, aggregation=loss.aggregation, norm_length=max_new_tokens,
         temperature=temperature or 1.0, chunk_size=optim.logprob_chunk_size)
     progress.close()
-    return save_update(model, tokenizer, optimizer, history, "update-metrics")
+    return save_update(model, tokenizer, optimizer, history, "update-metrics", keep=(runtime, trust_remote_code, True))
 
 
 def resume_training(policy: CheckpointRef, runtime: RuntimeConfig, trust_remote_code: bool, lr: float,
                     weight_decay: float = 0.0):
     """(model, tokenizer, AdamW) of a policy checkpoint, the optimizer's state restored when the checkpoint has
-    one, so consecutive training tasks continue one optimisation."""
-    model, tokenizer = load_model(policy, runtime, trust_remote_code)
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=weight_decay)
-    restore_optimizer(optimizer, policy.path)
+    one, so consecutive training tasks continue one optimisation. The previous training task of this process
+    left both in memory (`save_update(keep=...)`): then nothing is read from disk."""
+    cached = MODELS.take(ModelCache.key(policy.sha256, runtime, trust_remote_code))
+    if cached is None:
+        model, tokenizer = load_model(policy, runtime, trust_remote_code, for_training=True)
+        optimizer = None
+    else:
+        model, tokenizer, optimizer = cached
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=weight_decay)
+        restore_optimizer(optimizer, policy.path)
+    else:
+        for group in optimizer.param_groups:
+            group.update(lr=lr, weight_decay=weight_decay)
     return model, tokenizer, optimizer
 
 
 def save_update(model, tokenizer, optimizer, history: list[dict], metrics_stage: str,
-                write_extra=None) -> UpdateResult:
+                write_extra=None, keep: tuple[RuntimeConfig, bool, bool] | None = None) -> UpdateResult:
     """A finished update's outputs, shared by every training task: the new checkpoint (with optimizer state and
-    `write_extra`'s files) and the per-step metrics as Parquet."""
+    `write_extra`'s files) and the per-step metrics as Parquet. keep=(runtime, trust_remote_code, with_optimizer)
+    leaves the model (and the optimizer) in memory under the new checkpoint's hash for the next stages."""
     path, digest = save_checkpoint(model, tokenizer, optimizer, checkpoints_dir(), write_extra=write_extra)
+    if keep is not None:
+        runtime, trust_remote_code, with_optimizer = keep
+        MODELS.put(ModelCache.key(digest, runtime, trust_remote_code), model, tokenizer,
+                   optimizer if with_optimizer else None)
     return UpdateResult(checkpoint=CheckpointRef(path=str(path), sha256=digest),
                         metrics=publish(pd.DataFrame(history), metrics_stage))
 

@@ -79,5 +79,16 @@ def _deterministic():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _no_models_in_memory_across_tests():
+    """Each test starts without models another test left in the process's model cache (a test may change the
+    weights of a model it loaded)."""
+    from tasks.runtime import MODELS
+
+    MODELS.entries.clear()
+    yield
+    MODELS.entries.clear()
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SESSION_HOME, ignore_errors=True)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from rlhf_core.config import DataConfig, GenerationConfig, KLConfig, LossConfig, OptimConfig, RewardSpec, RuntimeConfig
 from rlhf_core.data import DatasetError
@@ -142,3 +143,38 @@ def test_prune_checkpoints_keeps_the_newest_and_never_touches_other_folders(rlhf
     prune_checkpoints(produced, keep=2)
     assert sorted(p.name for p in (rlhf_home / "checkpoints").iterdir()) == ["b", "c"]
     assert user_model.is_dir()
+
+
+def test_model_cache_shares_readers_and_hands_trainers_their_own_copy(tiny_model_dir):
+    from tasks.runtime import MODELS, load_actor_critic, load_model
+
+    ref = resolve_model.fn(str(tiny_model_dir))
+    runtime = RuntimeConfig()
+    reader, _ = load_model(ref, runtime)
+    assert load_model(ref, runtime)[0] is reader  # the second stage reads no file
+    trainer, _ = load_model(ref, runtime, for_training=True)
+    assert trainer is reader and not MODELS.entries  # taken out: nothing cached can drift from its checkpoint
+    with torch.no_grad():
+        trainer.get_input_embeddings().weight.add_(1.0)
+    fresh, _ = load_model(ref, runtime)
+    assert fresh is not trainer  # the next reader gets the checkpoint's weights again
+    assert not torch.equal(fresh.get_input_embeddings().weight, trainer.get_input_embeddings().weight)
+    actor_critic, _ = load_actor_critic(ref, runtime, critic="separate", for_training=True)
+    assert actor_critic.critic is not actor_critic.policy
+
+
+def test_consecutive_updates_reuse_the_model_and_optimizer_in_memory(rollouts, tiny_model_dir, rlhf_home):
+    from tasks.runtime import MODELS
+
+    scored = score_rollouts.fn(rollouts, [RewardSpec(function="response_length")], [None], [None], [], None,
+                               RuntimeConfig(), 1.0, 4, 1024)
+    batch = compute_advantages.fn(scored, "grpo")
+    policy = resolve_model.fn(str(tiny_model_dir))
+    args = (LossConfig(), KLConfig(), OptimConfig(lr=1e-3, micro_batch_size=4), RuntimeConfig(), 1.0, 6)
+    first = update_policy.fn(policy, batch, *args, seed=0)
+    (key,) = MODELS.entries
+    assert key[0] == first.checkpoint.sha256 and MODELS.entries[key][2] is not None  # model + optimizer kept
+    in_memory = update_policy.fn(first.checkpoint, batch, *args, seed=1)
+    MODELS.entries.clear()
+    from_disk = update_policy.fn(first.checkpoint, batch, *args, seed=1)
+    assert in_memory.checkpoint.sha256 == from_disk.checkpoint.sha256  # bit for bit the same training

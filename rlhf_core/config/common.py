@@ -33,6 +33,9 @@ class RuntimeConfig(_Config):
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and compute dtype")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
+    mixed_precision: Literal["no", "bf16"] = Field("no", description=(
+        "bf16: the transformer's matmuls under bfloat16 autocast (weights, optimizer, LM head and log-probs stay in "
+        "dtype); for CPUs with AVX512-BF16/AMX and GPUs with bf16"))
 
     @field_validator("device")
     @classmethod
@@ -57,6 +60,9 @@ class GenerationConfig(_Config):
     temperature: float = Field(0.7, ge=0.0, le=10.0, description="0 means greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     batch_size: int = Field(64, ge=1, description="sequences decoded together")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description=(
+        "weights dtype of the rollout model (None: runtime.dtype); bfloat16 samples ~2x faster on CPUs with "
+        "AVX512-BF16/AMX. The losses recompute log-probs in runtime.dtype, so training precision is unchanged"))
 
 
 class RewardSpec(_Config):

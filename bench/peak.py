@@ -1,0 +1,29 @@
+"""The machine's own matmul peak per dtype, measured in the same run as the workloads (the yardstick for the
+update's model-FLOP utilisation): the best of several timed square matmuls, large enough to be compute bound."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of the fastest of `repeats` [size x size] @ [size x size] products (after two warm-ups)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best

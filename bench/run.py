@@ -1,0 +1,108 @@
+"""`python -m bench.run [--workloads smol small] [--algorithms ...] [--precisions fp32 bf16] [--out FILE]`
+
+Runs every (workload, algorithm, precision) in its own process (so peak RSS is its own), after measuring the
+machine's matmul peak per dtype, and prints a table; `--out` also writes the results as JSON with the machine and
+library versions. `python -m bench.run --one grpo small fp32` runs one cell and prints its JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from bench.algorithms import STEPS, measure
+from bench.peak import matmul_peak
+from bench.workloads import WORKLOADS
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def run_one(algorithm: str, workload: str, precision: str, device: str, steps: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    w = WORKLOADS[workload]
+    result = measure(algorithm, w, device, precision, steps, warmup)
+    stages = result["stages_s"]
+    rows = {"grpo": w.prompts * w.samples, "ppo": w.prompts * w.samples, "dpo": 2 * w.prompts,
+            "kto": w.prompts, "reward_model": 2 * w.prompts}[algorithm]
+    result.update(
+        algorithm=algorithm, workload=workload, precision=precision, device=device,
+        update_tokens_per_s=rows * (w.prompt_len + w.response_len) / stages["update"],
+        update_flops_per_s=result["update_flops"] / stages["update"],
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if "generation" in stages:
+        result["generated_tokens_per_s"] = w.prompts * w.samples * w.response_len / stages["generation"]
+    return result
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def table(results: list[dict], peaks: dict[str, float]) -> str:
+    head = (f"{'workload':8} {'algorithm':12} {'prec':5} {'step s':>8} {'update s':>9} {'gen tok/s':>9} "
+            f"{'upd tok/s':>9} {'MFU':>6} {'RSS MB':>7}  stages (s)")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        stages = " ".join(f"{k}={v:.2f}" for k, v in r["stages_s"].items())
+        generated = f"{r['generated_tokens_per_s']:9.0f}" if "generated_tokens_per_s" in r else f"{'-':>9}"
+        mfu = r["update_flops_per_s"] / peaks[r["precision"]]
+        lines.append(f"{r['workload']:8} {r['algorithm']:12} {r['precision']:5} {r['step_s']:8.2f} "
+                     f"{r['stages_s']['update']:9.2f} {generated} {r['update_tokens_per_s']:9.0f} {mfu:6.1%} "
+                     f"{r['peak_rss_mb']:7.0f}  {stages}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--algorithms", nargs="+", default=list(STEPS), choices=list(STEPS))
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--one", nargs=3, metavar=("ALGORITHM", "WORKLOAD", "PRECISION"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(*args.one, args.device, args.steps, args.warmup)))
+        return 0
+
+    started = time.time()
+    peaks = {name: matmul_peak(dtype, args.device) for name, dtype in DTYPES.items()}
+    print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()), flush=True)
+    results = []
+    for workload in args.workloads:
+        for algorithm in args.algorithms:
+            for precision in args.precisions:
+                out = subprocess.run([sys.executable, "-m", "bench.run", "--one", algorithm, workload, precision,
+                                      "--device", args.device, "--steps", str(args.steps),
+                                      "--warmup", str(args.warmup)], capture_output=True, text=True, check=True)
+                results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                results[-1]["mfu"] = results[-1]["update_flops_per_s"] / peaks[precision]
+                print(table(results[-1:], peaks).splitlines()[-1], flush=True)
+    print("\n" + table(results, peaks))
+    if args.out:
+        report = {"machine": machine(), "matmul_peak_flops_per_s": peaks, "steps": args.steps,
+                  "warmup": args.warmup, "wall_s": time.time() - started, "results": results}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""The benchmark harness runs every algorithm (on a toy workload, so it cannot rot) and counts FLOPs right."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.algorithms import STEPS, measure
+from bench.workloads import SMOL, Workload, body_params, causal_lm, llama_config, train_flops
+
+TOY = Workload("toy", {**SMOL, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "num_key_value_heads": 1, "intermediate_size": 64, "vocab_size": 128},
+               prompts=2, samples=2, prompt_len=4, response_len=3, micro_batch_size=2)
+
+
+@pytest.mark.parametrize("algorithm", list(STEPS))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_algorithm_runs_and_reports_its_stages(algorithm, precision):
+    result = measure(algorithm, TOY, "cpu", precision, steps=1, warmup=0)
+    assert "update" in result["stages_s"] and all(s >= 0 for s in result["stages_s"].values())
+    assert result["step_s"] == pytest.approx(sum(result["stages_s"].values()))
+    assert result["update_flops"] > 0
+    if algorithm in ("grpo", "ppo"):
+        assert "generation" in result["stages_s"] and "reference" in result["stages_s"]
+
+
+def test_train_flops_by_hand():
+    model = causal_lm(TOY, "cpu")
+    h, f, layers, vocab = 32, 64, 1, 128
+    kv = 16  # 1 KV head of head_dim 16
+    body = layers * (h * h + 2 * h * kv + h * h + 3 * h * f + 2 * h) + h  # attention, MLP, 2 norms; final norm
+    assert body_params(model) == body
+    rows, seq, scored = 3, 7, 3
+    expected = rows * (seq * (6 * body + 6 * layers * h * seq) + 6 * vocab * h * scored)
+    assert train_flops(model, llama_config(TOY), rows, seq, scored) == expected
