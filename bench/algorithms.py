@@ -14,7 +14,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from bench.peak import synchronize
-from bench.workloads import PAD_ID, Workload, causal_lm, llama_config, sequence_classifier, token_rows, train_flops
+from bench.workloads import (PAD_ID, Workload, causal_lm, forward_flops, llama_config, sequence_classifier,
+                             token_rows, train_flops)
 from rlhf_core import dpo, kto
 from rlhf_core.advantages import OUTCOME_ADVANTAGES
 from rlhf_core.batch import collate
@@ -183,7 +184,10 @@ def build(algorithm: str, workload: Workload, device: str) -> tuple[Setup, float
         else:
             desirable = [i % 2 == 0 for i in range(w.prompts)]
             setup.examples = kto.collate_examples(setup.prompts, chosen, rejected, desirable, PAD_ID, device=device)
-            rows = w.prompts  # the mismatched pass is no-grad
+            # KTO's update also runs a no-grad forward over the mismatched sequences (its z0 estimate)
+            seq_len = w.prompt_len + w.response_len
+            z0_pass = forward_flops(setup.policy, setup.config, w.prompts, seq_len, w.response_len)
+            return setup, setup.update_flops(w.prompts) + z0_pass
     elif algorithm == "reward_model":
         setup.reward_model = sequence_classifier(w, device)
         setup.policy = setup.reward_model

@@ -5,8 +5,10 @@ Runs the real GRPO flow (ephemeral Prefect, MLflow SQLite store, Parquet stages,
 iteration) on a random-init SmolLM2-shaped model with SmolLM2's tokenizer (8 prompts x 4 samples, 64 new tokens),
 in a throw-away data folder, then the same step through `bench.algorithms` (the same rlhf_core calls, no flow).
 Overhead = flow iteration wall time (the sum of its stage clocks, tracking included) - the bare step's wall time,
-medians over the iterations after the first. The arithmetic prompts are 35-45 tokens with the chat template, a
-little longer than the workload's 32, so the overhead is, if anything, overstated.
+medians over the iterations after the first; the bare step uses the flow's padded prompt length (the arithmetic
+prompts with the chat template are longer than the workload's 32 tokens). Part of the overhead is the checkpoint
+each iteration writes for crash-resume (weights + optimizer state + hash), timed on its own and reported apart:
+the rest is what Prefect, Parquet and MLflow cost.
 """
 
 from __future__ import annotations
@@ -16,7 +18,29 @@ import json
 import os
 import statistics
 import tempfile
+import time
+from dataclasses import replace
 from pathlib import Path
+
+import pandas as pd
+
+
+def time_checkpoint_write(root: Path, model_dir: Path) -> float:
+    """Seconds to save a `smol` checkpoint as the update task does: weights, tokenizer, AdamW state (after one
+    step, so it is full size) and the content hash."""
+    import torch
+
+    from rlhf_core.checkpoint import save_checkpoint
+    from rlhf_core.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm(model_dir)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-9)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    start = time.perf_counter()
+    save_checkpoint(model, tokenizer, optimizer, root)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -63,14 +87,21 @@ def main() -> None:
     per_iteration = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)} for k in stage_keys}
     warm = range(1, args.iterations)
     flow_wall = statistics.median(sum(per_iteration[k][i] for k in stage_keys) for i in warm)
-    bare = measure("grpo", workload, "cpu", "fp32", steps=max(2, len(warm)), warmup=1)
+    prompt_len = max(len(ids) for path in (home / "artifacts" / "rollouts").glob("*.parquet")
+                     for ids in pd.read_parquet(path)["prompt_ids"])
+    bare = measure("grpo", replace(workload, prompt_len=prompt_len), "cpu", "fp32", steps=max(2, len(warm)),
+                   warmup=1)
+    checkpoint_s = time_checkpoint_write(home / "checkpoints", model_dir)
     report = {
         "flow_state": state.name, "iterations_measured": len(warm),
         "flow_iteration_s": flow_wall,
         "flow_stages_s": {k: statistics.median(per_iteration[k][i] for i in warm) for k in stage_keys},
         "bare_step_s": bare["step_s"], "bare_stages_s": bare["stages_s"],
+        "bare_prompt_len": prompt_len,
         "overhead_s": flow_wall - bare["step_s"],
         "overhead_fraction": (flow_wall - bare["step_s"]) / flow_wall,
+        "checkpoint_write_s": checkpoint_s,
+        "prefect_parquet_mlflow_fraction": (flow_wall - bare["step_s"] - checkpoint_s) / flow_wall,
         "tracking_fraction": statistics.median(per_iteration["time/tracking_s"][i] for i in warm) / flow_wall,
     }
     print(json.dumps(report, indent=1))

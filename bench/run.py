@@ -2,7 +2,8 @@
 
 Runs every (workload, algorithm, precision) in its own process (so peak RSS is its own), after measuring the
 machine's matmul peak per dtype, and prints a table; `--out` also writes the results as JSON with the machine and
-library versions. `python -m bench.run --one grpo small fp32` runs one cell and prints its JSON.
+library versions. `python -m bench.run --profile grpo smol bf16` prints one step's op-level profile instead (where
+the time goes).
 """
 
 from __future__ import annotations
@@ -44,6 +45,24 @@ def run_one(algorithm: str, workload: str, precision: str, device: str, steps: i
     return result
 
 
+def profile_one(algorithm: str, workload: str, precision: str, device: str, top: int = 25) -> str:
+    """Where one step's time goes, op by op: one warm-up step, then one step under torch.profiler; the ops with
+    the most self time (matmuls vs casts vs softmax vs the optimizer vs dispatch)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.algorithms import STEPS, Stages, prepare
+
+    setup, _ = prepare(algorithm, WORKLOADS[workload], device, precision)
+    STEPS[algorithm](setup, Stages(device))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    stages = Stages(device)
+    with profile(activities=activities) as prof:
+        STEPS[algorithm](setup, stages)
+    sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    breakdown = ", ".join(f"{k} {v:.2f} s" for k, v in stages.items())
+    return f"stages: {breakdown}\n" + prof.key_averages().table(sort_by=sort, row_limit=top)
+
+
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
@@ -77,7 +96,12 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--one", nargs=3, metavar=("ALGORITHM", "WORKLOAD", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--profile", nargs=3, metavar=("ALGORITHM", "WORKLOAD", "PRECISION"),
+                        help="print one step's op-level profile instead (where the time goes)")
     args = parser.parse_args()
+    if args.profile:
+        print(profile_one(*args.profile, args.device))
+        return 0
     if args.one:
         print(json.dumps(run_one(*args.one, args.device, args.steps, args.warmup)))
         return 0

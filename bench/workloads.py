@@ -64,13 +64,18 @@ def body_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
-def train_flops(model: torch.nn.Module, config: LlamaConfig, rows: int, seq_len: int, scored_len: int) -> float:
-    """Model FLOPs of one forward + backward over `rows` sequences of `seq_len` tokens of which the last
-    `scored_len` go through the LM head (the log-probs are only taken on responses): 6 FLOPs per weight per token
-    (Kaplan et al. 2020) plus causal attention's scores and weighted sums (2 matmuls of hidden x seq_len / 2 per
-    token and layer, x3 for forward + backward). Recomputation and no-grad passes are not counted: this is the
-    useful work, the numerator of model-FLOP utilisation."""
+def forward_flops(model: torch.nn.Module, config: LlamaConfig, rows: int, seq_len: int, scored_len: int) -> float:
+    """Model FLOPs of one forward pass over `rows` sequences of `seq_len` tokens of which the last `scored_len` go
+    through the LM head (log-probs are only taken on responses): 2 FLOPs per weight per token (Kaplan et al.
+    2020) plus causal attention's scores and weighted sums (2 matmuls of hidden x seq_len / 2 per token and
+    layer, 2 FLOPs each)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_flops = 6 * head.weight.numel() * scored_len if head is not None else 0
-    attention = 6 * config.num_hidden_layers * config.hidden_size * seq_len  # per token
-    return float(rows * (seq_len * (6 * body_params(model) + attention) + head_flops))
+    head_flops = 2 * head.weight.numel() * scored_len if head is not None else 0
+    attention = 2 * config.num_hidden_layers * config.hidden_size * seq_len  # per token
+    return float(rows * (seq_len * (2 * body_params(model) + attention) + head_flops))
+
+
+def train_flops(model: torch.nn.Module, config: LlamaConfig, rows: int, seq_len: int, scored_len: int) -> float:
+    """Forward + backward (the backward costs two forwards). Recomputation is not counted: this is the useful
+    work, the numerator of model-FLOP utilisation."""
+    return 3 * forward_flops(model, config, rows, seq_len, scored_len)

@@ -69,7 +69,7 @@ def pair_logprobs(model, batch: dict[str, Tensor], *, chunk_size: int = 1024) ->
     response_ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # [2P, T]: rows [chosen; rejected]
     response_mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]]).bool()
     logprobs, _ = response_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask,
-                                    chunk_size=chunk_size)  # [2P, T], 0 on padding
+                                    chunk_size=chunk_size, with_entropy=False)  # [2P, T], 0 on padding
     logps_per_seq, lengths = logprobs.sum(-1), response_mask.sum(-1).float()  # [2P]
     return {"chosen_logps": logps_per_seq[:num_pairs], "rejected_logps": logps_per_seq[num_pairs:],
             "chosen_lengths": lengths[:num_pairs], "rejected_lengths": lengths[num_pairs:]}

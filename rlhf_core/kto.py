@@ -96,7 +96,7 @@ def sequence_logps(model, batch: dict[str, Tensor], side: str, *, chunk_size: in
     """Summed log-probs of one side ("completion" or "mismatched") of a KTO batch after each row's prompt.
     batch: a KTO batch -> [B]"""
     logprobs, _ = response_logprobs(model, batch["prompt_ids"], batch["prompt_mask"], batch[f"{side}_ids"],
-                                    batch[f"{side}_mask"].bool(), chunk_size=chunk_size)  # [B, T], 0 on padding
+                                    batch[f"{side}_mask"].bool(), chunk_size=chunk_size, with_entropy=False)  # [B, T]
     return logprobs.sum(-1)
 
 

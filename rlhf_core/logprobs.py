@@ -38,48 +38,57 @@ def response_hidden_states(model, prompt_ids: Tensor, prompt_mask: Tensor, respo
 
 
 def _chunk_logprobs_entropy(hidden: Tensor, targets: Tensor, head_weight: Tensor, head_bias: Tensor | None,
-                            temperature: float) -> tuple[Tensor, Tensor]:
-    """hidden: [N, H], targets: [N] -> (logprobs [N], entropy [N]) in float32."""
-    logits = torch.nn.functional.linear(hidden, head_weight, head_bias).float() / temperature  # [N, V]
+                            temperature: float, with_entropy: bool = True) -> tuple[Tensor, Tensor | None]:
+    """hidden: [N, H], targets: [N] -> (logprobs [N], entropy [N] or None) in float32."""
+    logits = torch.nn.functional.linear(hidden, head_weight, head_bias).float()  # [N, V]
+    if temperature != 1.0:  # a full pass over [N, V]: skipped when it would divide by one
+        logits = logits / temperature
     logp = torch.log_softmax(logits, dim=-1)
     token_logprobs = logp.gather(-1, targets[:, None]).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
+    # entropy costs two more passes over [N, V] (exp, multiply): only for callers that report it
+    entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
     return token_logprobs, entropy
 
 
 def logprobs_from_hidden(hidden: Tensor, targets: Tensor, mask: Tensor, lm_head: torch.nn.Linear, *,
-                         temperature: float = 1.0, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+                         temperature: float = 1.0, chunk_size: int = 1024,
+                         with_entropy: bool = True) -> tuple[Tensor, Tensor | None]:
     """Log-probs of `targets` and the entropy of the predictive distribution, at masked positions only.
     hidden: [B, T, H], targets: [B, T], mask: [B, T] bool -> (logprobs [B, T], entropy [B, T]); 0 where mask
-    is False."""
+    is False; entropy is None when not `with_entropy`."""
     assert hidden.shape[:2] == targets.shape == mask.shape, (hidden.shape, targets.shape, mask.shape)
     # under mixed precision the backbone's states are bf16; the head and log-softmax run in the head's dtype
     flat_hidden, flat_targets = hidden[mask].to(lm_head.weight.dtype), targets[mask]  # [N, H], [N]
     pieces_lp, pieces_ent = [], []
     for start in range(0, flat_targets.shape[0], chunk_size):
         args = (flat_hidden[start:start + chunk_size], flat_targets[start:start + chunk_size],
-                lm_head.weight, lm_head.bias, temperature)
-        if torch.is_grad_enabled() and flat_hidden.requires_grad:
+                lm_head.weight, lm_head.bias, temperature, with_entropy)
+        # Recomputing a chunk in backward only saves memory when there are several: with one, its logits are the
+        # peak either way, and checkpointing would just run the LM head twice.
+        if torch.is_grad_enabled() and flat_hidden.requires_grad and flat_targets.shape[0] > chunk_size:
             lp, ent = checkpoint(_chunk_logprobs_entropy, *args, use_reentrant=False)
         else:
             lp, ent = _chunk_logprobs_entropy(*args)
         pieces_lp.append(lp)
         pieces_ent.append(ent)
     logprobs = hidden.new_zeros(mask.shape, dtype=torch.float32)
-    entropy = hidden.new_zeros(mask.shape, dtype=torch.float32)
+    entropy = hidden.new_zeros(mask.shape, dtype=torch.float32) if with_entropy else None
     if pieces_lp:
         logprobs = logprobs.masked_scatter(mask, torch.cat(pieces_lp))
-        entropy = entropy.masked_scatter(mask, torch.cat(pieces_ent))
+        if with_entropy:
+            entropy = entropy.masked_scatter(mask, torch.cat(pieces_ent))
     return logprobs, entropy
 
 
 def response_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
-                      *, temperature: float = 1.0, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+                      *, temperature: float = 1.0, chunk_size: int = 1024,
+                      with_entropy: bool = True) -> tuple[Tensor, Tensor | None]:
     """Per-token log-probs and entropy of each response given its prompt.
-    prompt_ids, prompt_mask: [B, P]; response_ids, response_mask: [B, T] -> (logprobs [B, T], entropy [B, T])"""
+    prompt_ids, prompt_mask: [B, P]; response_ids, response_mask: [B, T] -> (logprobs [B, T], entropy [B, T] or
+    None without `with_entropy`)"""
     hidden = response_hidden_states(model, prompt_ids, prompt_mask, response_ids, response_mask)
     return logprobs_from_hidden(hidden, response_ids, response_mask.bool(), model.get_output_embeddings(),
-                                temperature=temperature, chunk_size=chunk_size)
+                                temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy)
 
 
 def batched_response_logprobs(model, batch: dict[str, Tensor], *, micro_batch_size: int, temperature: float = 1.0,
@@ -88,7 +97,8 @@ def batched_response_logprobs(model, batch: dict[str, Tensor], *, micro_batch_si
     -> [B, T] aligned with batch["response_ids"], 0 on padding."""
     def logprobs_of(micro: dict[str, Tensor]) -> tuple[Tensor]:
         logprobs, _ = response_logprobs(model, micro["prompt_ids"], micro["prompt_mask"], micro["response_ids"],
-                                        micro["response_mask"], temperature=temperature, chunk_size=chunk_size)
+                                        micro["response_mask"], temperature=temperature, chunk_size=chunk_size,
+                                        with_entropy=False)
         return (logprobs,)
 
     return map_micro_batches(logprobs_of, batch, micro_batch_size)[0]

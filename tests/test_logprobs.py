@@ -74,7 +74,12 @@ def test_temperature_changes_logprobs(tiny_model, batch):
     assert not torch.allclose(at_one[batch["response_mask"]], at_half[batch["response_mask"]], atol=1e-3)
 
 
-def test_chunked_checkpointed_gradients_match_full_logits(tiny_model_dir, batch, monkeypatch):
+@pytest.mark.parametrize("chunk_size, expected_calls", [
+    (2, [2, 2, 2, 2] * 2),  # 8 real tokens in chunks of 2: 4 forward calls, then 4 recomputations in backward
+    (8, [8]),               # one chunk: no checkpointing, the LM head runs once
+])
+def test_chunked_checkpointed_gradients_match_full_logits(tiny_model_dir, batch, monkeypatch, chunk_size,
+                                                          expected_calls):
     model, _ = load_causal_lm(tiny_model_dir)  # a private copy: backward writes .grad
     model.eval()
     mask = batch["response_mask"]
@@ -85,10 +90,9 @@ def test_chunked_checkpointed_gradients_match_full_logits(tiny_model_dir, batch,
     monkeypatch.setattr(logprobs_module, "_chunk_logprobs_entropy",
                         lambda *args: calls.append(args[0].shape[0]) or chunk_fn(*args))
     logprobs, _ = response_logprobs(model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], mask,
-                                    temperature=temperature, chunk_size=2)
+                                    temperature=temperature, chunk_size=chunk_size)
     (logprobs * mask).sum().backward()
-    # 8 real tokens in chunks of 2: 4 forward calls, then 4 recomputations in backward (checkpointing)
-    assert calls == [2, 2, 2, 2] * 2
+    assert calls == expected_calls
     chunked = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
 
