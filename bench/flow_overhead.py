@@ -7,8 +7,8 @@ in a throw-away data folder, then the same step through `bench.algorithms` (the 
 Overhead = flow iteration wall time (the sum of its stage clocks, tracking included) - the bare step's wall time,
 medians over the iterations after the first; the bare step uses the flow's padded prompt length (the arithmetic
 prompts with the chat template are longer than the workload's 32 tokens). Part of the overhead is the checkpoint
-each iteration writes for crash-resume (weights + optimizer state + hash), timed on its own and reported apart:
-the rest is what Prefect, Parquet and MLflow cost.
+each iteration writes for crash-resume (weights + optimizer state + hash), timed inside the update task
+(`time/checkpoint_s`) and reported apart: the rest is what Prefect, Parquet and MLflow cost.
 """
 
 from __future__ import annotations
@@ -18,29 +18,10 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
-
-
-def time_checkpoint_write(root: Path, model_dir: Path) -> float:
-    """Seconds to save a `smol` checkpoint as the update task does: weights, tokenizer, AdamW state (after one
-    step, so it is full size) and the content hash."""
-    import torch
-
-    from rlhf_core.checkpoint import save_checkpoint
-    from rlhf_core.models import load_causal_lm
-
-    model, tokenizer = load_causal_lm(model_dir)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-9)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    start = time.perf_counter()
-    save_checkpoint(model, tokenizer, optimizer, root)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -83,15 +64,16 @@ def main() -> None:
     use_tracking_uri()
     client = mlflow.MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("bench-overhead").experiment_id])
-    stage_keys = [k for k in run.data.metrics if k.startswith("time/")]
-    per_iteration = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)} for k in stage_keys}
+    time_keys = [k for k in run.data.metrics if k.startswith("time/")]
+    per_iteration = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)} for k in time_keys}
+    stage_keys = [k for k in time_keys if k != "time/checkpoint_s"]  # the stage clocks; the checkpoint is in update
     warm = range(1, args.iterations)
     flow_wall = statistics.median(sum(per_iteration[k][i] for k in stage_keys) for i in warm)
     prompt_len = max(len(ids) for path in (home / "artifacts" / "rollouts").glob("*.parquet")
                      for ids in pd.read_parquet(path)["prompt_ids"])
     bare = measure("grpo", replace(workload, prompt_len=prompt_len), "cpu", "fp32", steps=max(2, len(warm)),
                    warmup=1)
-    checkpoint_s = time_checkpoint_write(home / "checkpoints", model_dir)
+    checkpoint_s = statistics.median(per_iteration["time/checkpoint_s"][i] for i in warm)  # timed in the task
     report = {
         "flow_state": state.name, "iterations_measured": len(warm),
         "flow_iteration_s": flow_wall,

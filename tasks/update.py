@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -66,7 +67,9 @@ def save_update(model, tokenizer, optimizer, history: list[dict], metrics_stage:
     """A finished update's outputs, shared by every training task: the new checkpoint (with optimizer state and
     `write_extra`'s files) and the per-step metrics as Parquet. keep=(runtime, trust_remote_code, with_optimizer)
     leaves the model (and the optimizer) in memory under the new checkpoint's hash for the next stages."""
+    start = time.perf_counter()
     path, digest = save_checkpoint(model, tokenizer, optimizer, checkpoints_dir(), write_extra=write_extra)
+    history = [{**row, "time/checkpoint_s": time.perf_counter() - start} for row in history]  # what resume costs
     if keep is not None:
         runtime, trust_remote_code, with_optimizer = keep
         MODELS.put(ModelCache.key(digest, runtime, trust_remote_code), model, tokenizer,

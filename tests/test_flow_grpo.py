@@ -3,6 +3,7 @@ store, real Parquet files and checkpoints. Also: crash in a late stage, rerun, r
 
 from __future__ import annotations
 
+import urllib.parse
 from pathlib import Path
 
 import mlflow
@@ -78,6 +79,12 @@ def test_grpo_flow_end_to_end(prefect_harness, rlhf_home, tiny_model_dir):
     newest = client.get_model_version_by_alias("tiny-policy", "newest")
     assert newest.tags["iteration"] == "1" and newest.tags["checkpoint_sha256"] == sha256_dir(final_checkpoint)
     assert "ref_logprobs" in batch.columns  # kl.coef > 0: the scoring stage ran the reference model
+
+    # The registry's weights are hard links to the checkpoint files (no copy), and outlive the pruned checkpoints
+    artifacts = Path(urllib.parse.urlparse(run.info.artifact_uri).path) / "checkpoints"
+    final_weights = Path(final_checkpoint) / "model.safetensors"
+    assert (artifacts / "iter_001" / "model.safetensors").stat().st_ino == final_weights.stat().st_ino
+    assert (artifacts / "iter_000" / "model.safetensors").is_file()
 
     # A later flow can start from the registry: the alias resolves to the same weights
     registered = Path(resolve_model.fn("models:/tiny-policy@newest").path)
