@@ -66,18 +66,31 @@ def select_rows(batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
     return out
 
 
+def length_sorted(batch: dict[str, Tensor], rows: Tensor) -> Tensor:
+    """`rows` reordered by sequence length (prompt + response tokens; ties keep their order), so that micro-batches
+    cut from it hold similar lengths and `select_rows` trims more padding. The loss sums over micro-batches with
+    global normalisers, so the order changes no gradient, only which padding is computed. rows: [N] -> [N]"""
+    lengths = batch["prompt_mask"][rows].sum(1) + batch["response_mask"][rows].sum(1)
+    return rows[torch.sort(lengths, stable=True).indices]
+
+
 def response_lists(values: Tensor, mask: Tensor) -> list[list[float]]:
     """[B, T] tensor -> one list per row holding the masked-in values (the inverse of collate's per_token)."""
     return [row[m].tolist() for row, m in zip(values.detach().float().cpu(), mask.bool().cpu())]
 
 
 @torch.no_grad()
-def map_micro_batches(fn, batch: dict[str, Tensor], micro_batch_size: int) -> tuple[Tensor, ...]:
-    """Run `fn(micro_batch) -> tuple of [b, t] tensors` over the batch in micro-batches, without grad, and
-    stitch the results back into [B, T] tensors aligned with batch["response_ids"] (0 on padding)."""
+def map_micro_batches(fn, batch: dict[str, Tensor], micro_batch_size: int, *,
+                      sort_by_length: bool = True) -> tuple[Tensor, ...]:
+    """Run `fn(micro_batch) -> tuple of [b, t] tensors` over the batch in micro-batches (of similar lengths unless
+    `sort_by_length` is False), without grad, and stitch the results back into [B, T] tensors aligned with
+    batch["response_ids"] (0 on padding)."""
     mask = batch["response_mask"]
+    rows_in_order = torch.arange(mask.shape[0], device=mask.device)
+    if sort_by_length:
+        rows_in_order = length_sorted(batch, rows_in_order)
     outputs: list[Tensor] = []
-    for rows in torch.arange(mask.shape[0], device=mask.device).split(micro_batch_size):
+    for rows in rows_in_order.split(micro_batch_size):
         results = fn(select_rows(batch, rows))
         if not outputs:
             outputs = [torch.zeros(mask.shape, dtype=torch.float32, device=mask.device) for _ in results]

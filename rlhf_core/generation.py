@@ -2,7 +2,8 @@
 
 Departs from `model.generate` in two ways that matter for RL:
 - every row samples from its own seeded generator (Gumbel-max), so a response depends on its seed and prompt
-  only, not on which other rows share its batch: sharding or re-batching the rollout stage changes nothing;
+  only, not on which other rows share its batch: sharding or re-batching the rollout stage changes nothing (the
+  generators live on the model's device: a seed gives one response on a CPU, another on a GPU, each reproducible);
 - the log-prob recorded for each sampled token is taken from the tempered distribution *before* top-p
   truncation, which is the distribution the trainer's log-probs are computed from (same temperature).
 
@@ -73,7 +74,7 @@ def sample_tokens(logprobs: Tensor, top_p: float, generators: list[torch.Generat
     if generators is None:
         return filtered.argmax(dim=-1)
     vocab = logprobs.shape[-1]
-    uniform = torch.stack([torch.rand(vocab, generator=g) for g in generators]).to(logprobs.device)
+    uniform = torch.stack([torch.rand(vocab, generator=g, device=g.device) for g in generators]).to(logprobs.device)
     gumbel = -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0 - 1e-7)))
     return (filtered + gumbel).argmax(dim=-1)
 
@@ -86,7 +87,8 @@ def sample_responses(model, prompt_ids: list[list[int]], *, eos_ids: list[int], 
     temperature 0 also means greedy; log-probs are then those of the untempered distribution."""
     device = next(model.parameters()).device
     greedy = seeds is None or temperature == 0
-    generators = None if greedy else [torch.Generator().manual_seed(int(s)) for s in seeds]
+    # on the model's device: a CPU generator would make every decode step wait for a host-to-device copy
+    generators = None if greedy else [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     scale = 1.0 if temperature == 0 else temperature
     input_ids, attention_mask = pad_sequences(prompt_ids, pad_id, "left", device)
     eos = torch.tensor(eos_ids, device=device)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rlhf_core.batch import select_rows
+from rlhf_core.batch import length_sorted, select_rows
 
 
 class NonFiniteError(FloatingPointError):
@@ -57,13 +57,15 @@ def check_finite(value: Tensor, what: str) -> None:
 def run_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Tensor], loss_fn: LossFn,
                *, epochs: int, mini_batches: int, micro_batch_size: int, max_grad_norm: float,
                seed: int, on_step: Callable[[dict[str, float]], None] | None = None,
-               mini_batch_stats: MiniBatchStatsFn | None = None) -> list[dict[str, float]]:
+               mini_batch_stats: MiniBatchStatsFn | None = None, sort_by_length: bool = True) -> list[dict[str, float]]:
     """Optimise `loss_fn` over `batch` (this rank's rows); returns one metrics dict per optimizer step.
     batch: tensors with leading dimension B, including prompt_mask [B, P] and response_mask [B, T].
     loss_fn returns (loss, metrics) already divided by the global normalisers, so micro-batch values add up.
     mini_batch_stats(model, mini_batch) -> {name: tensor}, if given, runs once per mini-batch before its
     micro-batches and its values are added to every micro-batch: statistics the loss needs over the whole
-    mini-batch (KTO's reference point), so they do not change with the micro-batch split."""
+    mini-batch (KTO's reference point), so they do not change with the micro-batch split.
+    sort_by_length: cut each mini-batch (a random draw of rows) into micro-batches of similar lengths, which
+    computes less padding and, the normalisers being global, leaves the gradient unchanged."""
     num_rows = batch["response_mask"].shape[0]
     device = batch["response_mask"].device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -79,7 +81,8 @@ def run_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
             optimizer.zero_grad(set_to_none=True)
             totals: dict[str, float] = {}
             shared = mini_batch_stats(model, select_rows(batch, mini_rows)) if mini_batch_stats else {}
-            for micro_index, rows in enumerate(micro_batches(mini_rows, micro_batch_size)):
+            in_order = length_sorted(batch, mini_rows) if sort_by_length else mini_rows
+            for micro_index, rows in enumerate(micro_batches(in_order, micro_batch_size)):
                 loss, metrics = loss_fn(model, {**select_rows(batch, rows), **shared}, norm)
                 check_finite(loss.detach(), f"loss (epoch {epoch}, mini-batch {mini_index}, micro-batch {micro_index})")
                 # DDP averages gradients over ranks; our normalisers already divide by the global count.

@@ -1,6 +1,6 @@
 import torch
 
-from rlhf_core.batch import collate, response_lists, select_rows, truncate_sequences
+from rlhf_core.batch import collate, length_sorted, map_micro_batches, response_lists, select_rows, truncate_sequences
 
 PAD = 0
 # Three rollouts: prompts of length 2, 1, 3 (P = 3); responses of length 1, 3, 2 (T = 3).
@@ -94,3 +94,31 @@ def test_truncate_sequences_cuts_the_prompt_start_then_the_response_end():
     for max_length, max_prompt in [(3, 1), (7, 5), (8, 2)]:
         prompt, responses = truncate_sequences(list(range(9)), [list(range(7)), [1]], max_length, max_prompt)
         assert all(len(prompt) + len(r) <= max_length for r in responses)
+
+
+def test_length_sorted_orders_by_prompt_plus_response_tokens_and_keeps_ties_in_order():
+    batch = collate([[1], [1, 2, 3], [1, 2], [1, 2, 3]], [[5, 6], [5], [5, 6, 7, 8], [5, 6, 7]], PAD)
+    # lengths: 1+2=3, 3+1=4, 2+4=6, 3+3=6
+    assert length_sorted(batch, torch.tensor([3, 2, 1, 0])).tolist() == [0, 1, 3, 2]  # the tie 3, 2 keeps its order
+    assert length_sorted(batch, torch.tensor([2, 0])).tolist() == [0, 2]
+
+
+def test_map_micro_batches_groups_similar_lengths_and_stitches_rows_back_in_place():
+    prompts = [[1], [1, 2, 3, 4], [1, 2], [1, 2, 3, 4]]
+    responses = [[5, 6, 7, 8], [5], [5, 6], [5, 6, 7, 8]]  # lengths 5, 5, 4, 8
+    values = [[float(10 * i + j) for j in range(len(r))] for i, r in enumerate(responses)]
+    batch = collate(prompts, responses, PAD, per_token={"values": values})
+    widths = []
+
+    def double(micro):
+        widths.append(micro["prompt_ids"].shape[1] + micro["response_ids"].shape[1])
+        return (micro["values"] * 2,)
+
+    (doubled,) = map_micro_batches(double, batch, micro_batch_size=2)
+    assert response_lists(doubled, batch["response_mask"]) == [[2 * v for v in row] for row in values]
+    # rows {2, 0} (prompts up to 2, responses up to 4 tokens) then {1, 3} (4 + 4): 2 x 6 + 2 x 8 = 28 positions
+    assert widths == [2 + 4, 4 + 4]
+    widths.clear()
+    (unsorted,) = map_micro_batches(double, batch, micro_batch_size=2, sort_by_length=False)
+    assert torch.equal(unsorted, doubled)
+    assert widths == [4 + 4, 4 + 4]  # rows {0, 1} then {2, 3}: 32 positions

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bench.algorithms import STEPS, measure
 from bench.workloads import SMOL, Workload, body_params, causal_lm, llama_config, train_flops
@@ -32,3 +33,17 @@ def test_train_flops_by_hand():
     rows, seq, scored = 3, 7, 3
     expected = rows * (seq * (6 * body + 6 * layers * h * seq) + 6 * vocab * h * scored)
     assert train_flops(model, llama_config(TOY), rows, seq, scored) == expected
+
+
+def test_ragged_batch_and_positions_computed_by_hand():
+    from bench.batching import positions_computed, ragged_batch
+    from rlhf_core.batch import length_sorted
+
+    batch = ragged_batch(TOY, "cpu")
+    prompt_lens, response_lens = batch["prompt_mask"].sum(1), batch["response_mask"].sum(1)
+    assert prompt_lens.tolist()[0::2] == prompt_lens.tolist()[1::2]  # a group's 2 samples share its prompt
+    assert response_lens.min() >= 1 and response_lens.max() <= TOY.response_len
+    order = torch.arange(4)
+    by_hand = sum(2 * int(prompt_lens[rows].max() + response_lens[rows].max()) for rows in ([0, 1], [2, 3]))
+    assert positions_computed(batch, order, 2) == by_hand
+    assert positions_computed(batch, length_sorted(batch, order), 2) <= by_hand

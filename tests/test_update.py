@@ -125,6 +125,21 @@ def test_shuffling_is_deterministic_for_a_seed():
     assert rows_a[0] != [0, 1, 2]  # actually shuffled, not the identity order
 
 
+def test_micro_batches_hold_similar_lengths_and_the_step_does_not_change():
+    sorted_loss, unsorted_loss = RecordingLoss(), RecordingLoss()
+    sorted_model, _ = run(sorted_loss, mini_batches=2, micro_batch_size=2)
+    unsorted_model, _ = run(unsorted_loss, mini_batches=2, micro_batch_size=2, sort_by_length=False)
+    for mini in range(2):
+        calls = sorted_loss.calls[3 * mini: 3 * mini + 3]
+        lengths = [LENGTHS[r] for rows, _ in calls for r in rows]
+        assert lengths == sorted(lengths)  # micro-batches cut from the mini-batch sorted by length
+        unsorted_rows = [r for rows, _ in unsorted_loss.calls[3 * mini: 3 * mini + 3] for r in rows]
+        assert sorted(r for rows, _ in calls for r in rows) == sorted(unsorted_rows)  # the same mini-batch
+    assert [r for rows, _ in unsorted_loss.calls for r in rows] != [r for rows, _ in sorted_loss.calls for r in rows]
+    assert sorted_model.weight.item() == pytest.approx(unsorted_model.weight.item(), abs=1e-7)
+    assert sorted_model.bias.item() == pytest.approx(unsorted_model.bias.item(), abs=1e-7)
+
+
 # ---------------------------------------------------------------- accumulation and clipping
 
 
