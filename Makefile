@@ -3,7 +3,7 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: setup demo test
+.PHONY: setup demo test reliability-report
 
 setup:
 	@bash scripts/setup_env.sh $(VENV)
@@ -13,3 +13,14 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m pytest -q
+
+# The reliability tests (faults injected, bad inputs, services failing, concurrency, security defaults) write what
+# they verified to build/reliability.md; the table in README.md is replaced by it.
+RELIABILITY_TESTS := tests/test_crash_resume.py tests/test_bad_input.py tests/test_numerical_faults.py \
+	tests/test_service_failures.py tests/test_concurrency.py tests/test_security.py tests/test_deployment.py \
+	tests/test_config.py tests/test_data.py
+
+reliability-report: setup
+	@mkdir -p build
+	RLHF_RELIABILITY_REPORT=$(CURDIR)/build/reliability.md $(PYTHON) -m pytest -q $(RELIABILITY_TESTS)
+	$(PYTHON) scripts/update_reliability_report.py build/reliability.md README.md

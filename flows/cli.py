@@ -71,7 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     flow = getattr(importlib.import_module(module), function)
-    output = flow(config)  # the final checkpoint's folder; for preference-data, the dataset's folder
+    try:
+        output = flow(config)  # the final checkpoint's folder; for preference-data, the dataset's folder
+    except Exception as error:
+        # One line to find at the end of the log; the traceback is above it. At exit Prefect may keep trying to
+        # deliver queued events for minutes if its server is gone: interrupting it then loses nothing of ours.
+        print(f"rlhf {argv[0]} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        raise
     print(f"output: {output}")
     return 0
 

@@ -4,10 +4,13 @@ not an hour in."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import NamedTuple
 
 from rlhf_core.config import DataConfig, RewardSpec
-from rlhf_core.data import dataset_fingerprint
+from rlhf_core.data import check_prompt_lengths, dataset_fingerprint
+from rlhf_core.generation import chat_prompt_ids
+from rlhf_core.models import load_tokenizer, model_config
 from rlhf_core.rewards import reward_source_fingerprint
 from tasks.data import load_prompt_dataset
 from tasks.models import resolve_model, resolve_start_model
@@ -51,7 +54,22 @@ def resolve_run_seed(config, scheduled_start: datetime | None):
 
 
 def resolve_online_inputs(config) -> OnlineInputs:
-    """Every reward function imports, every reward model and the policy resolve, the dataset is valid."""
+    """Every reward function imports, every reward model and the policy resolve, the dataset is valid and every
+    prompt leaves room for the responses in the policy's context."""
     reward_fingerprints, reward_models = resolve_rewards(config.rewards)
-    return OnlineInputs(reward_fingerprints, reward_models, dataset=resolve_prompts(config.data),
-                        policy=resolve_start_model(config.model))
+    inputs = OnlineInputs(reward_fingerprints, reward_models, dataset=resolve_prompts(config.data),
+                          policy=resolve_start_model(config.model))
+    check_prompts_fit(inputs.dataset, inputs.policy, config.data, config.generation.max_new_tokens)
+    return inputs
+
+
+def check_prompts_fit(dataset: ArtifactRef, policy: CheckpointRef, data: DataConfig, max_new_tokens: int) -> None:
+    """Each prompt, rendered with the chat template as the rollout stage will, plus max_new_tokens fits in the
+    policy's context; else a DatasetError names the row."""
+    path = Path(policy.path)
+    tokenizer, _ = load_tokenizer(path)
+    context = getattr(model_config(path), "max_position_embeddings", None)
+    if context is None:  # architectures without a fixed context have nothing to check
+        return
+    lengths = [len(ids) for ids in chat_prompt_ids(tokenizer, dataset.read()["prompt"].tolist(), data.system_prompt)]
+    check_prompt_lengths(resolve_data_path(data.path), lengths, max_new_tokens, context)

@@ -24,6 +24,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from pydantic import BaseModel
 
 from rlhf_core.checkpoint import OPTIMIZER_FILE
+from rlhf_core.faults import kill_point
 from rlhf_core.metrics import rollout_metrics
 from tasks.paths import rlhf_home, tracking_uri, use_tracking_uri
 
@@ -167,8 +168,11 @@ def mlflow_run(experiment: str, config: BaseModel, flow_run_id: str | None, run_
                              link_text=f"MLflow run {run_id}", description="this flow run's MLflow run")
     try:
         yield tracker
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
+    except BaseException as error:
+        try:
+            client.set_terminated(run_id, status="FAILED")
+        except Exception as unreachable:  # the failure may be the tracking server itself: keep the first error
+            print(f"could not mark MLflow run {run_id} FAILED ({unreachable}); the run failed with: {error!r}")
         raise
     client.set_terminated(run_id, status="FINISHED")
     if flow_run_id != "local":
@@ -235,6 +239,7 @@ def log_online_iteration(tracker: Tracker, iteration: int, stage_refs: dict, upd
     sample_columns = ["group_id", "prompt", "response", "rewards", "advantages"]
     tracker.log_table(batch[sample_columns].head(16), f"samples/{folder}.json")
     tracker.register_checkpoint(update.checkpoint.path, update.checkpoint.sha256, registered_model, iteration)
+    kill_point("mlflow-log")
     stage_seconds = {**stage_seconds, "tracking": time.perf_counter() - start}
     metrics = {
         **rollout_metrics(batch["rewards"].to_numpy(), batch["group_id"].to_numpy(),

@@ -156,7 +156,34 @@ def load_table(
         if expected is float:  # ints were accepted; store one dtype so the column is float64
             values = [math.nan if _is_missing(v) else float(v) for v in values]
         out[name] = values
+    if duplicate := _first_duplicate(records):
+        later, earlier = duplicate
+        raise DatasetError(f"{path} {where(later)}: the same row as {where(earlier)} (every field equal); a "
+                           "repeated example would weigh twice: remove one")
     return pd.DataFrame(out, index=pd.RangeIndex(len(records)))
+
+
+def _first_duplicate(rows: list[dict]) -> tuple[int, int] | None:
+    """(index of the first row equal to an earlier one in every field, index of that earlier row), or None.
+    Rows that differ only in fields a flow does not use (a preference file read for its prompts) are not
+    duplicates: the file is what the user wrote, and its rows are distinct."""
+    seen: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        key = json.dumps(row, sort_keys=True, default=str)
+        if key in seen:
+            return i, seen[key]
+        seen[key] = i
+    return None
+
+
+def check_prompt_lengths(path: str | Path, prompt_lengths: list[int], max_new_tokens: int, context: int) -> None:
+    """Every prompt (as tokenized for generation) leaves room for `max_new_tokens` in the model's `context`
+    positions, or this raises naming the first row that does not (0-based, in the file's order)."""
+    for row, length in enumerate(prompt_lengths):
+        if length + max_new_tokens > context:
+            raise DatasetError(f"{path} row {row}: the prompt is {length} tokens; with generation.max_new_tokens "
+                               f"{max_new_tokens} it needs {length + max_new_tokens} positions, more than the "
+                               f"model's context of {context}: shorten it or lower max_new_tokens")
 
 
 def dataset_fingerprint(path: str | Path) -> str:

@@ -1,7 +1,8 @@
 """Atomic, content-addressed writes of Parquet tables and folders.
 
 Every output is written under a temporary name in its final directory and renamed into place, so a reader (or a
-run resumed after a crash) never sees half a file. Names are the content's sha256, so outputs are write-once:
+run resumed after a crash) never sees half a file; the temporary names start with a dot and name the writer's host
+and process, so the leftovers of a killed writer are swept by the next write to that directory. Names are the content's sha256, so outputs are write-once:
 a second writer of the same content finds it already there, and different content never overwrites.
 """
 
@@ -10,11 +11,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
+
+from rlhf_core.faults import kill_point
 
 _CHUNK = 1 << 20
 
@@ -37,17 +41,48 @@ def sha256_dir(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+TEMP_PREFIX = ".tmp-"
+
+
 def _temp_name(directory: Path, suffix: str = "") -> Path:
-    return directory / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}{suffix}"
+    return directory / f"{TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}{suffix}"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host with this id exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_stale_temps(directory: Path) -> list[Path]:
+    """Remove the temporary files and folders that killed writers left in `directory` (a SIGKILL skips every
+    clean-up): those of this host whose process is gone. Another host's are left alone, since its processes cannot
+    be seen from here. Returns what was removed."""
+    host = socket.gethostname()
+    removed = []
+    for entry in directory.glob(f"{TEMP_PREFIX}*"):
+        writer = entry.name[len(TEMP_PREFIX):].rpartition("-")[0]  # "<host>-<pid>"
+        writer_host, _, pid = writer.rpartition("-")
+        if writer_host == host and pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def write_parquet(df: pd.DataFrame, directory: str | Path) -> tuple[Path, str]:
     """Write `df` to `<directory>/<sha256[:16]>.parquet` atomically. Returns (path, sha256)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(directory)
     tmp = _temp_name(directory, ".parquet")
     try:
         df.to_parquet(tmp, index=False)
+        kill_point("write-parquet")
         digest = sha256_file(tmp)
         final = directory / f"{digest[:16]}.parquet"
         if final.exists():
@@ -63,10 +98,12 @@ def write_dir(write: Callable[[Path], None], directory: str | Path) -> tuple[Pat
     """Call `write(tmp_dir)`, then rename the folder to `<directory>/<sha256[:16]>` atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(directory)
     tmp = _temp_name(directory)
     try:
         tmp.mkdir()
         write(tmp)
+        kill_point("write-dir")
         digest = sha256_dir(tmp)
         final = directory / digest[:16]
         if final.exists():

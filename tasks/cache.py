@@ -9,14 +9,19 @@ rlhf_core and tasks) is added: editing a core function invalidates the stages th
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.locking.filesystem import FileSystemLockManager
 from prefect.utilities.hashing import hash_objects
 from pydantic import BaseModel
 
+from rlhf_core.io import process_alive, write_atomically
 from tasks.paths import rlhf_home
 from tasks.refs import ArtifactRef, CheckpointRef
 
@@ -56,6 +61,43 @@ class ContentInputs(CachePolicy):
         return hash_objects(normalized, CODE_VERSION, str(rlhf_home()), raise_on_failure=True)
 
 
-STAGE_CACHE = ContentInputs() + TASK_SOURCE
+class ProcessLockManager(FileSystemLockManager):
+    """Prefect's file locks, kept in the data folder, recording the holder's host and process id: a lock left by
+    a process that was killed (SIGKILL runs no clean-up) is taken over by the next run on that host instead of
+    blocking it forever. A holder on another host is waited for: its processes cannot be seen from here."""
+
+    def __init__(self):  # the folder follows RLHF_HOME at call time, so the base class's fixed path is not set
+        self._locks = {}
+
+    @property
+    def lock_files_directory(self) -> Path:
+        return rlhf_home() / "locks"
+
+    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                     hold_timeout: float | None = None) -> bool:
+        acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout)
+        if acquired:
+            path = self._lock_path_for_key(key)
+            info = {**json.loads(path.read_bytes()), "host": socket.gethostname(), "pid": os.getpid()}
+            write_atomically(lambda tmp: tmp.write_text(json.dumps(info)), path)
+        return acquired
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        path = self._lock_path_for_key(key)
+        try:
+            info = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            return super().is_locked(key, use_cache)
+        if info.get("host") == socket.gethostname() and not process_alive(int(info.get("pid", os.getpid()))):
+            path.unlink(missing_ok=True)  # its holder is gone
+            self._locks.pop(key, None)
+            return False
+        return super().is_locked(key, use_cache)
+
+
+# SERIALIZABLE: two runs reaching the same stage with the same inputs compute it once; the second waits for the
+# first's lock, then finds its cache record.
+STAGE_CACHE = (ContentInputs() + TASK_SOURCE).configure(isolation_level="SERIALIZABLE",
+                                                        lock_manager=ProcessLockManager())
 # Results (the small refs) are stored as JSON rather than pickles: readable, and nothing is unpickled on resume.
 STAGE_TASK_OPTIONS = dict(cache_policy=STAGE_CACHE, result_serializer="json", persist_result=True)

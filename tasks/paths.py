@@ -47,7 +47,28 @@ def use_tracking_uri() -> str:
     uri = tracking_uri()
     _URIS_WE_SET.add(uri)
     mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and uri not in _STORES_READY:
+        _create_sqlite_store(uri)
+        _STORES_READY.add(uri)
     return uri
+
+
+_STORES_READY: set[str] = set()
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """Create (or migrate) the SQLite store under an exclusive file lock: two runs starting at once on a fresh
+    data folder would otherwise both run MLflow's schema migrations, and the second fails ("table already
+    exists")."""
+    import fcntl
+
+    import mlflow
+
+    lock_path = Path(uri.removeprefix("sqlite:///")).with_name(".store.lock")
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process is killed
+        mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).search_registered_models(max_results=1)
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
 
 
 def resolve_data_path(path: str) -> Path:

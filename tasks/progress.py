@@ -14,6 +14,8 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import FlowRunContext, TaskRunContext
 from tqdm.auto import tqdm
 
+from rlhf_core.faults import kill_point
+
 
 def _in_prefect_run() -> bool:
     return TaskRunContext.get() is not None or FlowRunContext.get() is not None
@@ -40,6 +42,7 @@ class StageProgress:
         return 100.0 if self.total <= 0 else min(100.0, 100.0 * self.done / self.total)
 
     def update(self, n: int = 1) -> None:
+        kill_point(f"progress:{self.desc}")
         self.done += n
         self._bar.update(n)
         now = self._clock()

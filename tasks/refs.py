@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 from pydantic import BaseModel
 
+from rlhf_core.faults import kill_point
 from rlhf_core.io import write_parquet
 from tasks.paths import stage_dir
 
@@ -32,6 +33,7 @@ class CheckpointRef(BaseModel):
 
 
 def publish(df: pd.DataFrame, stage: str) -> ArtifactRef:
+    kill_point(f"publish:{stage}")
     path, digest = write_parquet(df, stage_dir(stage))
     return ArtifactRef(path=str(path), sha256=digest, rows=len(df))
 

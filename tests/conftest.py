@@ -92,3 +92,35 @@ def _no_models_in_memory_across_tests():
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+
+
+class ReliabilityLog:
+    """The faults injected and bad inputs tried by the reliability tests, and what happened. A test records a row
+    only after asserting the outcome, so the report lists what the suite verified. With RLHF_RELIABILITY_REPORT
+    set, the session writes them as a markdown table there (`make reliability-report` puts it in README.md)."""
+
+    def __init__(self):
+        self.rows: list[tuple[str, str, str, str]] = []
+
+    def record(self, fault: str, case: str, outcome: str, data_lost: str = "none") -> None:
+        self.rows.append((fault, case, outcome, data_lost))
+
+    def markdown(self) -> str:
+        lines = ["| fault or input | where / what | what happened | data lost |", "|---|---|---|---|"]
+        for row in sorted(set(self.rows), key=self.rows.index):
+            lines.append("| " + " | ".join(row) + " |")
+        return "\n".join(lines) + "\n"
+
+
+RELIABILITY = ReliabilityLog()
+
+
+@pytest.fixture(scope="session")
+def reliability() -> ReliabilityLog:
+    return RELIABILITY
+
+
+def pytest_sessionfinish(session, exitstatus):
+    target = os.environ.get("RLHF_RELIABILITY_REPORT")
+    if target and RELIABILITY.rows:
+        Path(target).write_text(RELIABILITY.markdown())

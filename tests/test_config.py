@@ -132,10 +132,12 @@ def test_main_dry_run_prints_round_trippable_yaml(config_file, capsys):
     assert printed["generation"]["group_size"] == 2 and printed["optim"]["lr"] == 2e-5
 
 
-def test_main_rejects_invalid_value_naming_the_field(capsys):
+def test_main_rejects_invalid_value_naming_the_field(capsys, reliability):
     assert main(["grpo", "--optim.lr", "-1"]) == 2
     captured = capsys.readouterr()
     assert "optim.lr" in captured.err and captured.out == ""
+    reliability.record("bad input", "a config value out of range from the CLI (--optim.lr -1)",
+                       "exit status 2, message naming optim.lr, before anything is loaded")
 
 
 @pytest.mark.parametrize("content, needle", [

@@ -253,6 +253,7 @@ _RECORDS = st.lists(
     ),
     min_size=1,
     max_size=8,
+    unique_by=lambda r: (r["prompt"], r["answer"]),
 )
 
 
@@ -268,6 +269,54 @@ def test_jsonl_and_parquet_round_trip(tmp_path_factory, records):
     required = {"prompt": str, "answer": int}
     pd.testing.assert_frame_equal(load_table(jsonl, required), expected)
     pd.testing.assert_frame_equal(load_table(parquet, required), expected)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(records=_RECORDS, data=st.data())
+def test_a_repeated_row_is_named_with_the_row_it_repeats(tmp_path_factory, reliability, records, data):
+    original = data.draw(st.integers(0, len(records) - 1))
+    at = data.draw(st.integers(original + 1, len(records)))
+    rows = records[:at] + [records[original]] + records[at:]
+    path = tmp_path_factory.mktemp("dup") / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(DatasetError, match=rf"d.jsonl line {at + 1}: the same row as line {original + 1} "):
+        load_table(path, {"prompt": str, "answer": int})
+    reliability.record("bad input", "a row repeated anywhere in a dataset (hypothesis, 40 cases)",
+                       "DatasetError naming both lines")
+
+
+def test_rows_equal_only_in_fields_not_loaded_are_not_duplicates(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "chosen": "x"}\n{"prompt": "a", "chosen": "y"}\n')
+    assert load_table(path, {"prompt": str})["prompt"].tolist() == ["a", "a"]  # a pairs file read for its prompts
+    path.write_text('{"prompt": "a", "chosen": "x"}\n{"chosen": "x", "prompt": "a"}\n')
+    with pytest.raises(DatasetError, match="line 2: the same row as line 1"):
+        load_table(path, {"prompt": str})  # every field equal, whatever their order
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode)))
+def test_any_bytes_in_a_jsonl_file_load_or_raise_a_dataset_error_naming_the_file(tmp_path_factory, reliability,
+                                                                                 content):
+    path = tmp_path_factory.mktemp("fuzz") / "fuzzed.jsonl"
+    path.write_bytes(content)
+    try:
+        df = load_table(path, {"prompt": str})
+    except DatasetError as e:
+        assert str(path) in str(e)
+    else:
+        assert len(df) >= 1 and all(isinstance(v, str) for v in df["prompt"])
+    reliability.record("bad input", "arbitrary bytes or text as a JSONL dataset (hypothesis, 150 cases)",
+                       "loads valid rows, or a DatasetError naming the file; never another exception")
+
+
+def test_check_prompt_lengths_names_the_first_row_without_room():
+    from rlhf_core.data import check_prompt_lengths
+
+    check_prompt_lengths("p.jsonl", [10, 20, 24], max_new_tokens=8, context=32)  # 24 + 8 = 32 fits exactly
+    with pytest.raises(DatasetError, match=r"p.jsonl row 1: the prompt is 25 tokens; .* 33 positions, more than "
+                                           r"the model's context of 32"):
+        check_prompt_lengths("p.jsonl", [10, 25, 40], max_new_tokens=8, context=32)
 
 
 def test_fingerprint_of_a_file_is_its_sha256(tmp_path):

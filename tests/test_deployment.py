@@ -22,7 +22,7 @@ def prefect_cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def test_prefect_yaml_deploys_grpo_with_a_validated_form(prefect_harness):
+def test_prefect_yaml_deploys_grpo_with_a_validated_form(prefect_harness, reliability):
     assert prefect_cli("work-pool", "create", "local-process", "--type", "process").returncode == 0
     result = prefect_cli("--no-prompt", "deploy", "--all")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -37,6 +37,8 @@ def test_prefect_yaml_deploys_grpo_with_a_validated_form(prefect_harness):
         assert definitions["KLConfig"]["properties"]["estimator"]["enum"] == ["k1", "k2", "k3"]
         with pytest.raises(Exception, match="(?i)validation"):
             client.create_flow_run_from_deployment(deployment.id, parameters={"config": {"optim": {"lr": -1}}})
+        reliability.record("bad input", "a config value out of range from the Prefect UI (optim.lr = -1)",
+                           "refused by the server's form validation; no flow run created")
         ppo = client.read_deployment_by_name("ppo/ppo")
         assert ppo.parameter_openapi_schema["definitions"]["ValueConfig"]["properties"]["critic"]["enum"] == [
             "shared", "separate"]

@@ -170,3 +170,39 @@ def test_write_atomically_replaces_the_named_file_or_leaves_it_alone(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         io_module.write_atomically(fail, target)
     assert target.read_text() == "v2" and os.listdir(target.parent) == ["pairs.parquet"]
+
+
+def test_a_killed_writers_temporaries_are_swept_by_the_next_write_and_live_or_foreign_ones_kept(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from rlhf_core.io import sweep_stale_temps
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    host = socket.gethostname()
+    (tmp_path / f".tmp-{host}-{dead_pid}-0123456789ab.parquet").write_bytes(b"PAR1 half a file")
+    (tmp_path / f".tmp-{host}-{dead_pid}-ba9876543210").mkdir()  # a half-written checkpoint folder
+    kept = [f".tmp-{host}-{os.getpid()}-aaaaaaaaaaaa.parquet",  # a writer still running
+            f".tmp-another-host-{dead_pid}-bbbbbbbbbbbb.parquet"]  # another machine's: its pids are not ours
+    for name in kept:
+        (tmp_path / name).write_bytes(b"")
+    path, _ = write_parquet(rollouts_frame(), tmp_path)
+    assert sorted(temp_entries(tmp_path)) == sorted(kept)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + [path.name])
+    assert sweep_stale_temps(tmp_path) == []
+
+
+def test_reliability_report_is_spliced_between_the_markers_only():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "update_reliability_report.py"
+    spec = importlib.util.spec_from_file_location("update_reliability_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    readme = f"intro\n{module.START}\nold table\n{module.END}\noutro\n"
+    assert module.splice(readme, "| new |\n") == f"intro\n{module.START}\n| new |\n{module.END}\noutro\n"
+    with pytest.raises(SystemExit, match="no"):
+        module.splice("no markers", "| new |")
