@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 from dataclasses import replace
@@ -29,7 +30,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3)
     args = parser.parse_args()
 
-    from rlhf_core.models import DEFAULT_MODEL, load_tokenizer, resolve_model_path
+    from rlhf_core.models import DEFAULT_MODEL, resolve_model_path
 
     # the converted SmolLM2 of this machine (importing `tasks` would bind Prefect to that data folder: not yet)
     user_home = Path(os.environ.get("RLHF_HOME") or Path.home() / ".rlhf").expanduser()
@@ -38,12 +39,19 @@ def main() -> None:
     os.environ["RLHF_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("PREFECT_API_URL", None)
+    try:
+        print(json.dumps(measure_overhead(home, tokenizer_dir, args.iterations), indent=1))
+    finally:
+        shutil.rmtree(home, ignore_errors=True)  # a smol run's checkpoints and registry: several GB
 
+
+def measure_overhead(home: Path, tokenizer_dir: Path, iterations: int) -> dict:
     import mlflow
 
     from bench.algorithms import measure
     from bench.workloads import WORKLOADS, llama_config
     from flows.grpo import grpo
+    from rlhf_core.models import load_tokenizer
     from rlhf_core.config import GenerationConfig, GRPOConfig, KLConfig, ModelConfig, OptimConfig, TrackingConfig
     from tasks.paths import use_tracking_uri
     from transformers import LlamaForCausalLM
@@ -54,7 +62,7 @@ def main() -> None:
     LlamaForCausalLM(llama_config(workload)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
 
-    config = GRPOConfig(iterations=args.iterations, prompts_per_iteration=workload.prompts,
+    config = GRPOConfig(iterations=iterations, prompts_per_iteration=workload.prompts,
                         model=ModelConfig(name_or_path=str(model_dir)),
                         generation=GenerationConfig(group_size=workload.samples, max_new_tokens=workload.response_len,
                                                     temperature=1.0),
@@ -67,14 +75,14 @@ def main() -> None:
     time_keys = [k for k in run.data.metrics if k.startswith("time/")]
     per_iteration = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)} for k in time_keys}
     stage_keys = [k for k in time_keys if k != "time/checkpoint_s"]  # the stage clocks; the checkpoint is in update
-    warm = range(1, args.iterations)
+    warm = range(1, iterations)
     flow_wall = statistics.median(sum(per_iteration[k][i] for k in stage_keys) for i in warm)
     prompt_len = max(len(ids) for path in (home / "artifacts" / "rollouts").glob("*.parquet")
                      for ids in pd.read_parquet(path)["prompt_ids"])
     bare = measure("grpo", replace(workload, prompt_len=prompt_len), "cpu", "fp32", steps=max(2, len(warm)),
                    warmup=1)
     checkpoint_s = statistics.median(per_iteration["time/checkpoint_s"][i] for i in warm)  # timed in the task
-    report = {
+    return {
         "flow_state": state.name, "iterations_measured": len(warm),
         "flow_iteration_s": flow_wall,
         "flow_stages_s": {k: statistics.median(per_iteration[k][i] for i in warm) for k in stage_keys},
@@ -86,7 +94,6 @@ def main() -> None:
         "prefect_parquet_mlflow_fraction": (flow_wall - bare["step_s"] - checkpoint_s) / flow_wall,
         "tracking_fraction": statistics.median(per_iteration["time/tracking_s"][i] for i in warm) / flow_wall,
     }
-    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -90,10 +90,6 @@ def _no_models_in_memory_across_tests():
     MODELS.entries.clear()
 
 
-def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
-
-
 class ReliabilityLog:
     """The faults injected and bad inputs tried by the reliability tests, and what happened. A test records a row
     only after asserting the outcome, so the report lists what the suite verified. With RLHF_RELIABILITY_REPORT
@@ -124,3 +120,4 @@ def pytest_sessionfinish(session, exitstatus):
     target = os.environ.get("RLHF_RELIABILITY_REPORT")
     if target and RELIABILITY.rows:
         Path(target).write_text(RELIABILITY.markdown())
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
