@@ -20,6 +20,7 @@ from rlhf_core.config import DPOConfig
 from tasks.dpo import compute_reference_logprobs, evaluate_dpo, tokenize_pairs, train_dpo_epoch
 from tasks.models import resolve_start_model
 from tasks.reward_model import load_preference_dataset
+from tasks.runtime import reference_checkpoint
 from tasks.update import prune_checkpoints
 
 
@@ -33,8 +34,9 @@ def dpo(config: DPOConfig = DPOConfig()) -> str:
     train_pairs, eval_pairs = (tokenize_pairs(policy, split, config.max_length, config.max_prompt_length)
                                for split in (pairs.train, pairs.eval))
     if config.loss_type != "simpo":  # the reference is the starting policy, frozen
-        train_pairs = compute_reference_logprobs(policy, train_pairs, config.micro_batch_size, runtime, trust)
-        eval_pairs = compute_reference_logprobs(policy, eval_pairs, config.micro_batch_size, runtime, trust)
+        reference = reference_checkpoint(policy, policy, config.model.lora)
+        train_pairs = compute_reference_logprobs(reference, train_pairs, config.micro_batch_size, runtime, trust)
+        eval_pairs = compute_reference_logprobs(reference, eval_pairs, config.micro_batch_size, runtime, trust)
     checkpoints = []
 
     with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker:
@@ -44,7 +46,7 @@ def dpo(config: DPOConfig = DPOConfig()) -> str:
                 update = train_dpo_epoch(policy, train_pairs, epoch, config.loss_type, config.beta,
                                          config.label_smoothing, config.simpo_gamma, config.rpo_alpha,
                                          config.batch_size, config.micro_batch_size, config.lr,
-                                         config.max_grad_norm, config.seed, runtime, trust)
+                                         config.max_grad_norm, config.seed, runtime, trust, config.model.lora)
             with clock("eval"):
                 scores = evaluate_dpo(update.checkpoint, eval_pairs, config.loss_type, config.beta,
                                       config.micro_batch_size, runtime, trust)

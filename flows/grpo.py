@@ -16,8 +16,9 @@ from flows.tracking import StageClock, log_online_iteration, mlflow_run
 from rlhf_core.config import GRPOConfig
 from tasks.advantages import compute_advantages
 from tasks.data import sample_prompts
-from tasks.rollouts import generate_rollouts
-from tasks.scoring import score_rollouts
+from tasks.runtime import reference_checkpoint
+from tasks.sharded_stages import generation_stage, scoring_stage
+from tasks.sharding import shard_runner
 from tasks.update import prune_checkpoints, update_policy
 
 
@@ -31,23 +32,28 @@ def grpo(config: GRPOConfig = GRPOConfig()) -> str:
     trust = config.model.trust_remote_code
     checkpoints = []
 
-    with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker:
+    with (mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker,
+          shard_runner(config.runtime) as shards):
         for iteration in range(config.iterations):
             clock = StageClock()
             with clock("prompts"):
                 prompts = sample_prompts(dataset, config.prompts_per_iteration, iteration, config.seed)
             with clock("generation"):
-                rollouts = generate_rollouts(policy, prompts, config.generation, config.runtime,
-                                             config.data.system_prompt, config.seed, iteration, trust)
+                rollouts = generation_stage(policy, prompts, config.generation, config.runtime,
+                                            config.data.system_prompt, config.seed, iteration, trust, shards)
             with clock("scoring"):
-                scored = score_rollouts(rollouts, config.rewards, reward_fingerprints, reward_models,
-                                        config.data.extra_columns, reference, config.runtime, temperature,
-                                        config.optim.micro_batch_size, config.optim.logprob_chunk_size, trust)
+                scored = scoring_stage(rollouts, config.rewards, reward_fingerprints, reward_models,
+                                       config.data.extra_columns,
+                                       reference and reference_checkpoint(reference, policy, config.model.lora),
+                                       config.runtime, temperature,
+                                       config.optim.micro_batch_size, config.optim.logprob_chunk_size, trust,
+                                       shards)
             with clock("advantages"):
                 batch = compute_advantages(scored, config.advantage.estimator)
             with clock("update"):
                 update = update_policy(policy, batch, config.loss, config.kl, config.optim, config.runtime,
-                                       temperature, config.generation.max_new_tokens, config.seed + iteration, trust)
+                                       temperature, config.generation.max_new_tokens, config.seed + iteration, trust,
+                                       config.model.lora)
             policy = update.checkpoint
             log_online_iteration(tracker, iteration, {"prompts": prompts, "rollouts": rollouts, "scored": scored,
                                                        "advantages": batch}, update, clock,

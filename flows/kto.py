@@ -22,6 +22,7 @@ from rlhf_core.kto import held_out_metrics
 from tasks.kto import (compute_kto_reference_logprobs, evaluate_kto, load_unpaired_dataset, tokenize_unpaired,
                        train_kto_epoch)
 from tasks.models import resolve_start_model
+from tasks.runtime import reference_checkpoint
 from tasks.update import prune_checkpoints
 
 
@@ -34,8 +35,9 @@ def kto(config: KTOConfig = KTOConfig()) -> str:
     trust, runtime = config.model.trust_remote_code, config.runtime
     tokens = [tokenize_unpaired(policy, split, config.max_length, config.max_prompt_length, config.seed)
               for split in (examples.train, examples.eval)]  # also fixes each row's mismatched completion
-    train_examples, eval_examples = (  # the reference is the starting policy, frozen
-        compute_kto_reference_logprobs(policy, split, config.micro_batch_size, runtime, trust) for split in tokens)
+    reference = reference_checkpoint(policy, policy, config.model.lora)  # the starting policy, frozen
+    train_examples, eval_examples = (
+        compute_kto_reference_logprobs(reference, split, config.micro_batch_size, runtime, trust) for split in tokens)
     checkpoints = []
 
     with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker:
@@ -44,7 +46,8 @@ def kto(config: KTOConfig = KTOConfig()) -> str:
             with clock("train"):
                 update = train_kto_epoch(policy, train_examples, epoch, config.beta, config.desirable_weight,
                                          config.undesirable_weight, config.batch_size, config.micro_batch_size,
-                                         config.lr, config.max_grad_norm, config.seed, runtime, trust)
+                                         config.lr, config.max_grad_norm, config.seed, runtime, trust,
+                                         config.model.lora)
             with clock("eval"):
                 scores = evaluate_kto(update.checkpoint, eval_examples, config.beta, config.micro_batch_size,
                                       runtime, trust)

@@ -16,6 +16,7 @@ from tasks.data import load_prompt_dataset
 from tasks.models import resolve_model, resolve_start_model
 from tasks.paths import resolve_data_path
 from tasks.refs import ArtifactRef, CheckpointRef
+from tasks.sharding import check_task_runner
 
 
 class OnlineInputs(NamedTuple):
@@ -55,7 +56,8 @@ def resolve_run_seed(config, scheduled_start: datetime | None):
 
 def resolve_online_inputs(config) -> OnlineInputs:
     """Every reward function imports, every reward model and the policy resolve, the dataset is valid and every
-    prompt leaves room for the responses in the policy's context."""
+    prompt leaves room for the responses in the policy's context. A sharded run's task runner is installed."""
+    check_task_runner(config.runtime)
     reward_fingerprints, reward_models = resolve_rewards(config.rewards)
     inputs = OnlineInputs(reward_fingerprints, reward_models, dataset=resolve_prompts(config.data),
                           policy=resolve_start_model(config.model))

@@ -18,8 +18,9 @@ from rlhf_core.kl_control import make_kl_controller
 from rlhf_core.metrics import ppo_metrics
 from tasks.data import sample_prompts
 from tasks.ppo import compute_gae, compute_values, update_actor_critic
-from tasks.rollouts import generate_rollouts
-from tasks.scoring import score_rollouts
+from tasks.runtime import reference_checkpoint
+from tasks.sharded_stages import generation_stage, scoring_stage
+from tasks.sharding import shard_runner
 from tasks.update import prune_checkpoints
 
 
@@ -35,26 +36,29 @@ def ppo(config: PPOConfig = PPOConfig()) -> str:
     runtime, optim, trust = config.runtime, config.optim, config.model.trust_remote_code
     checkpoints = []
 
-    with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker:
+    with (mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker,
+          shard_runner(config.runtime) as shards):
         for iteration in range(config.iterations):
             clock = StageClock()
             with clock("prompts"):
                 prompts = sample_prompts(dataset, config.prompts_per_iteration, iteration, config.seed)
             with clock("generation"):
-                rollouts = generate_rollouts(policy, prompts, config.generation, runtime, config.data.system_prompt,
-                                             config.seed, iteration, trust)
+                rollouts = generation_stage(policy, prompts, config.generation, runtime, config.data.system_prompt,
+                                            config.seed, iteration, trust, shards)
             with clock("values"):
                 valued = compute_values(policy, rollouts, runtime, config.value.critic, temperature,
                                         optim.micro_batch_size, optim.logprob_chunk_size, trust)
             with clock("scoring"):
-                scored = score_rollouts(valued, config.rewards, reward_fingerprints, reward_models,
-                                        config.data.extra_columns, reference, runtime, temperature,
-                                        optim.micro_batch_size, optim.logprob_chunk_size, trust)
+                scored = scoring_stage(valued, config.rewards, reward_fingerprints, reward_models,
+                                       config.data.extra_columns,
+                                       reference_checkpoint(reference, policy, config.model.lora), runtime,
+                                       temperature, optim.micro_batch_size, optim.logprob_chunk_size, trust, shards)
             with clock("advantages"):
                 batch = compute_gae(scored, kl_controller.value, config.kl.estimator, config.gae, config.scores)
             with clock("update"):
                 update = update_actor_critic(policy, batch, config.loss, config.value, optim, runtime, temperature,
-                                             config.generation.max_new_tokens, config.seed + iteration, trust)
+                                             config.generation.max_new_tokens, config.seed + iteration, trust,
+                                             config.model.lora)
             policy = update.checkpoint
             table = batch.read()
             stats = ppo_metrics(table["score"].to_numpy(), table["kl_sum"].to_numpy(),

@@ -40,7 +40,7 @@ def reward_model(config: RewardModelConfig = RewardModelConfig()) -> str:
                 update = train_reward_model_epoch(model, pairs.train, epoch, config.batch_size,
                                                   config.micro_batch_size, config.lr,
                                                   config.max_length, config.center_coef, config.max_grad_norm,
-                                                  config.seed, config.runtime, trust)
+                                                  config.seed, config.runtime, trust, config.lora)
             with clock("eval"):
                 scores = evaluate_reward_model(update.checkpoint, pairs.eval, config.batch_size, config.max_length,
                                                config.runtime, trust)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf_core.io import write_dir
+from rlhf_core.lora import save_model
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 
@@ -42,12 +43,13 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, flat: dict[str, tor
 
 
 def save_checkpoint(model, tokenizer, optimizer: torch.optim.Optimizer | None, root: str | Path,
-                    write_extra: Callable[[Path], None] | None = None) -> tuple[Path, str]:
+                    write_extra: Callable[[Path], None] | None = None, merged: bool = False) -> tuple[Path, str]:
     """Save to `<root>/<sha256[:16]>/` atomically; `write_extra(folder)` adds files (a value head, say).
-    Returns (folder, sha256 of its content)."""
+    A model with a LoRA adapter is saved adapter-only, or with `merged` as full merged weights plus the adapter
+    (`lora.save_model`). Returns (folder, sha256 of its content)."""
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        save_model(model, tmp, merged)
         tokenizer.save_pretrained(tmp)
         if optimizer is not None:
             save_file(optimizer_tensors(optimizer), str(tmp / OPTIMIZER_FILE))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rlhf_core.batch import collate
+from rlhf_core.distributed import map_rows_across_ranks
 from rlhf_core.kl import KL_ESTIMATORS
 from rlhf_core.logprobs import batched_response_logprobs, response_logprobs
 from rlhf_core.policy_losses import POLICY_LOSSES, aggregate
@@ -20,10 +22,11 @@ from rlhf_core.update import Normalizers, run_update
 
 def grpo_loss(model, batch: dict[str, Tensor], norm: Normalizers, *, clip_eps_low: float, clip_eps_high: float,
               kl_coef: float, kl_estimator: str, aggregation: str, norm_length: int, temperature: float,
-              chunk_size: int) -> tuple[Tensor, dict[str, Tensor]]:
+              chunk_size: int, tis_cap: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss of one micro-batch, divided by the mini-batch's global normalisers so micro-batches add up.
     batch: prompt_ids/prompt_mask [B, P], response_ids/response_mask [B, T], advantages [B],
-    optional old_logprobs [B, T] (absent: on-policy, ratio 1) and ref_logprobs [B, T] (needed if kl_coef > 0)."""
+    optional old_logprobs [B, T] (absent: on-policy, ratio 1), ref_logprobs [B, T] (needed if kl_coef > 0) and
+    sampling_logprobs [B, T] (the sampler's, needed if tis_cap is set)."""
     mask = batch["response_mask"].bool()
     logprobs, entropy = response_logprobs(model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
                                           mask, temperature=temperature, chunk_size=chunk_size)
@@ -31,6 +34,14 @@ def grpo_loss(model, batch: dict[str, Tensor], norm: Normalizers, *, clip_eps_lo
     advantages = batch["advantages"][:, None].expand_as(logprobs)  # [B, T]: one advantage per response
     loss_per_token, info = POLICY_LOSSES["ppo_clip"](logprobs, old_logprobs, advantages, clip_eps_low, clip_eps_high)
     metrics = {}
+    if tis_cap is not None:
+        weights = truncated_is_weights(old_logprobs, batch["sampling_logprobs"], tis_cap)
+        loss_per_token = loss_per_token * weights
+        metrics.update({
+            "rollout/tis_weight_mean": _token_sum(weights, mask) / norm.num_tokens,
+            "rollout/tis_capped_frac": _token_sum((weights >= tis_cap).float(), mask) / norm.num_tokens,
+            "rollout/logprob_abs_diff": _token_sum((old_logprobs - batch["sampling_logprobs"]).abs(), mask)
+            / norm.num_tokens})
     if kl_coef > 0:
         kl_per_token = KL_ESTIMATORS[kl_estimator](logprobs, batch["ref_logprobs"])
         loss_per_token = loss_per_token + kl_coef * kl_per_token
@@ -47,6 +58,15 @@ def grpo_loss(model, batch: dict[str, Tensor], norm: Normalizers, *, clip_eps_lo
     return loss, metrics
 
 
+def truncated_is_weights(old_logprobs: Tensor, sampling_logprobs: Tensor, cap: float) -> Tensor:
+    """Per-token importance weights min(p_train / p_sampler, cap) of the tokens the sampler drew, no gradient.
+    The rollout engine's log-probs differ from the trainer's (lower precision, another kernel, a truncated
+    top-p distribution), so the on-policy gradient is biased; the weight corrects it, truncation bounds its
+    variance (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training").
+    old_logprobs, sampling_logprobs: [B, T] -> [B, T]"""
+    return torch.exp(old_logprobs.detach() - sampling_logprobs).clamp(max=cap)
+
+
 def _token_sum(values: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, values.detach(), 0.0).sum()
 
@@ -58,12 +78,29 @@ def grpo_update(model, optimizer, batch: dict[str, Tensor], *, epochs: int, mini
     With a single step per batch the data is exactly on-policy (ratio 1) and no extra forward pass is needed;
     with several, the pre-update log-probs are computed once so later steps are clipped against them."""
     if epochs * mini_batches > 1:
-        batch = {**batch, "old_logprobs": batched_response_logprobs(
-            model, batch, micro_batch_size=micro_batch_size, temperature=loss_kwargs["temperature"],
-            chunk_size=loss_kwargs["chunk_size"])}
+        batch = {**batch, "old_logprobs": map_rows_across_ranks(lambda rows: batched_response_logprobs(
+            model, rows, micro_batch_size=micro_batch_size, temperature=loss_kwargs["temperature"],
+            chunk_size=loss_kwargs["chunk_size"]), batch)}
 
     def loss_fn(m, micro, norm):
         return grpo_loss(m, micro, norm, **loss_kwargs)
 
     return run_update(model, optimizer, batch, loss_fn, epochs=epochs, mini_batches=mini_batches,
                       micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, seed=seed, on_step=on_step)
+
+
+def update_from_rollouts(model, optimizer, rollouts, pad_id: int, *, loss, kl, optim, device: str, temperature: float,
+                         max_new_tokens: int, seed: int, on_step=None) -> list[dict[str, float]]:
+    """GRPO's update on a scored rollout table (columns prompt_ids, response_ids, advantages and, with a KL term,
+    ref_logprobs), with the flow's loss/kl/optim configs. The same call in one process and on every rank."""
+    per_token = {"ref_logprobs": rollouts["ref_logprobs"]} if kl.coef > 0 else {}
+    if loss.tis_cap is not None:
+        per_token["sampling_logprobs"] = rollouts["sampling_logprobs"]
+    tensors = collate(rollouts["prompt_ids"], rollouts["response_ids"], pad_id, per_token=per_token,
+                      per_seq={"advantages": rollouts["advantages"]}, device=device)
+    return grpo_update(
+        model, optimizer, tensors, epochs=optim.epochs, mini_batches=optim.mini_batches,
+        micro_batch_size=optim.micro_batch_size, max_grad_norm=optim.max_grad_norm, seed=seed, on_step=on_step,
+        clip_eps_low=loss.clip_eps_low, clip_eps_high=loss.clip_eps_high, kl_coef=kl.coef,
+        kl_estimator=kl.estimator, aggregation=loss.aggregation, norm_length=max_new_tokens,
+        temperature=temperature or 1.0, chunk_size=optim.logprob_chunk_size, tis_cap=loss.tis_cap)

@@ -85,10 +85,27 @@ def response_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, response_i
                       with_entropy: bool = True) -> tuple[Tensor, Tensor | None]:
     """Per-token log-probs and entropy of each response given its prompt.
     prompt_ids, prompt_mask: [B, P]; response_ids, response_mask: [B, T] -> (logprobs [B, T], entropy [B, T] or
-    None without `with_entropy`)"""
+    None without `with_entropy`). `model`: a causal LM, or a ResponseScorer (possibly under DDP/FSDP)."""
+    if isinstance(getattr(model, "module", model), ResponseScorer):
+        return model(prompt_ids, prompt_mask, response_ids, response_mask, temperature=temperature,
+                     chunk_size=chunk_size, with_entropy=with_entropy)
     hidden = response_hidden_states(model, prompt_ids, prompt_mask, response_ids, response_mask)
     return logprobs_from_hidden(hidden, response_ids, response_mask.bool(), model.get_output_embeddings(),
                                 temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy)
+
+
+class ResponseScorer(torch.nn.Module):
+    """A causal LM whose forward is `response_logprobs`. DDP and FSDP synchronise around a module's forward, and
+    the log-prob pass calls the backbone and the LM head separately, so distributed training wraps the LM in
+    this and every loss reaches it through `response_logprobs` unchanged."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+                **kwargs) -> tuple[Tensor, Tensor | None]:
+        return response_logprobs(self.lm, prompt_ids, prompt_mask, response_ids, response_mask, **kwargs)
 
 
 def batched_response_logprobs(model, batch: dict[str, Tensor], *, micro_batch_size: int, temperature: float = 1.0,

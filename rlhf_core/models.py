@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from rlhf_core.lora import ADAPTER_WEIGHTS_FILE, adapter_folder, base_model_path, is_adapter_folder
 
 REGISTRY_PREFIX = "models:/"  # an MLflow registry URI; resolved outside rlhf_core, which never imports mlflow
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -91,10 +94,24 @@ def resolve_model_path(name_or_path: str, cache_root: Path) -> Path:
 def check_model_folder(path: Path) -> None:
     if not path.exists():
         raise ModelLoadError(f"model path {str(path)!r} does not exist (and is not the built-in {DEFAULT_MODEL!r})")
+    if is_adapter_folder(path) and not (path / "config.json").is_file():
+        check_adapter_folder(path)
+        return
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"model path {str(path)!r} has no config.json: not a Hugging Face model folder")
     if not any((path / name).is_file() for name in _WEIGHT_FILES):
         raise ModelLoadError(f"model path {str(path)!r} holds no weights (expected one of {list(_WEIGHT_FILES)})")
+
+
+def check_adapter_folder(path: Path) -> None:
+    """An adapter-only checkpoint (see lora.py): its weights, and the base folder it references."""
+    if not (path / ADAPTER_WEIGHTS_FILE).is_file():
+        raise ModelLoadError(f"LoRA checkpoint {str(path)!r} has no {ADAPTER_WEIGHTS_FILE}")
+    base = base_model_path(path)
+    if not (base / "config.json").is_file():
+        raise ModelLoadError(f"LoRA checkpoint {str(path)!r} references base model {str(base)!r} "
+                             "(adapter_config.json: base_model_name_or_path), which is not a model folder here")
+    check_model_folder(base)
 
 
 def ensure_distinct_pad_token(tokenizer) -> bool:
@@ -120,11 +137,15 @@ def load_tokenizer(path: Path):
     return tokenizer, added
 
 
-def load_causal_lm(path: Path, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False):
-    """(model, tokenizer) from a local folder, with a distinct pad token and `config.pad_token_id` set."""
+def load_causal_lm(path: Path, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False,
+                   with_adapter: bool = False):
+    """(model, tokenizer) from a local folder, with a distinct pad token and `config.pad_token_id` set.
+    An adapter-only folder loads as its base model with the adapter injected (frozen). with_adapter: a merged
+    LoRA checkpoint loads as base + its adapter/ (to continue training it) instead of its merged weights."""
     check_model_folder(Path(path))
     tokenizer, added = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
+    weights = (adapter_folder(path) or path) if with_adapter else path
+    model = AutoModelForCausalLM.from_pretrained(weights, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
     if added:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -141,6 +162,27 @@ def use_mixed_precision(model: PreTrainedModel, device: str, mixed_precision: st
         return model
     for module in {model, model.base_model}:  # generation calls the model, log-probs its backbone
         module.forward = torch.autocast(device.split(":")[0], dtype=torch.bfloat16)(module.forward)
+    return model
+
+
+def _layer_trains_under_grad(layer: torch.nn.Module, args) -> None:
+    layer.training = torch.is_grad_enabled()
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> PreTrainedModel:
+    """Recompute each transformer layer's activations in the backward pass instead of storing them (non-reentrant
+    torch checkpointing). Transformers checkpoints a layer only while it is in train mode, and every stage here
+    runs in eval mode (dropout off), so each layer's own `training` flag follows grad mode instead: on for
+    backward-bound passes, off for generation; its dropout submodules stay in eval mode. Idempotent."""
+    if not model.supports_gradient_checkpointing:
+        raise ModelLoadError(f"runtime.gradient_checkpointing: {type(model).__name__} does not support it")
+    if model.is_gradient_checkpointing:  # enabling again would stack another input-embedding hook (peft)
+        return model
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    for layer in model.modules():
+        if isinstance(layer, GradientCheckpointingLayer) and not getattr(layer, "_grad_mode_hook", False):
+            layer.register_forward_pre_hook(_layer_trains_under_grad)
+            layer._grad_mode_hook = True
     return model
 
 

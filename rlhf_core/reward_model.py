@@ -31,6 +31,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_core.models import (PAD_TOKEN, ModelLoadError, check_model_folder, ensure_distinct_pad_token, parse_dtype,
                               resolve_model_path)
+from rlhf_core.lora import adapter_folder
 from rlhf_core.update import Normalizers, run_update
 
 DEFAULT_REWARD_BACKBONE = "all-minilm-l6-v2"
@@ -66,19 +67,31 @@ def ensure_pad_token(tokenizer) -> bool:
     return True
 
 
-def load_reward_model(path: Path, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False):
+def load_reward_model(path: Path, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False,
+                      with_adapter: bool = False):
     """(sequence classifier with one output, tokenizer) from a local folder, in eval mode. A backbone without a
-    score head gets a new one, initialised from torch's global generator (seed it for reproducible runs)."""
+    score head gets a new one, initialised from torch's global generator (seed it for reproducible runs).
+    An adapter-only LoRA folder loads as its base + adapter; with_adapter: a merged one too (see lora.py)."""
     check_model_folder(Path(path))
     tokenizer = AutoTokenizer.from_pretrained(path)
     added = ensure_pad_token(tokenizer)
     tokenizer.padding_side = "right"
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=parse_dtype(dtype),
+    weights = (adapter_folder(path) or path) if with_adapter else path
+    model = AutoModelForSequenceClassification.from_pretrained(weights, num_labels=1, dtype=parse_dtype(dtype),
                                                                trust_remote_code=trust_remote_code)
     if added:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id  # causal LMs find the last real token by it
     return model.to(device).eval(), tokenizer
+
+
+def score_head_names(model) -> list[str]:
+    """The sequence classifier's head modules: new at load time, so under LoRA they train in full beside the
+    adapter (`score` in causal LMs, `classifier` in BERT-style encoders)."""
+    names = [name for name in ("score", "classifier") if isinstance(getattr(model, name, None), torch.nn.Module)]
+    if not names:
+        raise ModelLoadError(f"{type(model).__name__} has no `score` or `classifier` head for LoRA to train")
+    return names
 
 
 def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> dict[str, Tensor]:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from rlhf_core.batch import length_sorted, select_rows
+from rlhf_core.distributed import global_sum, gradient_sync, local_value, rank_share, world_size
 
 
 class NonFiniteError(FloatingPointError):
@@ -32,18 +32,6 @@ LossFn = Callable[[torch.nn.Module, dict[str, Tensor], Normalizers], tuple[Tenso
 MiniBatchStatsFn = Callable[[torch.nn.Module, dict[str, Tensor]], dict[str, Tensor]]
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def global_sum(value: float, device) -> float:
-    if world_size() == 1:
-        return float(value)
-    tensor = torch.tensor(float(value), device=device, dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return float(tensor)
-
-
 def micro_batches(rows: Tensor, size: int) -> list[Tensor]:
     return list(rows.split(size))
 
@@ -58,8 +46,10 @@ def run_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
                *, epochs: int, mini_batches: int, micro_batch_size: int, max_grad_norm: float,
                seed: int, on_step: Callable[[dict[str, float]], None] | None = None,
                mini_batch_stats: MiniBatchStatsFn | None = None, sort_by_length: bool = True) -> list[dict[str, float]]:
-    """Optimise `loss_fn` over `batch` (this rank's rows); returns one metrics dict per optimizer step.
-    batch: tensors with leading dimension B, including prompt_mask [B, P] and response_mask [B, T].
+    """Optimise `loss_fn` over `batch`; returns one metrics dict per optimizer step.
+    batch: tensors with leading dimension B, including prompt_mask [B, P] and response_mask [B, T]. Under
+    torch.distributed every rank passes the whole batch and the same seed, and trains on its share of each
+    mini-batch (rlhf_core.distributed): the mini-batches are those of one process.
     loss_fn returns (loss, metrics) already divided by the global normalisers, so micro-batch values add up.
     mini_batch_stats(model, mini_batch) -> {name: tensor}, if given, runs once per mini-batch before its
     micro-batches and its values are added to every micro-batch: statistics the loss needs over the whole
@@ -68,13 +58,15 @@ def run_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     computes less padding and, the normalisers being global, leaves the gradient unchanged."""
     num_rows = batch["response_mask"].shape[0]
     device = batch["response_mask"].device
-    params = [p for p in model.parameters() if p.requires_grad]
+    # what the optimizer steps, not model.parameters(): after a forward, FSDP's root may still expose its
+    # gathered (unsharded) tensors there, which hold no gradient
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     generator = torch.Generator().manual_seed(seed)
     history = []
     for epoch in range(epochs):
         order = torch.randperm(num_rows, generator=generator)
         for mini_index, mini_rows in enumerate(order.tensor_split(mini_batches)):
-            mini_rows = mini_rows.to(device)
+            mini_rows = rank_share(mini_rows.to(device))
             norm = Normalizers(
                 num_seqs=global_sum(len(mini_rows), device),
                 num_tokens=global_sum(batch["response_mask"][mini_rows].sum().item(), device))
@@ -82,14 +74,17 @@ def run_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
             totals: dict[str, float] = {}
             shared = mini_batch_stats(model, select_rows(batch, mini_rows)) if mini_batch_stats else {}
             in_order = length_sorted(batch, mini_rows) if sort_by_length else mini_rows
-            for micro_index, rows in enumerate(micro_batches(in_order, micro_batch_size)):
-                loss, metrics = loss_fn(model, {**select_rows(batch, rows), **shared}, norm)
-                check_finite(loss.detach(), f"loss (epoch {epoch}, mini-batch {mini_index}, micro-batch {micro_index})")
-                # DDP averages gradients over ranks; our normalisers already divide by the global count.
-                (loss * world_size()).backward()
+            pieces = micro_batches(in_order, micro_batch_size)
+            for micro_index, rows in enumerate(pieces):
+                with gradient_sync(model, enabled=micro_index == len(pieces) - 1):
+                    loss, metrics = loss_fn(model, {**select_rows(batch, rows), **shared}, norm)
+                    check_finite(loss.detach(),
+                                 f"loss (epoch {epoch}, mini-batch {mini_index}, micro-batch {micro_index})")
+                    # DDP and FSDP average gradients over ranks; the normalisers already divide by global counts.
+                    (loss * world_size()).backward()
                 for key, value in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + float(value)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                    totals[key] = totals.get(key, 0.0) + global_sum(float(value), device)
+            grad_norm = local_value(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
             check_finite(grad_norm.detach(), f"gradient norm (epoch {epoch}, mini-batch {mini_index})")
             optimizer.step()
             history.append({**totals, "policy/grad_norm": float(grad_norm)})

@@ -40,6 +40,8 @@ CODE_VERSION = _code_version()
 
 
 def _normalize(value: Any) -> Any:
+    if isinstance(value, CheckpointRef) and value.adapter_disabled:  # other weights than the checkpoint's
+        return ["ref", value.sha256, "adapter-disabled"]
     if isinstance(value, (ArtifactRef, CheckpointRef)):
         return ["ref", value.sha256]
     if isinstance(value, BaseModel):

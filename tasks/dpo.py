@@ -18,12 +18,12 @@ from prefect import task
 
 from rlhf_core import dpo
 from rlhf_core.batch import truncate_sequences
-from rlhf_core.config import RuntimeConfig
+from rlhf_core.config import LoraConfig, RuntimeConfig
 from rlhf_core.models import load_tokenizer
 from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.progress import StageProgress
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
-from tasks.runtime import load_model
+from tasks.runtime import load_model, reference_model
 from tasks.update import resume_training, save_update
 
 REF_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
@@ -58,9 +58,9 @@ def compute_reference_logprobs(model_ref: CheckpointRef, pairs_ref: ArtifactRef,
     """The tokenized pairs with `ref_chosen_logps` and `ref_rejected_logps` (summed over each response, EOS
     included)."""
     df = pairs_ref.read()
-    model, tokenizer = load_model(model_ref, runtime, trust_remote_code)
-    logps = dpo.batched_pair_logprobs(model, pair_batch(df, tokenizer.pad_token_id, runtime.device),
-                                      micro_batch_size=micro_batch_size)
+    with reference_model(model_ref, runtime, trust_remote_code) as (model, tokenizer):
+        logps = dpo.batched_pair_logprobs(model, pair_batch(df, tokenizer.pad_token_id, runtime.device),
+                                          micro_batch_size=micro_batch_size)
     return publish(df.assign(ref_chosen_logps=logps["chosen_logps"].cpu().numpy(),
                              ref_rejected_logps=logps["rejected_logps"].cpu().numpy()), "dpo-reference")
 
@@ -69,11 +69,12 @@ def compute_reference_logprobs(model_ref: CheckpointRef, pairs_ref: ArtifactRef,
 def train_dpo_epoch(policy_ref: CheckpointRef, pairs_with_ref_ref: ArtifactRef, epoch: int, loss_type: str,
                     beta: float, label_smoothing: float, simpo_gamma: float, rpo_alpha: float | None,
                     batch_size: int, micro_batch_size: int, lr: float, max_grad_norm: float, seed: int,
-                    runtime: RuntimeConfig, trust_remote_code: bool = False) -> UpdateResult:
+                    runtime: RuntimeConfig, trust_remote_code: bool = False,
+                    lora: LoraConfig | None = None) -> UpdateResult:
     """One shuffled pass over the pairs from `policy_ref` (its Adam state restored); returns the new checkpoint
-    and one metrics row per optimizer step."""
+    and one metrics row per optimizer step. With `lora` only the adapter trains."""
     df = pairs_with_ref_ref.read()
-    model, tokenizer, optimizer = resume_training(policy_ref, runtime, trust_remote_code, lr)
+    model, tokenizer, optimizer = resume_training(policy_ref, runtime, trust_remote_code, lr, lora=lora)
     progress = StageProgress(total=-(-len(df) // batch_size), desc=f"dpo epoch {epoch}", unit="step")
     history = dpo.dpo_update(
         model, optimizer, pair_batch(df, tokenizer.pad_token_id, runtime.device), batch_size=batch_size,
@@ -81,7 +82,8 @@ def train_dpo_epoch(policy_ref: CheckpointRef, pairs_with_ref_ref: ArtifactRef, 
         on_step=lambda metrics: progress.update(1), loss_type=loss_type, beta=beta,
         label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, rpo_alpha=rpo_alpha)
     progress.close()
-    return save_update(model, tokenizer, optimizer, history, "dpo-metrics", keep=(runtime, trust_remote_code, True))
+    return save_update(model, tokenizer, optimizer, history, "dpo-metrics", keep=(runtime, trust_remote_code, True),
+                       merged=lora is not None and lora.save == "merged")
 
 
 @task(name="evaluate-dpo", **STAGE_TASK_OPTIONS)

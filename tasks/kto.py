@@ -17,7 +17,7 @@ import torch
 from prefect import task
 
 from rlhf_core import kto
-from rlhf_core.config import RuntimeConfig, UnpairedDataConfig
+from rlhf_core.config import LoraConfig, RuntimeConfig, UnpairedDataConfig
 from rlhf_core.data import DatasetError, load_table
 from rlhf_core.models import load_tokenizer
 from rlhf_core.preference_losses import implicit_rewards
@@ -26,7 +26,7 @@ from tasks.paths import resolve_data_path
 from tasks.progress import StageProgress
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
 from tasks.reward_model import PreferenceSplits
-from tasks.runtime import load_model
+from tasks.runtime import load_model, reference_model
 from tasks.update import resume_training, save_update
 
 REF_COLUMNS = ["ref_logps", "ref_mismatched_logps"]
@@ -101,9 +101,9 @@ def compute_kto_reference_logprobs(model_ref: CheckpointRef, examples_ref: Artif
     """The tokenized examples with `ref_logps` and `ref_mismatched_logps` (summed over each completion, EOS
     included)."""
     df = examples_ref.read()
-    model, tokenizer = load_model(model_ref, runtime, trust_remote_code)
-    logps = kto.batched_example_logps(model, example_batch(df, tokenizer.pad_token_id, runtime.device),
-                                      micro_batch_size=micro_batch_size)
+    with reference_model(model_ref, runtime, trust_remote_code) as (model, tokenizer):
+        logps = kto.batched_example_logps(model, example_batch(df, tokenizer.pad_token_id, runtime.device),
+                                          micro_batch_size=micro_batch_size)
     return publish(df.assign(ref_logps=logps["logps"].cpu().numpy(),
                              ref_mismatched_logps=logps["mismatched_logps"].cpu().numpy()), "kto-reference")
 
@@ -112,11 +112,11 @@ def compute_kto_reference_logprobs(model_ref: CheckpointRef, examples_ref: Artif
 def train_kto_epoch(policy_ref: CheckpointRef, examples_with_ref_ref: ArtifactRef, epoch: int, beta: float,
                     desirable_weight: float, undesirable_weight: float, batch_size: int, micro_batch_size: int,
                     lr: float, max_grad_norm: float, seed: int, runtime: RuntimeConfig,
-                    trust_remote_code: bool = False) -> UpdateResult:
+                    trust_remote_code: bool = False, lora: LoraConfig | None = None) -> UpdateResult:
     """One shuffled pass over the examples from `policy_ref` (its Adam state restored); returns the new checkpoint
-    and one metrics row per optimizer step."""
+    and one metrics row per optimizer step. With `lora` only the adapter trains."""
     df = examples_with_ref_ref.read()
-    model, tokenizer, optimizer = resume_training(policy_ref, runtime, trust_remote_code, lr)
+    model, tokenizer, optimizer = resume_training(policy_ref, runtime, trust_remote_code, lr, lora=lora)
     progress = StageProgress(total=-(-len(df) // batch_size), desc=f"kto epoch {epoch}", unit="step")
     history = kto.kto_update(
         model, optimizer, example_batch(df, tokenizer.pad_token_id, runtime.device), batch_size=batch_size,
@@ -124,7 +124,8 @@ def train_kto_epoch(policy_ref: CheckpointRef, examples_with_ref_ref: ArtifactRe
         on_step=lambda metrics: progress.update(1), beta=beta, desirable_weight=desirable_weight,
         undesirable_weight=undesirable_weight)
     progress.close()
-    return save_update(model, tokenizer, optimizer, history, "kto-metrics", keep=(runtime, trust_remote_code, True))
+    return save_update(model, tokenizer, optimizer, history, "kto-metrics", keep=(runtime, trust_remote_code, True),
+                       merged=lora is not None and lora.save == "merged")
 
 
 @task(name="evaluate-kto", **STAGE_TASK_OPTIONS)

@@ -7,14 +7,14 @@ from prefect import task
 
 from rlhf_core.batch import collate, response_lists
 from rlhf_core.checkpoint import restore_optimizer
-from rlhf_core.config import GAEConfig, LossConfig, OptimConfig, RuntimeConfig, ScoreConfig, ValueConfig
+from rlhf_core.config import GAEConfig, LoraConfig, LossConfig, OptimConfig, RuntimeConfig, ScoreConfig, ValueConfig
 from rlhf_core.ppo import ppo_advantages, ppo_update, rollout_logprobs_and_values
 from rlhf_core.token_rewards import clip_scores, normalize_scores, penalize_missing_eos
 from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.progress import StageProgress
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
 from tasks.update import save_update
-from tasks.runtime import load_actor_critic
+from tasks.runtime import load_actor_critic, prepare_training
 
 PER_TOKEN = ["old_logprobs", "ref_logprobs", "old_values"]
 
@@ -57,11 +57,15 @@ def compute_gae(scored: ArtifactRef, kl_coef: float, kl_estimator: str, gae: GAE
 @task(name="update-actor-critic", **STAGE_TASK_OPTIONS)
 def update_actor_critic(policy: CheckpointRef, batch: ArtifactRef, loss: LossConfig, value: ValueConfig,
                         optim: OptimConfig, runtime: RuntimeConfig, temperature: float, max_new_tokens: int,
-                        seed: int, trust_remote_code: bool = False) -> UpdateResult:
+                        seed: int, trust_remote_code: bool = False, lora: LoraConfig | None = None) -> UpdateResult:
+    """With `lora`, the policy's adapter and the value head train; the backbone stays frozen."""
     df = batch.read()
-    model, tokenizer = load_actor_critic(policy, runtime, value.critic, trust_remote_code, for_training=True)
+    model, tokenizer = load_actor_critic(policy, runtime, value.critic, trust_remote_code, for_training=True,
+                                         lora=lora)
+    fresh_adapter = prepare_training(model.policy, lora, runtime)
     optimizer = torch.optim.AdamW(model.parameter_groups(optim.lr, value.head_lr), weight_decay=optim.weight_decay)
-    restore_optimizer(optimizer, policy.path)
+    if not fresh_adapter:  # a fresh adapter's parameters are not the ones the saved state belongs to
+        restore_optimizer(optimizer, policy.path)
     per_token = {k: df[k] for k in ("old_logprobs", "old_values", "advantages", "returns")}
     tensors = collate(df["prompt_ids"], df["response_ids"], tokenizer.pad_token_id, per_token=per_token,
                       device=runtime.device)
@@ -76,4 +80,4 @@ def update_actor_critic(policy: CheckpointRef, batch: ArtifactRef, loss: LossCon
     progress.close()
     # the policy stays in memory for the next generation; the optimizer does not (it also holds the value head)
     return save_update(model.policy, tokenizer, optimizer, history, "update-metrics", write_extra=model.save_critic,
-                       keep=(runtime, trust_remote_code, False))
+                       keep=(runtime, trust_remote_code, False), merged=lora is not None and lora.save == "merged")

@@ -30,6 +30,8 @@ class CheckpointRef(BaseModel):
 
     path: str
     sha256: str
+    # A LoRA run's reference: these weights with the checkpoint's adapter disabled (tasks.runtime.reference_model)
+    adapter_disabled: bool = False
 
 
 def publish(df: pd.DataFrame, stage: str) -> ArtifactRef:

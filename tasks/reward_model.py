@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from rlhf_core import reward_model as rm
 from rlhf_core.checkpoint import restore_optimizer, trainable_parameters
-from rlhf_core.config import PreferenceDataConfig, RuntimeConfig
+from rlhf_core.config import LoraConfig, PreferenceDataConfig, RuntimeConfig
 from rlhf_core.data import load_table
 from rlhf_core.io import sha256_dir
 from tasks.cache import STAGE_TASK_OPTIONS
@@ -21,7 +21,7 @@ from tasks.models import download_registered_model
 from tasks.paths import models_dir, resolve_data_path
 from tasks.progress import StageProgress
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
-from tasks.runtime import apply_runtime
+from tasks.runtime import apply_runtime, prepare_training
 from tasks.update import save_update
 
 
@@ -66,22 +66,27 @@ def resolve_reward_backbone(name_or_path: str) -> CheckpointRef:
     return CheckpointRef(path=str(path), sha256=sha256_dir(path))
 
 
-def load_reward_checkpoint(ref: CheckpointRef, runtime: RuntimeConfig, trust_remote_code: bool, seed: int = 0):
+def load_reward_checkpoint(ref: CheckpointRef, runtime: RuntimeConfig, trust_remote_code: bool, seed: int = 0,
+                           with_adapter: bool = False):
     apply_runtime(runtime)
     torch.manual_seed(seed)  # a backbone's new score head is drawn from it: same seed, same run
-    return rm.load_reward_model(ref.path, runtime.device, runtime.dtype, trust_remote_code)
+    return rm.load_reward_model(ref.path, runtime.device, runtime.dtype, trust_remote_code, with_adapter)
 
 
 @task(name="train-reward-model-epoch", **STAGE_TASK_OPTIONS)
 def train_reward_model_epoch(model_ref: CheckpointRef, train_ref: ArtifactRef, epoch: int, batch_size: int,
                              micro_batch_size: int, lr: float, max_length: int, center_coef: float, max_grad_norm: float, seed: int,
-                             runtime: RuntimeConfig, trust_remote_code: bool = False) -> UpdateResult:
+                             runtime: RuntimeConfig, trust_remote_code: bool = False,
+                             lora: LoraConfig | None = None) -> UpdateResult:
     """One shuffled pass over the pairs from `model_ref` (a backbone or the previous epoch's checkpoint, whose
-    Adam state is restored); returns the new checkpoint and one metrics row per step."""
+    Adam state is restored); returns the new checkpoint and one metrics row per step. With `lora`, the adapter
+    and the score head train."""
     df = train_ref.read()
-    model, tokenizer = load_reward_checkpoint(model_ref, runtime, trust_remote_code, seed)
+    model, tokenizer = load_reward_checkpoint(model_ref, runtime, trust_remote_code, seed, lora is not None)
+    fresh_adapter = prepare_training(model, lora, runtime, modules_to_save=rm.score_head_names(model))
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=0.0)
-    restore_optimizer(optimizer, model_ref.path)
+    if not fresh_adapter:  # a fresh adapter's parameters are not the ones the saved state belongs to
+        restore_optimizer(optimizer, model_ref.path)
     margin = torch.tensor(df["margin"].to_numpy(), dtype=torch.float32) if "margin" in df else None
     progress = StageProgress(total=-(-len(df) // batch_size), desc=f"reward model epoch {epoch}", unit="step")
     history = rm.train_reward_model_epoch(
@@ -89,7 +94,8 @@ def train_reward_model_epoch(model_ref: CheckpointRef, train_ref: ArtifactRef, e
         batch_size=batch_size, micro_batch_size=micro_batch_size, max_length=max_length, center_coef=center_coef, max_grad_norm=max_grad_norm,
         seed=seed + epoch, on_step=lambda metrics: progress.update(1))
     progress.close()
-    return save_update(model, tokenizer, optimizer, history, "reward-model-metrics")
+    return save_update(model, tokenizer, optimizer, history, "reward-model-metrics",
+                       merged=lora is not None and lora.save == "merged")
 
 
 @task(name="evaluate-reward-model", **STAGE_TASK_OPTIONS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pandas as pd
 from prefect import task
 
 from rlhf_core.config import GenerationConfig, RuntimeConfig
@@ -26,13 +27,30 @@ def row_seed(seed: int, iteration: int, prompt_id: int, sample_index: int) -> in
 def generate_rollouts(policy: CheckpointRef, prompts: ArtifactRef, generation: GenerationConfig,
                       runtime: RuntimeConfig, system_prompt: str | None, seed: int,
                       iteration: int, trust_remote_code: bool = False) -> ArtifactRef:
+    return publish(rollout_frame(policy, prompts, generation, runtime, system_prompt, seed, iteration,
+                                 trust_remote_code), "rollouts")
+
+
+def expand_prompts(df: pd.DataFrame, group_size: int) -> pd.DataFrame:
+    """One row per response to sample: each prompt `group_size` times, with its group and sample index."""
+    rows = df.loc[df.index.repeat(group_size)].reset_index(drop=True)
+    rows.insert(0, "group_id", np.repeat(np.arange(len(df)), group_size))
+    rows.insert(1, "sample_index", np.tile(np.arange(group_size), len(df)))
+    return rows
+
+
+def rollout_frame(policy: CheckpointRef, prompts: ArtifactRef, generation: GenerationConfig, runtime: RuntimeConfig,
+                  system_prompt: str | None, seed: int, iteration: int, trust_remote_code: bool = False,
+                  row_range: tuple[int, int] | None = None) -> pd.DataFrame:
+    """The rollout table, or only its rows [start, stop) = row_range (a shard: group ids and seeds are those of
+    the whole table, so a shard's rows equal the same rows of the unsharded table)."""
     df = prompts.read()
     if generation.dtype is not None:  # the sampler may run in a lower precision than training
         runtime = runtime.model_copy(update={"dtype": generation.dtype})
     model, tokenizer = load_model(policy, runtime, trust_remote_code)
-    rows = df.loc[df.index.repeat(generation.group_size)].reset_index(drop=True)
-    rows.insert(0, "group_id", np.repeat(np.arange(len(df)), generation.group_size))
-    rows.insert(1, "sample_index", np.tile(np.arange(generation.group_size), len(df)))
+    rows = expand_prompts(df, generation.group_size)
+    if row_range is not None:
+        rows = rows.iloc[row_range[0]:row_range[1]].reset_index(drop=True)
     prompt_ids = chat_prompt_ids(tokenizer, rows["prompt"].tolist(), system_prompt)
     seeds = [row_seed(seed, iteration, p, k) for p, k in zip(rows["prompt_id"], rows["sample_index"])]
     out = {"prompt_ids": [], "response_ids": [], "sampling_logprobs": [], "finished": []}
@@ -50,4 +68,4 @@ def generate_rollouts(policy: CheckpointRef, prompts: ArtifactRef, generation: G
     rows = rows.assign(**out)
     rows["response"] = tokenizer.batch_decode(rows["response_ids"].tolist(), skip_special_tokens=True)
     rows["response_length"] = rows["response_ids"].map(len)
-    return publish(rows, "rollouts")
+    return rows

@@ -16,7 +16,7 @@ from rlhf_core.reward_model import load_reward_model, reward_scores
 from rlhf_core.rewards import RewardError, compute_rewards
 from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.refs import ArtifactRef, CheckpointRef, publish
-from tasks.runtime import load_model
+from tasks.runtime import reference_model
 
 REWARD_MODEL_MAX_LENGTH = 512
 
@@ -64,11 +64,21 @@ def score_rollouts(rollouts: ArtifactRef, rewards: list[RewardSpec], reward_fing
     """Adds `rewards` (the weighted sum), one `reward[<source>]` column per source and, given a reference
     model, `ref_logprobs`. `reward_fingerprints` hash the functions' source code so edits invalidate the cache;
     reward models count through their refs' content hashes."""
-    df = with_rewards(rollouts.read(), "rewards", rewards, reward_models, extra_columns, runtime, micro_batch_size)
+    return publish(scored_frame(rollouts.read(), rewards, reward_models, extra_columns, reference, runtime,
+                                temperature, micro_batch_size, chunk_size, trust_remote_code), "scored")
+
+
+def scored_frame(df: pd.DataFrame, rewards: list[RewardSpec], reward_models: list[CheckpointRef | None],
+                 extra_columns: list[str], reference: CheckpointRef | None, runtime: RuntimeConfig,
+                 temperature: float, micro_batch_size: int, chunk_size: int,
+                 trust_remote_code: bool = False) -> pd.DataFrame:
+    """The scoring stage's table for the rollout rows `df` (all of them, or a shard: rows are scored
+    independently)."""
+    df = with_rewards(df, "rewards", rewards, reward_models, extra_columns, runtime, micro_batch_size)
     if reference is not None:
-        model, tokenizer = load_model(reference, runtime, trust_remote_code)
-        batch = collate(df["prompt_ids"], df["response_ids"], tokenizer.pad_token_id, device=runtime.device)
-        ref_logprobs = batched_response_logprobs(model, batch, micro_batch_size=micro_batch_size,
-                                                 temperature=temperature, chunk_size=chunk_size)
+        with reference_model(reference, runtime, trust_remote_code) as (model, tokenizer):
+            batch = collate(df["prompt_ids"], df["response_ids"], tokenizer.pad_token_id, device=runtime.device)
+            ref_logprobs = batched_response_logprobs(model, batch, micro_batch_size=micro_batch_size,
+                                                     temperature=temperature, chunk_size=chunk_size)
         df["ref_logprobs"] = response_lists(ref_logprobs, batch["response_mask"])
-    return publish(df, "scored")
+    return df

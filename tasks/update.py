@@ -10,52 +10,53 @@ import pandas as pd
 import torch
 from prefect import task
 
-from rlhf_core.batch import collate
 from rlhf_core.checkpoint import restore_optimizer, save_checkpoint, trainable_parameters
-from rlhf_core.config import KLConfig, LossConfig, OptimConfig, RuntimeConfig
-from rlhf_core.grpo import grpo_update
+from rlhf_core.config import KLConfig, LoraConfig, LossConfig, OptimConfig, RuntimeConfig
+from rlhf_core.grpo import update_from_rollouts
 from tasks.cache import STAGE_TASK_OPTIONS
+from tasks.distributed import distributed_update
 from tasks.paths import checkpoints_dir
 from tasks.progress import StageProgress
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
-from tasks.runtime import MODELS, ModelCache, load_model
+from tasks.runtime import MODELS, ModelCache, load_model, prepare_training
 
 
 @task(name="update-policy", **STAGE_TASK_OPTIONS)
 def update_policy(policy: CheckpointRef, batch: ArtifactRef, loss: LossConfig, kl: KLConfig, optim: OptimConfig,
                   runtime: RuntimeConfig, temperature: float, max_new_tokens: int, seed: int,
-                  trust_remote_code: bool = False) -> UpdateResult:
-    df = batch.read()
-    model, tokenizer, optimizer = resume_training(policy, runtime, trust_remote_code, optim.lr, optim.weight_decay)
-    per_token = {"ref_logprobs": df["ref_logprobs"]} if kl.coef > 0 else None
-    tensors = collate(df["prompt_ids"], df["response_ids"], tokenizer.pad_token_id, per_token=per_token,
-                      per_seq={"advantages": df["advantages"]}, device=runtime.device)
+                  trust_remote_code: bool = False, lora: LoraConfig | None = None) -> UpdateResult:
+    update_args = dict(loss=loss, kl=kl, optim=optim, temperature=temperature, max_new_tokens=max_new_tokens,
+                       seed=seed)
+    if runtime.num_processes > 1:
+        return distributed_update("grpo", policy, batch, runtime, trust_remote_code, update_args, "update-metrics")
+    model, tokenizer, optimizer = resume_training(policy, runtime, trust_remote_code, optim.lr, optim.weight_decay,
+                                                  lora)
     progress = StageProgress(total=optim.epochs * optim.mini_batches, desc="update", unit="step")
-    history = grpo_update(
-        model, optimizer, tensors, epochs=optim.epochs, mini_batches=optim.mini_batches,
-        micro_batch_size=optim.micro_batch_size, max_grad_norm=optim.max_grad_norm, seed=seed,
-        on_step=lambda metrics: progress.update(1),
-        clip_eps_low=loss.clip_eps_low, clip_eps_high=loss.clip_eps_high, kl_coef=kl.coef,
-        kl_estimator=kl.estimator, aggregation=loss.aggregation, norm_length=max_new_tokens,
-        temperature=temperature or 1.0, chunk_size=optim.logprob_chunk_size)
+    history = update_from_rollouts(model, optimizer, batch.read(), tokenizer.pad_token_id, device=runtime.device,
+                                   on_step=lambda metrics: progress.update(1), **update_args)
     progress.close()
-    return save_update(model, tokenizer, optimizer, history, "update-metrics", keep=(runtime, trust_remote_code, True))
+    return save_update(model, tokenizer, optimizer, history, "update-metrics", keep=(runtime, trust_remote_code, True),
+                       merged=lora is not None and lora.save == "merged")
 
 
 def resume_training(policy: CheckpointRef, runtime: RuntimeConfig, trust_remote_code: bool, lr: float,
-                    weight_decay: float = 0.0):
+                    weight_decay: float = 0.0, lora: LoraConfig | None = None):
     """(model, tokenizer, AdamW) of a policy checkpoint, the optimizer's state restored when the checkpoint has
     one, so consecutive training tasks continue one optimisation. The previous training task of this process
-    left both in memory (`save_update(keep=...)`): then nothing is read from disk."""
-    cached = MODELS.take(ModelCache.key(policy.sha256, runtime, trust_remote_code))
-    if cached is None:
-        model, tokenizer = load_model(policy, runtime, trust_remote_code, for_training=True)
+    left both in memory (`save_update(keep=...)`): then nothing is read from disk. With `lora`, only the adapter
+    trains (a fresh one on a checkpoint without one; `prepare_training`)."""
+    key = ModelCache.key(policy.sha256, runtime, trust_remote_code)
+    cached = MODELS.get(key)
+    if cached is None or cached[2] is None:  # no optimizer in memory: a reader (generation) cached the model
+        model, tokenizer = load_model(policy, runtime, trust_remote_code, for_training=True, lora=lora)
         optimizer = None
     else:
-        model, tokenizer, optimizer = cached
+        model, tokenizer, optimizer = MODELS.take(key)
+    fresh_adapter = prepare_training(model, lora, runtime)
     if optimizer is None:
         optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=weight_decay)
-        restore_optimizer(optimizer, policy.path)
+        if not fresh_adapter:  # a fresh adapter's parameters are not the ones the saved state belongs to
+            restore_optimizer(optimizer, policy.path)
     else:
         for group in optimizer.param_groups:
             group.update(lr=lr, weight_decay=weight_decay)
@@ -63,12 +64,15 @@ def resume_training(policy: CheckpointRef, runtime: RuntimeConfig, trust_remote_
 
 
 def save_update(model, tokenizer, optimizer, history: list[dict], metrics_stage: str,
-                write_extra=None, keep: tuple[RuntimeConfig, bool, bool] | None = None) -> UpdateResult:
+                write_extra=None, keep: tuple[RuntimeConfig, bool, bool] | None = None,
+                merged: bool = False) -> UpdateResult:
     """A finished update's outputs, shared by every training task: the new checkpoint (with optimizer state and
     `write_extra`'s files) and the per-step metrics as Parquet. keep=(runtime, trust_remote_code, with_optimizer)
-    leaves the model (and the optimizer) in memory under the new checkpoint's hash for the next stages."""
+    leaves the model (and the optimizer) in memory under the new checkpoint's hash for the next stages. A LoRA
+    model is saved adapter-only, or with `merged` as merged full weights plus its adapter."""
     start = time.perf_counter()
-    path, digest = save_checkpoint(model, tokenizer, optimizer, checkpoints_dir(), write_extra=write_extra)
+    path, digest = save_checkpoint(model, tokenizer, optimizer, checkpoints_dir(), write_extra=write_extra,
+                                   merged=merged)
     history = [{**row, "time/checkpoint_s": time.perf_counter() - start} for row in history]  # what resume costs
     if keep is not None:
         runtime, trust_remote_code, with_optimizer = keep

@@ -284,3 +284,50 @@ def test_grpo_update_single_step_is_on_policy_and_changes_weights(tiny_model_dir
     assert history[0]["loss/policy"] == pytest.approx(expected_loss, rel=1e-5)
     changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert "model.embed_tokens.weight" in changed and len(changed) == len(before)
+
+
+# ---------------------------------------------------------------- truncated importance sampling
+
+
+def test_truncated_is_weights_hand_values():
+    old = torch.tensor([[-1.0, -2.0, -0.5]])
+    sampling = torch.tensor([[-1.0, -2.0 - math.log(2.0), -0.5 + math.log(4.0)]])
+    # p_train / p_sampler = 1, 2 (capped at 1.5), 1/4
+    torch.testing.assert_close(grpo_module.truncated_is_weights(old, sampling, cap=1.5),
+                               torch.tensor([[1.0, 1.5, 0.25]]))
+
+
+def test_tis_weights_scale_the_loss_token_by_token(lm):
+    """Sampler log-probs equal to the trainer's: the loss and its metrics are unchanged; the sampler
+    under-estimating every token by log 2 with cap 1.5: every token's loss is 1.5x, and all are counted capped."""
+    model, tokenizer = lm
+    batch = make_batch(tokenizer)
+    mask = batch["response_mask"].bool()
+    norm = full_normalizers(batch)
+    kwargs = dict(LOSS_KWARGS, kl_coef=0.0, aggregation="token-mean")
+    with torch.no_grad():
+        base, _ = grpo_loss(model, batch, norm, **kwargs)
+        logprobs = batched_response_logprobs(model, batch, micro_batch_size=6)
+        same, metrics = grpo_loss(model, {**batch, "sampling_logprobs": logprobs}, norm, tis_cap=2.0, **kwargs)
+        assert abs(float(metrics["rollout/tis_weight_mean"]) - 1.0) < 1e-5
+        assert float(metrics["rollout/logprob_abs_diff"]) < 1e-5
+        torch.testing.assert_close(same, base, rtol=1e-5, atol=1e-6)
+        lower = torch.where(mask, logprobs - math.log(2.0), 0.0)
+        capped, metrics = grpo_loss(model, {**batch, "sampling_logprobs": lower}, norm, tis_cap=1.5, **kwargs)
+    torch.testing.assert_close(capped, 1.5 * base, rtol=1e-5, atol=1e-6)
+    assert float(metrics["rollout/tis_capped_frac"]) == pytest.approx(1.0)
+    assert float(metrics["rollout/logprob_abs_diff"]) == pytest.approx(math.log(2.0), abs=1e-5)
+
+
+def test_tis_config_is_refused_where_it_would_do_nothing():
+    from pydantic import ValidationError
+
+    from rlhf_core.config import GRPOConfig, PPOConfig
+
+    assert GRPOConfig(loss={"tis_cap": 2.0}).loss.tis_cap == 2.0
+    with pytest.raises(ValidationError, match="GRPO only"):
+        PPOConfig(loss={"tis_cap": 2.0})
+    with pytest.raises(ValidationError, match="greedy decoding"):
+        GRPOConfig(loss={"tis_cap": 2.0}, generation={"temperature": 0.0})
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        GRPOConfig(loss={"tis_cap": 0.5})

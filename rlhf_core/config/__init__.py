@@ -5,7 +5,8 @@ params. Fields that name a registry entry are `Literal`s equal to the registry's
 typo is rejected before any work starts. Core functions never receive these objects, only their values.
 """
 
-from rlhf_core.config.common import (AdvantageConfig, DataConfig, GenerationConfig, KLConfig, LossConfig, ModelConfig,
+from rlhf_core.config.common import (AdvantageConfig, DataConfig, GenerationConfig, KLConfig, LoraConfig, LossConfig,
+                                     ModelConfig,
                                      OptimConfig, RewardSpec, RuntimeConfig, TrackingConfig, check_lengths,
                                      check_online_config)
 from rlhf_core.config.evaluation import EvaluationConfig, EvaluationTrackingConfig
@@ -14,7 +15,7 @@ from rlhf_core.config.offline import (DPOConfig, JudgeConfig, KTOConfig, Prefere
 from rlhf_core.config.online import GAEConfig, GRPOConfig, PPOConfig, PPOKLConfig, ScoreConfig, ValueConfig
 
 __all__ = [
-    "AdvantageConfig", "DataConfig", "GenerationConfig", "KLConfig", "LossConfig", "ModelConfig", "OptimConfig",
+    "AdvantageConfig", "DataConfig", "GenerationConfig", "KLConfig", "LoraConfig", "LossConfig", "ModelConfig", "OptimConfig",
     "RewardSpec", "RuntimeConfig", "TrackingConfig", "check_lengths", "check_online_config",
     "DPOConfig", "JudgeConfig", "KTOConfig", "PreferenceDataConfig", "PreferenceDatasetConfig", "RewardModelConfig",
     "UnpairedDataConfig", "EvaluationConfig", "EvaluationTrackingConfig", "GAEConfig", "GRPOConfig", "PPOConfig", "PPOKLConfig", "ScoreConfig", "ValueConfig",

