@@ -7,7 +7,8 @@ depend on the number of processes beyond float summation order.
 
 Two engines, both torch's own: DDP (every rank a full replica, gradients all-reduced) and FSDP (`fully_shard`:
 weights, gradients and optimizer state sharded, each decoder layer gathered only while it runs). Both act on a
-module's forward, so the causal LM is wrapped in `ResponseScorer`, whose forward is the response log-prob pass.
+module's forward, so what they wrap is a module whose forward is the whole log-prob pass: a causal LM inside
+`rlhf_core.logprobs.ResponseScorer`, or PPO's ActorCritic.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rlhf_core.logprobs import ResponseScorer
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -77,34 +77,35 @@ def map_rows_across_ranks(fn: Callable[[dict[str, Tensor]], Tensor], batch: dict
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks FSDP shards one by one: the classes Hugging Face lists as never to be split."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
+    """The repeated blocks FSDP shards one by one: in every Hugging Face model inside `model`, the classes it
+    lists as never to be split (`_no_split_modules`)."""
+    names = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def wrap_for_training(lm: torch.nn.Module, strategy: str, device: str) -> torch.nn.Module:
-    """The causal LM as the module the update trains: a ResponseScorer under DDP or FSDP. Call after
-    `init_process_group`; the optimizer must be built over the returned module's parameters (FSDP replaces them
-    with shards)."""
-    scorer = ResponseScorer(lm)
+def wrap_for_training(module: torch.nn.Module, strategy: str, device: str) -> torch.nn.Module:
+    """The module the update trains (a ResponseScorer around a causal LM, or PPO's ActorCritic: a module whose
+    forward is the whole log-prob pass) under DDP or FSDP. Call after `init_process_group`; build the optimizer
+    over the returned module's parameters (FSDP replaces them with shards)."""
     if strategy == "ddp":
         device_ids = [torch.device(device).index] if device.startswith("cuda") else None
-        return torch.nn.parallel.DistributedDataParallel(scorer, device_ids=device_ids)
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
     if strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(torch.device(device).type, (world_size(),))
-        for layer in decoder_layers(lm):
+        for layer in decoder_layers(module):
             fully_shard(layer, mesh=mesh)
-        return fully_shard(scorer, mesh=mesh)  # the root: embeddings, final norm, (tied) LM head
+        return fully_shard(module, mesh=mesh)  # the root: embeddings, final norm, (tied) LM head, value head
     raise ValueError(f"unknown distributed strategy {strategy!r}; expected one of {STRATEGIES}")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The causal LM inside a training wrapper (DDP keeps the wrapped module in .module)."""
-    inner = getattr(model, "module", model)
-    return inner.lm if isinstance(inner, ResponseScorer) else inner
+    """The module inside a DDP wrapper (DDP keeps it in .module); FSDP modules are their own."""
+    return getattr(model, "module", model)
 
 
 @contextlib.contextmanager
@@ -130,20 +131,21 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(weights, optimizer state) of the whole model, as one process would hold them: weight names of the causal
-    LM, optimizer state keyed by parameter index (rlhf_core.checkpoint's format). A collective call under FSDP
+    """(weights, optimizer state) of the whole model, as one process would hold them: the wrapped module's weight
+    names (a tied alias once), optimizer state keyed by parameter index (rlhf_core.checkpoint's format). A collective call under FSDP
     (every rank must make it, only rank 0 gets the tensors); the tensors are on the CPU."""
     from rlhf_core.checkpoint import optimizer_tensors
 
     if not is_sharded(model):
-        lm = unwrap(model)
-        return {k: v.detach().cpu() for k, v in lm.state_dict().items()}, optimizer_tensors(optimizer)
+        weights = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()
+                   if k not in tied_aliases(unwrap(model))}
+        return weights, optimizer_tensors(optimizer)
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = {k.removeprefix("lm."): v for k, v in get_model_state_dict(model, options=options).items()}
-    for alias in tied_aliases(unwrap(model)):  # a tied LM head comes back as a copy: save it once, as HF does
+    weights = get_model_state_dict(model, options=options)
+    for alias in tied_aliases(model):  # a tied LM head comes back as a copy: save it once, as HF does
         weights.pop(alias, None)
     # with cpu_offload only rank 0 receives the tensors; the other ranks get empty dicts
     by_name = get_optimizer_state_dict(model, optimizer, options=options).get("state", {})

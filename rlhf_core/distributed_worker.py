@@ -13,7 +13,9 @@ import json
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -23,13 +25,57 @@ from safetensors.torch import load_file, save_file
 from rlhf_core import config as configs
 from rlhf_core.checkpoint import OPTIMIZER_FILE, restore_optimizer, trainable_parameters
 from rlhf_core.distributed import (full_state, init_process_group, is_sharded, load_full_optimizer_state, rank,
-                                   wrap_for_training)
+                                   unwrap, wrap_for_training)
 from rlhf_core.grpo import update_from_rollouts as grpo_update_from_rollouts
 from rlhf_core.io import write_atomically, write_dir
+from rlhf_core.logprobs import ResponseScorer
 from rlhf_core.models import enable_gradient_checkpointing, load_causal_lm, use_mixed_precision
+from rlhf_core.ppo import update_from_rollouts as ppo_update_from_rollouts
+from rlhf_core.value_head import ActorCritic, write_value_head
 
-# algorithm -> fn(model, optimizer, rollouts, pad_id, *, device, **update_args) -> history
-UPDATES = {"grpo": grpo_update_from_rollouts}
+
+@dataclass(frozen=True)
+class DistributedAlgorithm:
+    """What differs between algorithms on a rank; loading, wrapping, the optimizer state and the checkpoint
+    write are shared."""
+
+    # (causal LM, checkpoint folder) -> the module whose forward is the update's whole forward pass
+    build: Callable[[torch.nn.Module, Path], torch.nn.Module]
+    # (wrapped module, update args) -> AdamW's parameters or parameter groups, in the one-process order
+    parameters: Callable[[torch.nn.Module, dict], list]
+    # (model, optimizer, rollouts, pad_id, *, device, **update args) -> one metrics dict per optimizer step
+    update: Callable[..., list[dict[str, float]]]
+    # (full weights of the built module, causal LM, folder) -> the checkpoint's weight files
+    save: Callable[[dict, torch.nn.Module, Path], None]
+
+
+def strip_prefix(weights: dict, prefix: str) -> dict:
+    return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def load_actor_critic(lm: torch.nn.Module, checkpoint: Path) -> ActorCritic:
+    model = ActorCritic(lm)
+    model.load_value_head(checkpoint)
+    return model
+
+
+def save_actor_critic(weights: dict, lm: torch.nn.Module, folder: Path) -> None:
+    lm.save_pretrained(folder, state_dict=strip_prefix(weights, "policy."))
+    write_value_head(strip_prefix(weights, "value_head."), folder)
+
+
+UPDATES = {
+    "grpo": DistributedAlgorithm(
+        build=lambda lm, checkpoint: ResponseScorer(lm),
+        parameters=lambda model, args: trainable_parameters(model),
+        update=grpo_update_from_rollouts,
+        save=lambda weights, lm, folder: lm.save_pretrained(folder, state_dict=strip_prefix(weights, "lm."))),
+    "ppo": DistributedAlgorithm(  # the shared-backbone actor-critic; the value head has its own learning rate
+        build=load_actor_critic,
+        parameters=lambda model, args: unwrap(model).parameter_groups(args["optim"].lr, args["value"].head_lr),
+        update=ppo_update_from_rollouts,
+        save=save_actor_critic),
+}
 RESULT_FILE = "result.json"
 
 
@@ -63,17 +109,18 @@ def run(spec: dict) -> None:
     lm.eval()  # dropout off, as in one process
     if runtime.gradient_checkpointing:
         enable_gradient_checkpointing(lm)
-    model = wrap_for_training(lm, runtime.distributed, device)
-    optim = args["optim"]
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=optim.lr, weight_decay=optim.weight_decay)
+    algorithm = UPDATES[spec["algorithm"]]
+    model = wrap_for_training(algorithm.build(lm, Path(spec["policy"])), runtime.distributed, device)
+    optimizer = torch.optim.AdamW(algorithm.parameters(model, args), lr=args["optim"].lr,
+                                  weight_decay=args["optim"].weight_decay)
     restore_optimizer_state(model, optimizer, Path(spec["policy"]))
     rollouts = pd.read_parquet(spec["batch"])
-    history = UPDATES[spec["algorithm"]](model, optimizer, rollouts, tokenizer.pad_token_id, device=device, **args)
+    history = algorithm.update(model, optimizer, rollouts, tokenizer.pad_token_id, device=device, **args)
     start = time.perf_counter()
     weights, optimizer_state = full_state(model, optimizer)  # collective under FSDP: every rank takes part
     if rank() == 0:
         def write(tmp: Path) -> None:
-            lm.save_pretrained(tmp, state_dict=weights)
+            algorithm.save(weights, lm, tmp)
             tokenizer.save_pretrained(tmp)
             save_file(optimizer_state, str(tmp / OPTIMIZER_FILE))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlhf_core.batch import map_micro_batches
+from rlhf_core.batch import collate, map_micro_batches
 from rlhf_core.gae import gae_advantages, whiten
 from rlhf_core.kl import KL_ESTIMATORS
 from rlhf_core.policy_losses import POLICY_LOSSES, aggregate
@@ -92,3 +92,18 @@ def rollout_logprobs_and_values(model: ActorCritic, batch: dict[str, Tensor], *,
         return logprobs, values
 
     return map_micro_batches(outputs, batch, micro_batch_size)
+
+
+def update_from_rollouts(model: ActorCritic, optimizer, rollouts, pad_id: int, *, loss, value, optim, device: str,
+                         temperature: float, max_new_tokens: int, seed: int, on_step=None) -> list[dict[str, float]]:
+    """PPO's update on a table with GAE's columns (prompt_ids, response_ids and per-token old_logprobs,
+    old_values, advantages, returns), with the flow's loss/value/optim configs. The same call in one process
+    and on every rank."""
+    per_token = {k: rollouts[k] for k in ("old_logprobs", "old_values", "advantages", "returns")}
+    tensors = collate(rollouts["prompt_ids"], rollouts["response_ids"], pad_id, per_token=per_token, device=device)
+    return ppo_update(
+        model, optimizer, tensors, epochs=optim.epochs, mini_batches=optim.mini_batches,
+        micro_batch_size=optim.micro_batch_size, max_grad_norm=optim.max_grad_norm, seed=seed, on_step=on_step,
+        clip_eps_low=loss.clip_eps_low, clip_eps_high=loss.clip_eps_high, clip_range_value=value.clip_range_value,
+        vf_coef=value.vf_coef, aggregation=loss.aggregation, norm_length=max_new_tokens, temperature=temperature,
+        chunk_size=optim.logprob_chunk_size)

@@ -55,8 +55,7 @@ class ActorCritic(torch.nn.Module):
 
     def save_critic(self, folder: str | Path) -> None:
         """Write the value head (and a separate critic backbone) into a checkpoint folder."""
-        state = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
-        save_file(state, str(Path(folder) / VALUE_HEAD_FILE))
+        write_value_head(self.value_head.state_dict(), folder)
         if self.critic is not None:
             self.critic.save_pretrained(Path(folder) / CRITIC_DIR)
 
@@ -67,3 +66,8 @@ class ActorCritic(torch.nn.Module):
             return False
         self.value_head.load_state_dict(load_file(str(path), device=str(self.value_head.weight.device)))
         return True
+
+
+def write_value_head(state: dict[str, Tensor], folder: str | Path) -> None:
+    """The value head's weights (`weight`, `bias`) as `value_head.safetensors` in a checkpoint folder."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(Path(folder) / VALUE_HEAD_FILE))

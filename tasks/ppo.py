@@ -8,9 +8,10 @@ from prefect import task
 from rlhf_core.batch import collate, response_lists
 from rlhf_core.checkpoint import restore_optimizer
 from rlhf_core.config import GAEConfig, LoraConfig, LossConfig, OptimConfig, RuntimeConfig, ScoreConfig, ValueConfig
-from rlhf_core.ppo import ppo_advantages, ppo_update, rollout_logprobs_and_values
+from rlhf_core.ppo import ppo_advantages, rollout_logprobs_and_values, update_from_rollouts
 from rlhf_core.token_rewards import clip_scores, normalize_scores, penalize_missing_eos
 from tasks.cache import STAGE_TASK_OPTIONS
+from tasks.distributed import distributed_update
 from tasks.progress import StageProgress
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
 from tasks.update import save_update
@@ -58,25 +59,21 @@ def compute_gae(scored: ArtifactRef, kl_coef: float, kl_estimator: str, gae: GAE
 def update_actor_critic(policy: CheckpointRef, batch: ArtifactRef, loss: LossConfig, value: ValueConfig,
                         optim: OptimConfig, runtime: RuntimeConfig, temperature: float, max_new_tokens: int,
                         seed: int, trust_remote_code: bool = False, lora: LoraConfig | None = None) -> UpdateResult:
-    """With `lora`, the policy's adapter and the value head train; the backbone stays frozen."""
-    df = batch.read()
+    """With `lora`, the policy's adapter and the value head train; the backbone stays frozen. With
+    runtime.num_processes > 1 the update runs under torchrun (tasks.distributed)."""
+    update_args = dict(loss=loss, value=value, optim=optim, temperature=temperature, max_new_tokens=max_new_tokens,
+                       seed=seed)
+    if runtime.num_processes > 1:
+        return distributed_update("ppo", policy, batch, runtime, trust_remote_code, update_args, "update-metrics")
     model, tokenizer = load_actor_critic(policy, runtime, value.critic, trust_remote_code, for_training=True,
                                          lora=lora)
     fresh_adapter = prepare_training(model.policy, lora, runtime)
     optimizer = torch.optim.AdamW(model.parameter_groups(optim.lr, value.head_lr), weight_decay=optim.weight_decay)
     if not fresh_adapter:  # a fresh adapter's parameters are not the ones the saved state belongs to
         restore_optimizer(optimizer, policy.path)
-    per_token = {k: df[k] for k in ("old_logprobs", "old_values", "advantages", "returns")}
-    tensors = collate(df["prompt_ids"], df["response_ids"], tokenizer.pad_token_id, per_token=per_token,
-                      device=runtime.device)
     progress = StageProgress(total=optim.epochs * optim.mini_batches, desc="update", unit="step")
-    history = ppo_update(
-        model, optimizer, tensors, epochs=optim.epochs, mini_batches=optim.mini_batches,
-        micro_batch_size=optim.micro_batch_size, max_grad_norm=optim.max_grad_norm, seed=seed,
-        on_step=lambda metrics: progress.update(1), clip_eps_low=loss.clip_eps_low,
-        clip_eps_high=loss.clip_eps_high, clip_range_value=value.clip_range_value, vf_coef=value.vf_coef,
-        aggregation=loss.aggregation, norm_length=max_new_tokens, temperature=temperature,
-        chunk_size=optim.logprob_chunk_size)
+    history = update_from_rollouts(model, optimizer, batch.read(), tokenizer.pad_token_id, device=runtime.device,
+                                   on_step=lambda metrics: progress.update(1), **update_args)
     progress.close()
     # the policy stays in memory for the next generation; the optimizer does not (it also holds the value head)
     return save_update(model.policy, tokenizer, optimizer, history, "update-metrics", write_extra=model.save_critic,

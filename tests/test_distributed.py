@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_core.checkpoint import OPTIMIZER_FILE, restore_optimizer, save_checkpoint, trainable_parameters
-from rlhf_core.config import KLConfig, LossConfig, OptimConfig, RuntimeConfig
+from rlhf_core.config import KLConfig, LossConfig, OptimConfig, RuntimeConfig, ValueConfig
 from rlhf_core.distributed import decoder_layers
 from rlhf_core.grpo import update_from_rollouts
+from rlhf_core.ppo import update_from_rollouts as ppo_update_from_rollouts
+from rlhf_core.value_head import VALUE_HEAD_FILE, ActorCritic
 from rlhf_core.models import load_causal_lm
 from rlhf_core.update import NonFiniteError
 from tasks.distributed import distributed_update, torchrun_command
@@ -26,6 +28,8 @@ ROWS = 16
 # gradient accumulation, the skipped sync of the first micro-batch and the old-log-prob pass are all exercised
 OPTIM = OptimConfig(lr=1e-3, epochs=2, mini_batches=2, micro_batch_size=3)
 UPDATE_ARGS = dict(loss=LossConfig(), kl=KLConfig(coef=0.05), optim=OPTIM, temperature=1.0, max_new_tokens=8, seed=3)
+PPO_ARGS = dict(loss=LossConfig(), value=ValueConfig(vf_coef=0.5, head_lr=1e-2), optim=OPTIM, temperature=1.0,
+                max_new_tokens=8, seed=3)
 # Float32 sums in another order (per rank, then across ranks); measured max difference ~1e-7 on these weights.
 ATOL = 2e-6
 FLOW_ATOL = 2e-4
@@ -38,8 +42,11 @@ def rollouts(vocab_size: int, seed: int = 0) -> pd.DataFrame:
     for i in range(ROWS):
         prompt = [rng.randrange(3, vocab_size) for _ in range(rng.randint(2, 6))]
         response = [rng.randrange(3, vocab_size) for _ in range(rng.randint(1, 8))]
+        per_token = {name: [rng.uniform(low, high) for _ in response] for name, low, high in [
+            ("ref_logprobs", -12.0, -9.0), ("old_logprobs", -12.0, -9.0), ("old_values", -0.5, 0.5),
+            ("token_advantages", -1.5, 1.5), ("returns", -1.0, 1.0)]}
         rows.append({"prompt_ids": prompt, "response_ids": response, "advantages": rng.uniform(-1.5, 1.5),
-                     "ref_logprobs": [rng.uniform(-12.0, -9.0) for _ in response]})
+                     **per_token})
     return pd.DataFrame(rows)
 
 
@@ -53,8 +60,24 @@ def one_process_update(policy: CheckpointRef, df: pd.DataFrame, root) -> dict[st
     return CheckpointRef(path=str(path), sha256=digest)
 
 
+def one_process_ppo_update(policy: CheckpointRef, df: pd.DataFrame, root) -> CheckpointRef:
+    lm, tokenizer = load_causal_lm(policy.path)
+    model = ActorCritic(lm).eval()
+    model.load_value_head(policy.path)
+    value = PPO_ARGS["value"]
+    optimizer = torch.optim.AdamW(model.parameter_groups(OPTIM.lr, value.head_lr), weight_decay=OPTIM.weight_decay)
+    restore_optimizer(optimizer, policy.path)
+    ppo_update_from_rollouts(model, optimizer, df, tokenizer.pad_token_id, device="cpu", **PPO_ARGS)
+    path, digest = save_checkpoint(lm, tokenizer, optimizer, root, write_extra=model.save_critic)
+    return CheckpointRef(path=str(path), sha256=digest)
+
+
 def weights(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     return load_file(f"{ref.path}/model.safetensors")
+
+
+def value_head(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    return load_file(f"{ref.path}/{VALUE_HEAD_FILE}")
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -100,6 +123,36 @@ def test_two_processes_match_one_over_two_chained_updates(strategy, policy_and_b
                        f"weights and Adam state equal one process within {ATOL}", "n/a")
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ppo_two_processes_match_one_over_two_chained_updates(strategy, policy_and_batch, tmp_path, reliability):
+    """PPO's actor-critic (shared backbone + value head at its own learning rate) under torchrun: the policy
+    weights, the value head and Adam's state equal one process's after two chained updates."""
+    policy, _, df = policy_and_batch
+    df = df.drop(columns="advantages").rename(columns={"token_advantages": "advantages"})
+    path = tmp_path / "ppo-batch.parquet"
+    df.to_parquet(path)
+    batch = ArtifactRef(path=str(path), sha256="-", rows=len(df))
+    runtime = RuntimeConfig(num_processes=2, distributed=strategy, num_threads=1)
+    single_1 = one_process_ppo_update(policy, df, tmp_path / "single")
+    single_2 = one_process_ppo_update(single_1, df, tmp_path / "single")
+    multi_1 = distributed_update("ppo", policy, batch, runtime, False, PPO_ARGS, "update-metrics").checkpoint
+    result = distributed_update("ppo", multi_1, batch, runtime, False, PPO_ARGS, "update-metrics")
+    multi_2 = result.checkpoint
+
+    assert max_difference(weights(single_2), weights(policy)) > 1e-3
+    assert float(value_head(single_2)["weight"].abs().max()) > 1e-3  # the zero-initialised head trained
+    for single, multi in [(single_1, multi_1), (single_2, multi_2)]:
+        assert max_difference(weights(multi), weights(single)) < ATOL
+        assert max_difference(value_head(multi), value_head(single)) < ATOL
+    adam_single = load_file(f"{single_2.path}/{OPTIMIZER_FILE}")
+    adam_multi = load_file(f"{multi_2.path}/{OPTIMIZER_FILE}")
+    assert max_difference(adam_multi, adam_single) < ATOL
+    metrics = result.metrics.read()
+    assert len(metrics) == 4 and metrics["loss/value"].gt(0).all()
+    reliability.record("2 CPU processes (torchrun, gloo)", f"PPO update, {strategy.upper()}, 2 chained updates",
+                       f"policy, value head and Adam state equal one process within {ATOL}", "n/a")
+
+
 def test_nan_in_one_rank_stops_with_the_original_error(policy_and_batch):
     policy, batch, df = policy_and_batch
     bad = df.copy()
@@ -133,7 +186,12 @@ def test_configs_refuse_what_cannot_run_distributed():
                optim={"mini_batches": 2})  # 8 rows = 2 mini-batches x 2 ranks x 2 rows
     with pytest.raises(ValidationError, match="9 responses per update .* do not split evenly"):
         GRPOConfig(runtime={"num_processes": 2}, prompts_per_iteration=3, generation={"group_size": 3})
-    for config in (PPOConfig, DPOConfig, RewardModelConfig):
+    PPOConfig(runtime={"num_processes": 2}, prompts_per_iteration=4, generation={"group_size": 2},
+              optim={"mini_batches": 2})
+    with pytest.raises(ValidationError, match="value.critic='shared' only"):
+        PPOConfig(runtime={"num_processes": 2}, prompts_per_iteration=4, generation={"group_size": 2},
+                  value={"critic": "separate"})
+    for config in (DPOConfig, RewardModelConfig):
         with pytest.raises(ValidationError, match="runs in one process for now"):
             config(runtime={"num_processes": 2})
 
@@ -173,3 +231,33 @@ def test_grpo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_di
     assert one["response_ids"].map(list).tolist() == two["response_ids"].map(list).tolist()
     assert (one["sampling_logprobs"].explode().astype(float) - two["sampling_logprobs"].explode().astype(float)
             ).abs().max() < 1e-3
+
+
+def test_ppo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir, tmp_path, monkeypatch,
+                                                 tokenizer_dir):
+    """The PPO flow with runtime.num_processes=2 (DDP): the update-actor-critic task runs torchrun, the
+    checkpoint it registers carries the value head, and policy and head equal the one-process run's."""
+    from flow_helpers import mlflow_run_of
+    from flows.ppo import ppo
+    from test_flow_ppo import tiny_ppo_config
+
+    from rlhf_core.models import load_tokenizer, tiny_llama_config
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer, _ = load_tokenizer(tokenizer_dir)
+    reward_dir = tmp_path / "reward-model"
+    AutoModelForSequenceClassification.from_config(tiny_llama_config(
+        len(tokenizer), pad_token_id=tokenizer.pad_token_id, num_labels=1)).save_pretrained(reward_dir)
+    tokenizer.save_pretrained(reward_dir)
+    finals = {}
+    for processes in (1, 2):
+        monkeypatch.setenv("RLHF_HOME", str(tmp_path / f"home-{processes}"))
+        config = tiny_ppo_config(tiny_model_dir, reward_dir, runtime=RuntimeConfig(
+            num_processes=processes, distributed="ddp", num_threads=1))
+        state = ppo(config, return_state=True)
+        finals[processes] = CheckpointRef(path=state.result(), sha256="-")
+        run = mlflow_run_of(state.state_details.flow_run_id)
+        assert run.info.status == "FINISHED" and run.data.params["runtime.num_processes"] == str(processes)
+    assert max_difference(weights(finals[2]), weights(finals[1])) < FLOW_ATOL
+    assert max_difference(value_head(finals[2]), value_head(finals[1])) < FLOW_ATOL
+    assert float(value_head(finals[2])["weight"].abs().max()) > 1e-3

@@ -81,7 +81,7 @@ def test_ppo_crash_in_update_then_rerun_resumes_and_matches(prefect_harness, tmp
     uninterrupted = sha256_dir(ppo(config))
 
     monkeypatch.setenv("RLHF_HOME", str(tmp_path / "crashed"))
-    with failing_call(tasks.ppo, "ppo_update", call=2):
+    with failing_call(tasks.ppo, "update_from_rollouts", call=2):
         assert ppo(config, return_state=True).is_failed()
 
     resumed = ppo(config, return_state=True)

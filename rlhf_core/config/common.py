@@ -166,6 +166,9 @@ def check_online_config(config):
     if config.model.lora is not None and getattr(getattr(config, "value", None), "critic", "shared") == "separate":
         raise ValueError("model.lora trains the policy's adapter only: use value.critic='shared' (the value head "
                          "then trains in full beside the adapter)")
+    if config.runtime.num_processes > 1 and getattr(getattr(config, "value", None), "critic", "shared") == "separate":
+        raise ValueError("runtime.num_processes > 1 runs PPO with value.critic='shared' only (the torchrun update "
+                         "wraps one actor-critic module); set value.critic to 'shared' or num_processes to 1")
     if config.loss.tis_cap is not None:
         if type(config).__name__ != "GRPOConfig":
             raise ValueError("loss.tis_cap (truncated importance sampling) is implemented for GRPO only; set it to null")
@@ -187,15 +190,19 @@ def check_lora(lora: LoraConfig | None, runtime: RuntimeConfig) -> None:
         raise ValueError(f"model.lora is not supported with runtime.num_processes={runtime.num_processes} yet")
 
 
+DISTRIBUTED_FLOWS = ("GRPO", "PPO")
+
+
 def check_processes(runtime: RuntimeConfig, flow: str, rows_per_update: int = 0, mini_batches: int = 1) -> None:
-    """runtime.num_processes > 1: only GRPO's update runs under torchrun so far; every rank must get the same
-    number of rows in every mini-batch (the collectives pair up the ranks' forward and backward passes)."""
+    """runtime.num_processes > 1: the GRPO and PPO updates run under torchrun so far; every rank must get the
+    same number of rows in every mini-batch (the collectives pair up the ranks' forward and backward passes)."""
     n = runtime.num_processes
     if n == 1:
         return
-    if flow != "GRPO":
+    if flow not in DISTRIBUTED_FLOWS:
         raise ValueError(f"runtime.num_processes={n}: the {flow} update runs in one process for now (the "
-                         "multi-process update under torchrun is implemented for GRPO); set it to 1")
+                         f"multi-process update under torchrun is implemented for {' and '.join(DISTRIBUTED_FLOWS)}); "
+                         "set it to 1")
     if rows_per_update % (mini_batches * n):
         raise ValueError(f"{rows_per_update} responses per update (prompts_per_iteration * generation.group_size) "
                          f"do not split evenly into optim.mini_batches={mini_batches} x runtime.num_processes={n}")
