@@ -96,17 +96,24 @@ def policy_and_batch(tiny_model_dir, rlhf_home, tmp_path):
     return policy, ArtifactRef(path=str(path), sha256="-", rows=len(df)), df
 
 
+def chained_updates(one_process, algorithm: str, args: dict, policy, batch, df, strategy: str, root):
+    """Two updates in a row, each from the previous checkpoint, in one process and under torchrun with 2 ranks.
+    -> ([one-process checkpoints], [2-process checkpoints], the last 2-process result)"""
+    runtime = RuntimeConfig(num_processes=2, distributed=strategy, num_threads=1)
+    single_1 = one_process(policy, df, root)
+    single_2 = one_process(single_1, df, root)
+    multi_1 = distributed_update(algorithm, policy, batch, runtime, False, args, "update-metrics").checkpoint
+    result = distributed_update(algorithm, multi_1, batch, runtime, False, args, "update-metrics")
+    return [single_1, single_2], [multi_1, result.checkpoint], result
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one_over_two_chained_updates(strategy, policy_and_batch, tmp_path, reliability):
     """Two updates in a row (the second resumes Adam's state from the first's checkpoint): 2 ranks give the
     weights and Adam moments of 1 process, and a checkpoint a 2-rank run wrote resumes in either."""
     policy, batch, df = policy_and_batch
-    runtime = RuntimeConfig(num_processes=2, distributed=strategy, num_threads=1)
-    single_1 = one_process_update(policy, df, tmp_path / "single")
-    single_2 = one_process_update(single_1, df, tmp_path / "single")
-    multi_1 = distributed_update("grpo", policy, batch, runtime, False, UPDATE_ARGS, "update-metrics").checkpoint
-    result = distributed_update("grpo", multi_1, batch, runtime, False, UPDATE_ARGS, "update-metrics")
-    multi_2 = result.checkpoint
+    (single_1, single_2), (multi_1, multi_2), result = chained_updates(
+        one_process_update, "grpo", UPDATE_ARGS, policy, batch, df, strategy, tmp_path / "single")
 
     start = weights(policy)
     assert max_difference(weights(single_2), start) > 1e-3  # the update moved the weights
@@ -132,16 +139,12 @@ def test_ppo_two_processes_match_one_over_two_chained_updates(strategy, policy_a
     path = tmp_path / "ppo-batch.parquet"
     df.to_parquet(path)
     batch = ArtifactRef(path=str(path), sha256="-", rows=len(df))
-    runtime = RuntimeConfig(num_processes=2, distributed=strategy, num_threads=1)
-    single_1 = one_process_ppo_update(policy, df, tmp_path / "single")
-    single_2 = one_process_ppo_update(single_1, df, tmp_path / "single")
-    multi_1 = distributed_update("ppo", policy, batch, runtime, False, PPO_ARGS, "update-metrics").checkpoint
-    result = distributed_update("ppo", multi_1, batch, runtime, False, PPO_ARGS, "update-metrics")
-    multi_2 = result.checkpoint
-
+    singles, multis, result = chained_updates(one_process_ppo_update, "ppo", PPO_ARGS, policy, batch, df, strategy,
+                                              tmp_path / "single")
+    single_2, multi_2 = singles[-1], multis[-1]
     assert max_difference(weights(single_2), weights(policy)) > 1e-3
     assert float(value_head(single_2)["weight"].abs().max()) > 1e-3  # the zero-initialised head trained
-    for single, multi in [(single_1, multi_1), (single_2, multi_2)]:
+    for single, multi in zip(singles, multis):
         assert max_difference(weights(multi), weights(single)) < ATOL
         assert max_difference(value_head(multi), value_head(single)) < ATOL
     adam_single = load_file(f"{single_2.path}/{OPTIMIZER_FILE}")
