@@ -26,6 +26,7 @@ from rlhf_core import config as configs
 from rlhf_core.checkpoint import OPTIMIZER_FILE, restore_optimizer, trainable_parameters
 from rlhf_core.distributed import (full_state, init_process_group, is_sharded, load_full_optimizer_state, rank,
                                    unwrap, wrap_for_training)
+from rlhf_core.dpo import update_from_pairs as dpo_update_from_pairs
 from rlhf_core.grpo import update_from_rollouts as grpo_update_from_rollouts
 from rlhf_core.io import write_atomically, write_dir
 from rlhf_core.logprobs import ResponseScorer
@@ -41,9 +42,9 @@ class DistributedAlgorithm:
 
     # (causal LM, checkpoint folder) -> the module whose forward is the update's whole forward pass
     build: Callable[[torch.nn.Module, Path], torch.nn.Module]
-    # (wrapped module, update args) -> AdamW's parameters or parameter groups, in the one-process order
-    parameters: Callable[[torch.nn.Module, dict], list]
-    # (model, optimizer, rollouts, pad_id, *, device, **update args) -> one metrics dict per optimizer step
+    # (wrapped module, update args) -> the optimizer the one-process task builds (same parameter order)
+    optimizer: Callable[[torch.nn.Module, dict], torch.optim.Optimizer]
+    # (model, optimizer, table, pad_id, *, device, **update args) -> one metrics dict per optimizer step
     update: Callable[..., list[dict[str, float]]]
     # (full weights of the built module, causal LM, folder) -> the checkpoint's weight files
     save: Callable[[dict, torch.nn.Module, Path], None]
@@ -53,10 +54,23 @@ def strip_prefix(weights: dict, prefix: str) -> dict:
     return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
 
 
+def adamw(params, optim) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def update_dpo_epoch(model, optimizer, pairs, pad_id: int, *, device: str, lr: float, **update_args):
+    """DPO's epoch; `lr` is the optimizer's (DPO's configs are flat values, not an OptimConfig)."""
+    return dpo_update_from_pairs(model, optimizer, pairs, pad_id, device=device, **update_args)
+
+
 def load_actor_critic(lm: torch.nn.Module, checkpoint: Path) -> ActorCritic:
     model = ActorCritic(lm)
     model.load_value_head(checkpoint)
     return model
+
+
+def save_causal_lm(weights: dict, lm: torch.nn.Module, folder: Path) -> None:
+    lm.save_pretrained(folder, state_dict=strip_prefix(weights, "lm."))  # a ResponseScorer's weights
 
 
 def save_actor_critic(weights: dict, lm: torch.nn.Module, folder: Path) -> None:
@@ -67,14 +81,21 @@ def save_actor_critic(weights: dict, lm: torch.nn.Module, folder: Path) -> None:
 UPDATES = {
     "grpo": DistributedAlgorithm(
         build=lambda lm, checkpoint: ResponseScorer(lm),
-        parameters=lambda model, args: trainable_parameters(model),
+        optimizer=lambda model, args: adamw(trainable_parameters(model), args["optim"]),
         update=grpo_update_from_rollouts,
-        save=lambda weights, lm, folder: lm.save_pretrained(folder, state_dict=strip_prefix(weights, "lm."))),
+        save=save_causal_lm),
     "ppo": DistributedAlgorithm(  # the shared-backbone actor-critic; the value head has its own learning rate
         build=load_actor_critic,
-        parameters=lambda model, args: unwrap(model).parameter_groups(args["optim"].lr, args["value"].head_lr),
+        optimizer=lambda model, args: adamw(
+            unwrap(model).parameter_groups(args["optim"].lr, args["value"].head_lr), args["optim"]),
         update=ppo_update_from_rollouts,
         save=save_actor_critic),
+    "dpo": DistributedAlgorithm(  # one epoch over the pairs; mini-batches of any size (padding passes)
+        build=lambda lm, checkpoint: ResponseScorer(lm),
+        optimizer=lambda model, args: torch.optim.AdamW(trainable_parameters(model), lr=args["lr"],
+                                                        weight_decay=0.0),
+        update=update_dpo_epoch,
+        save=save_causal_lm),
 }
 RESULT_FILE = "result.json"
 
@@ -111,8 +132,7 @@ def run(spec: dict) -> None:
         enable_gradient_checkpointing(lm)
     algorithm = UPDATES[spec["algorithm"]]
     model = wrap_for_training(algorithm.build(lm, Path(spec["policy"])), runtime.distributed, device)
-    optimizer = torch.optim.AdamW(algorithm.parameters(model, args), lr=args["optim"].lr,
-                                  weight_decay=args["optim"].weight_decay)
+    optimizer = algorithm.optimizer(model, args)
     restore_optimizer_state(model, optimizer, Path(spec["policy"]))
     rollouts = pd.read_parquet(spec["batch"])
     history = algorithm.update(model, optimizer, rollouts, tokenizer.pad_token_id, device=device, **args)

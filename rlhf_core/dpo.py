@@ -134,3 +134,20 @@ def dpo_update(model, optimizer, batch: dict[str, Tensor], *, batch_size: int, m
 
     return run_update(model, optimizer, batch, loss_fn, epochs=1, mini_batches=-(-num_pairs // batch_size),
                       micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, seed=seed, on_step=on_step)
+
+
+REF_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
+
+
+def pair_batch(pairs, pad_id: int, device: str) -> dict[str, Tensor]:
+    """A tokenized pairs table (prompt_ids, chosen_ids, rejected_ids and, when present, the reference log-probs)
+    as a pair batch."""
+    per_pair = {name: pairs[name] for name in REF_COLUMNS if name in pairs}
+    return collate_pairs(pairs["prompt_ids"].tolist(), pairs["chosen_ids"].tolist(), pairs["rejected_ids"].tolist(),
+                         pad_id, per_pair=per_pair, device=device)
+
+
+def update_from_pairs(model, optimizer, pairs, pad_id: int, *, device: str, **update_kwargs) -> list[dict[str, float]]:
+    """One DPO epoch on a tokenized pairs table with reference log-probs; `update_kwargs` are `dpo_update`'s.
+    The same call in one process and on every rank."""
+    return dpo_update(model, optimizer, pair_batch(pairs, pad_id, device), **update_kwargs)

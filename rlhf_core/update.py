@@ -32,8 +32,17 @@ LossFn = Callable[[torch.nn.Module, dict[str, Tensor], Normalizers], tuple[Tenso
 MiniBatchStatsFn = Callable[[torch.nn.Module, dict[str, Tensor]], dict[str, Tensor]]
 
 
-def micro_batches(rows: Tensor, size: int) -> list[Tensor]:
-    return list(rows.split(size))
+def forward_passes(mini_batch_size: int, micro_batch_size: int, num_ranks: int) -> int:
+    """Forward passes each rank runs on a mini-batch: those of the rank with the most rows (`rank_share`)."""
+    return -(-(-(-mini_batch_size // num_ranks)) // micro_batch_size)
+
+
+def micro_batches(rows: Tensor, size: int, passes: int) -> list[Tensor | None]:
+    """This rank's micro-batches of `size` rows, then a None for every forward pass another rank runs beyond
+    them: under torch.distributed every rank must run as many passes (FSDP gathers the weights inside each, DDP
+    synchronises in the last)."""
+    pieces = list(rows.split(size)) if len(rows) else []
+    return pieces + [None] * (passes - len(pieces))
 
 
 def check_finite(value: Tensor, what: str) -> None:
@@ -65,8 +74,8 @@ def run_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     history = []
     for epoch in range(epochs):
         order = torch.randperm(num_rows, generator=generator)
-        for mini_index, mini_rows in enumerate(order.tensor_split(mini_batches)):
-            mini_rows = rank_share(mini_rows.to(device))
+        for mini_index, all_rows in enumerate(order.tensor_split(mini_batches)):
+            mini_rows = rank_share(all_rows.to(device))
             norm = Normalizers(
                 num_seqs=global_sum(len(mini_rows), device),
                 num_tokens=global_sum(batch["response_mask"][mini_rows].sum().item(), device))
@@ -74,16 +83,20 @@ def run_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
             totals: dict[str, float] = {}
             shared = mini_batch_stats(model, select_rows(batch, mini_rows)) if mini_batch_stats else {}
             in_order = length_sorted(batch, mini_rows) if sort_by_length else mini_rows
-            pieces = micro_batches(in_order, micro_batch_size)
+            pieces = micro_batches(in_order, micro_batch_size,
+                                   forward_passes(len(all_rows), micro_batch_size, world_size()))
             for micro_index, rows in enumerate(pieces):
+                # a padding pass (this rank has fewer rows than another) runs a real row with weight 0
+                weight = 0.0 if rows is None else float(world_size())
+                rows = all_rows[:1].to(device) if rows is None else rows
                 with gradient_sync(model, enabled=micro_index == len(pieces) - 1):
                     loss, metrics = loss_fn(model, {**select_rows(batch, rows), **shared}, norm)
                     check_finite(loss.detach(),
                                  f"loss (epoch {epoch}, mini-batch {mini_index}, micro-batch {micro_index})")
                     # DDP and FSDP average gradients over ranks; the normalisers already divide by global counts.
-                    (loss * world_size()).backward()
+                    (loss * weight).backward()
                 for key, value in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + global_sum(float(value), device)
+                    totals[key] = totals.get(key, 0.0) + global_sum(float(value) * (weight > 0), device)
             grad_norm = local_value(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
             check_finite(grad_norm.detach(), f"gradient norm (epoch {epoch}, mini-batch {mini_index})")
             optimizer.step()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import torch
 from prefect import task
 
@@ -21,13 +20,11 @@ from rlhf_core.batch import truncate_sequences
 from rlhf_core.config import LoraConfig, RuntimeConfig
 from rlhf_core.models import load_tokenizer
 from tasks.cache import STAGE_TASK_OPTIONS
+from tasks.distributed import distributed_update
 from tasks.progress import StageProgress
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
 from tasks.runtime import load_model, reference_model
 from tasks.update import resume_training, save_update
-
-REF_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
-
 
 @task(name="tokenize-pairs", **STAGE_TASK_OPTIONS)
 def tokenize_pairs(model_ref: CheckpointRef, pairs_ref: ArtifactRef, max_length: int | None,
@@ -45,13 +42,6 @@ def tokenize_pairs(model_ref: CheckpointRef, pairs_ref: ArtifactRef, max_length:
                              rejected_ids=[r for _, (_, r) in cut], truncated=truncated), "dpo-tokens")
 
 
-def pair_batch(df: pd.DataFrame, pad_id: int, device: str) -> dict[str, torch.Tensor]:
-    """The tokenized pairs of a Parquet table as a pair batch, with the reference log-probs when it has them."""
-    per_pair = {name: df[name] for name in REF_COLUMNS if name in df}
-    return dpo.collate_pairs(df["prompt_ids"].tolist(), df["chosen_ids"].tolist(), df["rejected_ids"].tolist(),
-                             pad_id, per_pair=per_pair, device=device)
-
-
 @task(name="compute-reference-logprobs", **STAGE_TASK_OPTIONS)
 def compute_reference_logprobs(model_ref: CheckpointRef, pairs_ref: ArtifactRef, micro_batch_size: int,
                                runtime: RuntimeConfig, trust_remote_code: bool = False) -> ArtifactRef:
@@ -59,7 +49,7 @@ def compute_reference_logprobs(model_ref: CheckpointRef, pairs_ref: ArtifactRef,
     included)."""
     df = pairs_ref.read()
     with reference_model(model_ref, runtime, trust_remote_code) as (model, tokenizer):
-        logps = dpo.batched_pair_logprobs(model, pair_batch(df, tokenizer.pad_token_id, runtime.device),
+        logps = dpo.batched_pair_logprobs(model, dpo.pair_batch(df, tokenizer.pad_token_id, runtime.device),
                                           micro_batch_size=micro_batch_size)
     return publish(df.assign(ref_chosen_logps=logps["chosen_logps"].cpu().numpy(),
                              ref_rejected_logps=logps["rejected_logps"].cpu().numpy()), "dpo-reference")
@@ -72,15 +62,19 @@ def train_dpo_epoch(policy_ref: CheckpointRef, pairs_with_ref_ref: ArtifactRef, 
                     runtime: RuntimeConfig, trust_remote_code: bool = False,
                     lora: LoraConfig | None = None) -> UpdateResult:
     """One shuffled pass over the pairs from `policy_ref` (its Adam state restored); returns the new checkpoint
-    and one metrics row per optimizer step. With `lora` only the adapter trains."""
+    and one metrics row per optimizer step. With `lora` only the adapter trains. With runtime.num_processes > 1
+    the epoch runs under torchrun (tasks.distributed)."""
+    update_args = dict(batch_size=batch_size, micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm,
+                       seed=seed + epoch, loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
+                       simpo_gamma=simpo_gamma, rpo_alpha=rpo_alpha)
+    if runtime.num_processes > 1:
+        return distributed_update("dpo", policy_ref, pairs_with_ref_ref, runtime, trust_remote_code,
+                                  {**update_args, "lr": lr}, "dpo-metrics")
     df = pairs_with_ref_ref.read()
     model, tokenizer, optimizer = resume_training(policy_ref, runtime, trust_remote_code, lr, lora=lora)
     progress = StageProgress(total=-(-len(df) // batch_size), desc=f"dpo epoch {epoch}", unit="step")
-    history = dpo.dpo_update(
-        model, optimizer, pair_batch(df, tokenizer.pad_token_id, runtime.device), batch_size=batch_size,
-        micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, seed=seed + epoch,
-        on_step=lambda metrics: progress.update(1), loss_type=loss_type, beta=beta,
-        label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, rpo_alpha=rpo_alpha)
+    history = dpo.update_from_pairs(model, optimizer, df, tokenizer.pad_token_id, device=runtime.device,
+                                    on_step=lambda metrics: progress.update(1), **update_args)
     progress.close()
     return save_update(model, tokenizer, optimizer, history, "dpo-metrics", keep=(runtime, trust_remote_code, True),
                        merged=lora is not None and lora.save == "merged")
@@ -93,7 +87,7 @@ def evaluate_dpo(policy_ref: CheckpointRef, eval_with_ref_ref: ArtifactRef, loss
     `rejected_rewards`; accuracy = mean(chosen_rewards > rejected_rewards)."""
     df = eval_with_ref_ref.read()
     model, tokenizer = load_model(policy_ref, runtime, trust_remote_code)
-    batch = pair_batch(df, tokenizer.pad_token_id, runtime.device)
+    batch = dpo.pair_batch(df, tokenizer.pad_token_id, runtime.device)
     logps = dpo.batched_pair_logprobs(model, batch, micro_batch_size=micro_batch_size)
     zeros = torch.zeros_like(logps["chosen_logps"])  # simpo: no reference
     rewards = dpo.reward_metrics(*dpo.preference_logps(logps, loss_type), batch.get("ref_chosen_logps", zeros),

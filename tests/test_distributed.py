@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from rlhf_core.checkpoint import OPTIMIZER_FILE, restore_optimizer, save_checkpoint, trainable_parameters
 from rlhf_core.config import KLConfig, LossConfig, OptimConfig, RuntimeConfig, ValueConfig
 from rlhf_core.distributed import decoder_layers
+from rlhf_core.dpo import update_from_pairs
 from rlhf_core.grpo import update_from_rollouts
 from rlhf_core.ppo import update_from_rollouts as ppo_update_from_rollouts
 from rlhf_core.value_head import VALUE_HEAD_FILE, ActorCritic
@@ -156,6 +157,60 @@ def test_ppo_two_processes_match_one_over_two_chained_updates(strategy, policy_a
                        f"policy, value head and Adam state equal one process within {ATOL}", "n/a")
 
 
+# 13 pairs in mini-batches of 4 -> 4 mini-batches of 4, 3, 3, 3 pairs; micro-batches of 1: rank 1 holds one
+# pair of a 3-pair mini-batch and runs one padding pass while rank 0 runs its second pair
+# DPO sums log-probs over whole responses, and Adam divides by the root of tiny squared gradients: one process
+# with micro-batches of 4 instead of 1 differs from itself by 6.4e-6 after these two epochs (2 processes: 5.7e-6)
+DPO_ATOL = 2e-5
+DPO_ARGS = dict(batch_size=4, micro_batch_size=1, max_grad_norm=1.0, seed=5, loss_type="sigmoid", beta=0.1,
+                label_smoothing=0.0, simpo_gamma=0.5, rpo_alpha=None, lr=1e-3)
+
+
+def pairs(vocab_size: int, num_pairs: int = 13, seed: int = 0) -> pd.DataFrame:
+    rng = random.Random(seed)
+
+    def ids(low: int, high: int) -> list[int]:
+        return [rng.randrange(3, vocab_size) for _ in range(rng.randint(low, high))]
+
+    return pd.DataFrame([{"prompt_ids": ids(2, 6), "chosen_ids": ids(1, 8), "rejected_ids": ids(1, 8),
+                          "ref_chosen_logps": rng.uniform(-60, -20), "ref_rejected_logps": rng.uniform(-60, -20)}
+                         for _ in range(num_pairs)])
+
+
+def one_process_dpo_epoch(policy: CheckpointRef, df: pd.DataFrame, root) -> CheckpointRef:
+    model, tokenizer = load_causal_lm(policy.path)
+    model.eval()
+    args = dict(DPO_ARGS)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.pop("lr"), weight_decay=0.0)
+    restore_optimizer(optimizer, policy.path)
+    update_from_pairs(model, optimizer, df, tokenizer.pad_token_id, device="cpu", **args)
+    path, digest = save_checkpoint(model, tokenizer, optimizer, root)
+    return CheckpointRef(path=str(path), sha256=digest)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_dpo_uneven_mini_batches_match_one_process(strategy, policy_and_batch, tmp_path, reliability):
+    """DPO's epochs under torchrun, with mini-batches that do not split evenly over the ranks (padding passes):
+    two chained epochs give the weights and Adam state of one process."""
+    policy, _, _ = policy_and_batch
+    df = pairs(vocab_size=49152)
+    path = tmp_path / "pairs.parquet"
+    df.to_parquet(path)
+    batch = ArtifactRef(path=str(path), sha256="-", rows=len(df))
+    singles, multis, result = chained_updates(one_process_dpo_epoch, "dpo", DPO_ARGS, policy, batch, df, strategy,
+                                              tmp_path / "single")
+    assert max_difference(weights(singles[-1]), weights(policy)) > 1e-3
+    for single, multi in zip(singles, multis):
+        assert max_difference(weights(multi), weights(single)) < DPO_ATOL
+    adam_single = load_file(f"{singles[-1].path}/{OPTIMIZER_FILE}")
+    adam_multi = load_file(f"{multis[-1].path}/{OPTIMIZER_FILE}")
+    assert max_difference(adam_multi, adam_single) < DPO_ATOL and float(adam_multi["0.step"]) == 8.0
+    metrics = result.metrics.read()  # summed over ranks, padding passes excluded: the mean over 13 pairs
+    assert len(metrics) == 4 and metrics["rewards/accuracies"].between(0, 1).all()
+    reliability.record("2 CPU processes (torchrun, gloo)", f"DPO epoch, {strategy.upper()}, uneven mini-batches",
+                       f"weights and Adam state equal one process within {DPO_ATOL}", "n/a")
+
+
 def test_nan_in_one_rank_stops_with_the_original_error(policy_and_batch):
     policy, batch, df = policy_and_batch
     bad = df.copy()
@@ -183,7 +238,7 @@ def test_torchrun_command_uses_a_free_local_port(tmp_path):
 def test_configs_refuse_what_cannot_run_distributed():
     from pydantic import ValidationError
 
-    from rlhf_core.config import DPOConfig, GRPOConfig, PPOConfig, RewardModelConfig
+    from rlhf_core.config import DPOConfig, GRPOConfig, KTOConfig, PPOConfig, RewardModelConfig
 
     GRPOConfig(runtime={"num_processes": 2}, prompts_per_iteration=4, generation={"group_size": 2},
                optim={"mini_batches": 2})  # 8 rows = 2 mini-batches x 2 ranks x 2 rows
@@ -194,7 +249,9 @@ def test_configs_refuse_what_cannot_run_distributed():
     with pytest.raises(ValidationError, match="value.critic='shared' only"):
         PPOConfig(runtime={"num_processes": 2}, prompts_per_iteration=4, generation={"group_size": 2},
                   value={"critic": "separate"})
-    for config in (DPOConfig, RewardModelConfig):
+    PPOConfig(runtime={"num_processes": 2}, prompts_per_iteration=3, generation={"group_size": 3})  # padding passes
+    DPOConfig(runtime={"num_processes": 2})
+    for config in (KTOConfig, RewardModelConfig):
         with pytest.raises(ValidationError, match="runs in one process for now"):
             config(runtime={"num_processes": 2})
 
@@ -264,3 +321,31 @@ def test_ppo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir
     assert max_difference(weights(finals[2]), weights(finals[1])) < FLOW_ATOL
     assert max_difference(value_head(finals[2]), value_head(finals[1])) < FLOW_ATOL
     assert float(value_head(finals[2])["weight"].abs().max()) > 1e-3
+
+
+def test_dpo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir, tmp_path, monkeypatch):
+    """The DPO flow with runtime.num_processes=2 (FSDP): each epoch's task runs torchrun on 9 training pairs (3
+    mini-batches of 3: uneven over 2 ranks), the held-out evaluation and the registry are unchanged."""
+    from flow_helpers import mlflow_run_of
+    from flows.dpo import dpo
+    from test_flow_dpo import PLACES, small_config
+
+    import json
+
+    rows = [{"prompt": f"Review the {place}.", "chosen": f"The {place} {good}.", "rejected": f"The {place} {bad}."}
+            for good, bad in [("was wonderful", "was awful"), ("is excellent", "is terrible")] for place in PLACES]
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    finals, accuracies = {}, {}
+    for processes in (1, 2):
+        monkeypatch.setenv("RLHF_HOME", str(tmp_path / f"home-{processes}"))
+        config = small_config(pairs_file, tiny_model_dir, runtime=RuntimeConfig(
+            num_processes=processes, distributed="fsdp", num_threads=1))
+        state = dpo(config, return_state=True)
+        finals[processes] = CheckpointRef(path=state.result(), sha256="-")
+        run = mlflow_run_of(state.state_details.flow_run_id)
+        assert run.info.status == "FINISHED" and run.data.params["runtime.num_processes"] == str(processes)
+        accuracies[processes] = run.data.metrics["eval/rewards/accuracies"]
+    assert max_difference(weights(finals[2]), weights(finals[1])) < DPO_ATOL
+    assert max_difference(weights(finals[1]), load_file(f"{tiny_model_dir}/model.safetensors")) > 1e-3
+    assert accuracies[2] == accuracies[1]

@@ -9,7 +9,8 @@ import torch.distributed as dist
 
 from rlhf_core.grpo import grpo_update
 from rlhf_core.models import load_causal_lm
-from rlhf_core.update import NonFiniteError, Normalizers, global_sum, micro_batches, run_update, world_size
+from rlhf_core.update import (NonFiniteError, Normalizers, forward_passes, global_sum, micro_batches, run_update,
+                              world_size)
 
 B = 10
 LENGTHS = [3, 1, 4, 1, 5, 2, 6, 2, 5, 3]  # response tokens per row
@@ -108,7 +109,20 @@ def test_mini_batch_stats_are_computed_once_per_mini_batch_and_shared_by_its_mic
 
 
 def test_micro_batches_helper():
-    assert [t.tolist() for t in micro_batches(torch.arange(5), 2)] == [[0, 1], [2, 3], [4]]
+    assert [t.tolist() for t in micro_batches(torch.arange(5), 2, passes=3)] == [[0, 1], [2, 3], [4]]
+
+
+def test_ranks_with_fewer_rows_run_padding_passes():
+    """7 rows over 2 ranks in micro-batches of 2: rank 0 holds 4 rows (2 passes), rank 1 holds 3 rows (2 passes);
+    with micro-batches of 3, rank 0 needs 2 passes and rank 1 one pass plus one padding pass; 1 row over 2 ranks
+    leaves rank 1 nothing but a padding pass."""
+    assert forward_passes(7, 2, num_ranks=2) == 2 and forward_passes(7, 3, num_ranks=2) == 2
+    assert forward_passes(7, 3, num_ranks=1) == 3 and forward_passes(1, 4, num_ranks=2) == 1
+    rank_1_rows = torch.arange(7)[1::2]
+    assert [t.tolist() for t in micro_batches(rank_1_rows, 2, passes=2)] == [[1, 3], [5]]
+    padded = micro_batches(rank_1_rows, 3, passes=2)
+    assert padded[0].tolist() == [1, 3, 5] and padded[1] is None
+    assert micro_batches(torch.arange(0), 4, passes=1) == [None]
 
 
 def test_shuffling_is_deterministic_for_a_seed():
