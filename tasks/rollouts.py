@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from prefect import task
 
 from rlhf_core.config import GenerationConfig, RuntimeConfig
+from rlhf_core.config.common import check_generation_backend
 from rlhf_core.generation import chat_prompt_ids, sample_responses
-from rlhf_core.models import eos_token_ids
+from rlhf_core.models import eos_token_ids, load_tokenizer
+from rlhf_core.vllm_generation import checkpoint_eos_ids, sample_responses_vllm
 from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.progress import StageProgress
 from tasks.refs import ArtifactRef, CheckpointRef, publish
@@ -47,25 +50,38 @@ def rollout_frame(policy: CheckpointRef, prompts: ArtifactRef, generation: Gener
     df = prompts.read()
     if generation.dtype is not None:  # the sampler may run in a lower precision than training
         runtime = runtime.model_copy(update={"dtype": generation.dtype})
-    model, tokenizer = load_model(policy, runtime, trust_remote_code)
+    vllm = generation.backend == "vllm"
+    if vllm:  # the engine holds the weights (rlhf_core/vllm_generation.py): this process needs the tokenizer only
+        check_generation_backend(generation, runtime)
+        tokenizer = load_tokenizer(Path(policy.path))[0]
+        eos_ids = checkpoint_eos_ids(policy.path, tokenizer, trust_remote_code)
+    else:
+        model, tokenizer = load_model(policy, runtime, trust_remote_code)
+        eos_ids = eos_token_ids(model, tokenizer)
     rows = expand_prompts(df, generation.group_size)
     if row_range is not None:
         rows = rows.iloc[row_range[0]:row_range[1]].reset_index(drop=True)
     prompt_ids = chat_prompt_ids(tokenizer, rows["prompt"].tolist(), system_prompt)
     seeds = [row_seed(seed, iteration, p, k) for p, k in zip(rows["prompt_id"], rows["sample_index"])]
-    out = {"prompt_ids": [], "response_ids": [], "sampling_logprobs": [], "finished": []}
-    starts = range(0, len(rows), generation.batch_size)
-    progress = StageProgress(total=len(starts) * generation.max_new_tokens, desc="generate", unit="token")
-    for start in starts:
-        chunk = slice(start, start + generation.batch_size)
-        result = sample_responses(model, prompt_ids[chunk], eos_ids=eos_token_ids(model, tokenizer),
-                                  pad_id=tokenizer.pad_token_id, max_new_tokens=generation.max_new_tokens,
-                                  temperature=generation.temperature, top_p=generation.top_p, seeds=seeds[chunk],
-                                  on_step=lambda: progress.update(1))
-        for key in out:
-            out[key].extend(getattr(result, key))
+    if vllm:  # one call: vLLM schedules its own batches (continuous batching)
+        progress = StageProgress(total=1, desc="generate", unit="call")
+        results = [sample_responses_vllm(
+            policy.path, policy.sha256, prompt_ids, eos_ids=eos_ids, max_new_tokens=generation.max_new_tokens,
+            temperature=generation.temperature, top_p=generation.top_p, seeds=seeds, dtype=runtime.dtype,
+            gpu_memory_utilization=generation.vllm_gpu_memory_utilization, trust_remote_code=trust_remote_code)]
+        progress.update(1)
+    else:
+        starts = range(0, len(rows), generation.batch_size)
+        progress = StageProgress(total=len(starts) * generation.max_new_tokens, desc="generate", unit="token")
+        results = [sample_responses(model, prompt_ids[start:start + generation.batch_size], eos_ids=eos_ids,
+                                    pad_id=tokenizer.pad_token_id, max_new_tokens=generation.max_new_tokens,
+                                    temperature=generation.temperature, top_p=generation.top_p,
+                                    seeds=seeds[start:start + generation.batch_size],
+                                    on_step=lambda: progress.update(1))
+                   for start in starts]
     progress.close()
-    rows = rows.assign(**out)
+    rows = rows.assign(**{key: [value for result in results for value in getattr(result, key)]
+                          for key in ("prompt_ids", "response_ids", "sampling_logprobs", "finished")})
     rows["response"] = tokenizer.batch_decode(rows["response_ids"].tolist(), skip_special_tokens=True)
     rows["response_length"] = rows["response_ids"].map(len)
     return rows

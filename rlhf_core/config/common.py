@@ -99,6 +99,12 @@ class GenerationConfig(_Config):
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description=(
         "weights dtype of the rollout model (None: runtime.dtype); bfloat16 samples ~2x faster on CPUs with "
         "AVX512-BF16/AMX. The losses recompute log-probs in runtime.dtype, so training precision is unchanged"))
+    backend: Literal["transformers", "vllm"] = Field("transformers", description=(
+        "transformers: the built-in KV-cache sampler (CPU or GPU); vllm: a vLLM engine kept alive across "
+        "iterations, each new policy checkpoint loaded into it in place (CUDA only: pip install '.[vllm]')"))
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0.0, lt=1.0, description=(
+        "backend vllm: share of the GPU's memory the engine takes (weights + KV cache); the rest is left to the "
+        "trainer, which shares the GPU"))
 
 
 class RewardSpec(_Config):
@@ -163,6 +169,7 @@ def check_online_config(config):
     if len(set(names)) != len(names):
         raise ValueError(f"rewards: a source is listed twice: {names}")
     check_lora(config.model.lora, config.runtime)
+    check_generation_backend(config.generation, config.runtime, config.model.lora)
     if config.model.lora is not None and getattr(getattr(config, "value", None), "critic", "shared") == "separate":
         raise ValueError("model.lora trains the policy's adapter only: use value.critic='shared' (the value head "
                          "then trains in full beside the adapter)")
@@ -176,8 +183,7 @@ def check_online_config(config):
             raise ValueError("loss.tis_cap needs sampling (generation.temperature > 0): greedy decoding has no "
                              "sampling distribution to correct")
     batch = config.prompts_per_iteration * config.generation.group_size
-    check_processes(config.runtime, type(config).__name__.removesuffix("Config"), batch,
-                    config.optim.mini_batches)
+    check_processes(config.runtime, type(config).__name__.removesuffix("Config"), batch)
     if config.optim.mini_batches > batch:
         raise ValueError(f"optim.mini_batches={config.optim.mini_batches} exceeds the {batch} responses per "
                          "iteration (prompts_per_iteration * generation.group_size)")
@@ -190,22 +196,45 @@ def check_lora(lora: LoraConfig | None, runtime: RuntimeConfig) -> None:
         raise ValueError(f"model.lora is not supported with runtime.num_processes={runtime.num_processes} yet")
 
 
-DISTRIBUTED_FLOWS = ("GRPO", "PPO")
+def check_generation_backend(generation: GenerationConfig, runtime: RuntimeConfig,
+                             lora: LoraConfig | None = None) -> None:
+    """generation.backend 'vllm' (rlhf_core/vllm_generation.py) needs vLLM installed, a CUDA device and full-weight
+    checkpoints; the update must run in the flow's process, beside the engine."""
+    if generation.backend != "vllm":
+        return
+    from rlhf_core import vllm_generation  # finds vllm without importing it
+
+    problem = vllm_generation.vllm_problem()
+    if problem:
+        raise ValueError(f"generation.backend='vllm': {problem}")
+    if not runtime.device.startswith("cuda"):
+        raise ValueError(f"generation.backend='vllm' runs on CUDA GPUs only, but runtime.device is "
+                         f"{runtime.device!r}: set runtime.device: cuda, or generation.backend: transformers")
+    if lora is not None and lora.save == "adapter":
+        raise ValueError("generation.backend='vllm' loads full weights into its engine, but model.lora.save is "
+                         "'adapter' (adapter-only checkpoints): set model.lora.save: merged")
+    if runtime.num_processes > 1:
+        raise ValueError(f"generation.backend='vllm' with runtime.num_processes={runtime.num_processes} is not "
+                         "supported yet (the engine holds part of the GPU that rank 0 of the torchrun update "
+                         "needs): set runtime.num_processes: 1")
 
 
-def check_processes(runtime: RuntimeConfig, flow: str, rows_per_update: int = 0, mini_batches: int = 1) -> None:
-    """runtime.num_processes > 1: the GRPO and PPO updates run under torchrun so far; every rank must get the
-    same number of rows in every mini-batch (the collectives pair up the ranks' forward and backward passes)."""
+DISTRIBUTED_FLOWS = ("GRPO", "PPO", "DPO")
+
+
+def check_processes(runtime: RuntimeConfig, flow: str, rows_per_update: int = 0) -> None:
+    """runtime.num_processes > 1: the GRPO, PPO and DPO updates run under torchrun so far. A rank with fewer rows
+    of a mini-batch runs padding passes (rlhf_core.update), but GRPO's old-log-prob pass splits its rows evenly."""
     n = runtime.num_processes
     if n == 1:
         return
     if flow not in DISTRIBUTED_FLOWS:
         raise ValueError(f"runtime.num_processes={n}: the {flow} update runs in one process for now (the "
-                         f"multi-process update under torchrun is implemented for {' and '.join(DISTRIBUTED_FLOWS)}); "
+                         f"multi-process update under torchrun is implemented for {', '.join(DISTRIBUTED_FLOWS)}); "
                          "set it to 1")
-    if rows_per_update % (mini_batches * n):
+    if flow == "GRPO" and rows_per_update % n:
         raise ValueError(f"{rows_per_update} responses per update (prompts_per_iteration * generation.group_size) "
-                         f"do not split evenly into optim.mini_batches={mini_batches} x runtime.num_processes={n}")
+                         f"do not split evenly over runtime.num_processes={n}")
 
 
 def check_lengths(max_length: int | None, max_prompt_length: int) -> None:
