@@ -63,17 +63,19 @@ def rank_share(rows: Tensor) -> Tensor:
 
 def map_rows_across_ranks(fn: Callable[[dict[str, Tensor]], Tensor], batch: dict[str, Tensor]) -> Tensor:
     """fn over the whole batch, each rank computing its share of rows, the results gathered on every rank.
-    fn: batch of b rows -> [b, T]; returns [B, T] in batch order. B must be a multiple of the world size (every
-    rank must run the same number of forward passes: FSDP gathers weights inside each)."""
+    fn: batch of b rows -> [b, ...] (the same trailing shape for any rows: no trimming); returns [B, ...] in batch
+    order. Every rank must run the same number of forward passes (FSDP gathers weights inside each), so when B is
+    not a multiple of the world size the last row is repeated to make it one and the copies are dropped."""
     num_rows = batch["response_mask"].shape[0]
     if world_size() == 1:
         return fn(batch)
-    assert num_rows % world_size() == 0, (num_rows, world_size())
-    rows = rank_share(torch.arange(num_rows, device=batch["response_mask"].device))
-    local = fn({k: v[rows] for k, v in batch.items()}).contiguous()  # [B/W, T]: full width, no trimming
+    padded = -(-num_rows // world_size()) * world_size()
+    index = torch.arange(padded, device=batch["response_mask"].device).clamp(max=num_rows - 1)
+    local = fn({k: v[rank_share(index)] for k, v in batch.items()}).contiguous()  # [padded / W, ...]
     pieces = [torch.empty_like(local) for _ in range(world_size())]
     dist.all_gather(pieces, local)
-    return torch.stack(pieces, dim=1).reshape(num_rows, *local.shape[1:])  # row j*W + r came from rank r
+    gathered = torch.stack(pieces, dim=1).reshape(padded, *local.shape[1:])  # row j*W + r came from rank r
+    return gathered[:num_rows]
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -1,9 +1,11 @@
-"""`python -m rlhf_core.distributed_worker SPEC.json`: one rank of a distributed update, started by torchrun.
+"""`python -m rlhf_core.distributed_worker SPEC.json`: one rank of a distributed job, started by torchrun.
 
-The update task writes SPEC.json (the policy checkpoint, the scored Parquet batch, the flow's configs) and runs
-`torchrun --nproc_per_node N -m rlhf_core.distributed_worker SPEC.json`. Every rank loads the checkpoint, wraps it
-for DDP or FSDP, restores the optimizer state and runs the algorithm's update on its share of each mini-batch;
-rank 0 writes the new checkpoint (same layout as one process writes) and `result.json`. A rank that fails writes
+Two jobs. `update`: the update task writes SPEC.json (the policy checkpoint, the scored Parquet batch, the flow's
+configs) and runs `torchrun --nproc_per_node N -m rlhf_core.distributed_worker SPEC.json`. Every rank loads the
+checkpoint, wraps it for DDP or FSDP, restores the optimizer state and runs the algorithm's update on its share of
+each mini-batch; rank 0 writes the new checkpoint (same layout as one process writes) and `result.json`. `score`:
+the scoring stage's reference log-probs and reward-model scores, each rank scoring its share of the rows (FSDP
+shards the weights), rank 0 writing the gathered values. A rank that fails writes
 `error-<rank>.json` so the task can re-raise the original error type (a NaN loss stays a NonFiniteError).
 """
 
@@ -24,14 +26,16 @@ from safetensors.torch import load_file, save_file
 
 from rlhf_core import config as configs
 from rlhf_core.checkpoint import OPTIMIZER_FILE, restore_optimizer, trainable_parameters
-from rlhf_core.distributed import (full_state, init_process_group, is_sharded, load_full_optimizer_state, rank,
-                                   unwrap, wrap_for_training)
+from rlhf_core.batch import collate
+from rlhf_core.distributed import (full_state, init_process_group, is_sharded, load_full_optimizer_state,
+                                   map_rows_across_ranks, rank, unwrap, wrap_for_training)
 from rlhf_core.dpo import update_from_pairs as dpo_update_from_pairs
 from rlhf_core.grpo import update_from_rollouts as grpo_update_from_rollouts
 from rlhf_core.io import write_atomically, write_dir
-from rlhf_core.logprobs import ResponseScorer
+from rlhf_core.logprobs import ResponseScorer, batched_response_logprobs
 from rlhf_core.models import enable_gradient_checkpointing, load_causal_lm, use_mixed_precision
 from rlhf_core.ppo import update_from_rollouts as ppo_update_from_rollouts
+from rlhf_core.reward_model import load_reward_model, reward_scores
 from rlhf_core.value_head import ActorCritic, write_value_head
 
 
@@ -98,6 +102,7 @@ UPDATES = {
         save=save_causal_lm),
 }
 RESULT_FILE = "result.json"
+SCORES_FILE = "scores.safetensors"
 
 
 def encode_args(args: dict) -> dict:
@@ -119,15 +124,24 @@ def restore_optimizer_state(model, optimizer, checkpoint: Path) -> None:
         load_full_optimizer_state(model, optimizer, load_file(str(checkpoint / OPTIMIZER_FILE)))
 
 
-def run(spec: dict) -> None:
+def start_rank(spec: dict) -> tuple[configs.RuntimeConfig, str]:
     runtime = configs.RuntimeConfig(**spec["runtime"])
     device = init_process_group(runtime.device)
     if runtime.num_threads:
         torch.set_num_threads(runtime.num_threads)
-    args = decode_args(spec["update_args"])
-    lm, tokenizer = load_causal_lm(Path(spec["policy"]), device, runtime.dtype, spec["trust_remote_code"])
+    return runtime, device
+
+
+def load_lm(path: str, runtime: configs.RuntimeConfig, device: str, trust_remote_code: bool):
+    lm, tokenizer = load_causal_lm(Path(path), device, runtime.dtype, trust_remote_code)
     use_mixed_precision(lm, device, runtime.mixed_precision)
-    lm.eval()  # dropout off, as in one process
+    return lm.eval(), tokenizer  # dropout off, as in one process
+
+
+def run_update(spec: dict) -> None:
+    runtime, device = start_rank(spec)
+    args = decode_args(spec["update_args"])
+    lm, tokenizer = load_lm(spec["policy"], runtime, device, spec["trust_remote_code"])
     if runtime.gradient_checkpointing:
         enable_gradient_checkpointing(lm)
     algorithm = UPDATES[spec["algorithm"]]
@@ -150,10 +164,63 @@ def run(spec: dict) -> None:
         write_atomically(lambda tmp: tmp.write_text(json.dumps(result)), Path(spec["work_dir"]) / RESULT_FILE)
 
 
+def wrap_for_inference(module: torch.nn.Module, strategy: str, device: str) -> torch.nn.Module:
+    """A no-grad pass needs no gradient synchronisation: under DDP each rank runs its full replica; FSDP shards
+    the weights, for models that do not fit one device."""
+    return wrap_for_training(module, strategy, device) if strategy == "fsdp" else module
+
+
+def reference_logprobs(spec: dict, runtime: configs.RuntimeConfig, device: str, df: pd.DataFrame) -> torch.Tensor:
+    """[B, T] log-probs of the responses under the reference, T as `collate` pads them."""
+    lm, tokenizer = load_lm(spec["reference"], runtime, device, spec["trust_remote_code"])
+    model = wrap_for_inference(ResponseScorer(lm), runtime.distributed, device)
+    batch = collate(df["prompt_ids"], df["response_ids"], tokenizer.pad_token_id, device=device)
+    with torch.no_grad():
+        return map_rows_across_ranks(lambda rows: batched_response_logprobs(
+            model, rows, micro_batch_size=spec["micro_batch_size"], temperature=spec["temperature"],
+            chunk_size=spec["chunk_size"]), batch)
+
+
+def reward_model_scores(path: str, spec: dict, runtime: configs.RuntimeConfig, device: str,
+                        df: pd.DataFrame) -> torch.Tensor:
+    """[B] scores of the decoded (prompt, response) texts under a reward model."""
+    model, tokenizer = load_reward_model(Path(path), device, runtime.dtype)
+    model = wrap_for_inference(model, runtime.distributed, device)
+    prompts, responses = df["prompt"].tolist(), df["response"].tolist()
+
+    def score(rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        index = rows["index"].tolist()
+        return reward_scores(model, tokenizer, [prompts[j] for j in index], [responses[j] for j in index],
+                             batch_size=spec["micro_batch_size"], max_length=spec["max_length"]).to(device)
+
+    rows = {"index": torch.arange(len(df), device=device), "response_mask": torch.ones(len(df), 1, device=device)}
+    with torch.no_grad():
+        return map_rows_across_ranks(score, rows)
+
+
+def run_scoring(spec: dict) -> None:
+    """Reference log-probs and reward-model scores of a rollout table (spec["batch"]), each rank scoring its share
+    of the rows; rank 0 writes them to SCORES_FILE: `ref_logprobs` [B, T] aligned with `collate`'s response
+    columns, `reward.<i>` [B] for spec["reward_models"][i]."""
+    runtime, device = start_rank(spec)
+    torch.manual_seed(0)  # a reward backbone without a score head gets the same new head on every rank
+    df = pd.read_parquet(spec["batch"])
+    scores = {f"reward.{i}": reward_model_scores(path, spec, runtime, device, df)
+              for i, path in enumerate(spec["reward_models"])}
+    if spec["reference"]:
+        scores["ref_logprobs"] = reference_logprobs(spec, runtime, device, df)
+    if rank() == 0:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in scores.items()}
+        write_atomically(lambda tmp: save_file(tensors, str(tmp)), Path(spec["work_dir"]) / SCORES_FILE)
+
+
+JOBS = {"update": run_update, "score": run_scoring}
+
+
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     try:
-        run(spec)
+        JOBS[spec["job"]](spec)
     except BaseException as error:
         report = {"type": type(error).__name__, "message": str(error), "traceback": traceback.format_exc()}
         (Path(spec["work_dir"]) / f"error-{rank()}.json").write_text(json.dumps(report))

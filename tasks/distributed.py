@@ -1,5 +1,6 @@
-"""The update task's multi-process path: run `rlhf_core.distributed_worker` under torchrun and collect what rank
-0 wrote. Used when `runtime.num_processes > 1`; the task's inputs and outputs are those of the one-process path."""
+"""The multi-process path of the update and scoring stages: run `rlhf_core.distributed_worker` under torchrun and
+collect what rank 0 wrote. Used when `runtime.num_processes > 1`; the tasks' inputs and outputs are those of the
+one-process path."""
 
 from __future__ import annotations
 
@@ -9,15 +10,20 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import pandas as pd
 import torch
+from safetensors.torch import load_file
 
 from rlhf_core.config import RuntimeConfig
-from rlhf_core.distributed_worker import RESULT_FILE, encode_args
+from rlhf_core.distributed_worker import RESULT_FILE, SCORES_FILE, encode_args
 from rlhf_core.update import NonFiniteError
 from tasks.paths import checkpoints_dir, rlhf_home
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
+
+
+T = TypeVar("T")
 
 
 class DistributedUpdateError(RuntimeError):
@@ -36,17 +42,21 @@ def torchrun_command(num_processes: int, spec_path: Path) -> list[str]:
             "-m", "rlhf_core.distributed_worker", str(spec_path)]
 
 
-def distributed_update(algorithm: str, policy: CheckpointRef, batch: ArtifactRef, runtime: RuntimeConfig,
-                       trust_remote_code: bool, update_args: dict, metrics_stage: str) -> UpdateResult:
+def work_root() -> Path:
+    """Where the torchrun jobs' temporary folders live (removed when the job ends; a SIGKILLed task leaves its
+    small folder: a spec, and for scoring the token ids)."""
+    root = rlhf_home() / "tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def run_torchrun(spec: dict, runtime: RuntimeConfig, read: Callable[[Path], T]) -> T:
+    """Run one torchrun job of `rlhf_core.distributed_worker` in a fresh work folder and return `read(work_dir)`
+    (what rank 0 wrote there); a failing rank's error is re-raised here."""
     check_processes(runtime)
-    work_root = rlhf_home() / "tmp"
-    work_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=work_root, prefix="update-") as work:
+    with tempfile.TemporaryDirectory(dir=work_root(), prefix=f"{spec['job']}-") as work:
         work_dir = Path(work)
-        spec = {"algorithm": algorithm, "policy": policy.path, "batch": batch.path,
-                "checkpoints_dir": str(checkpoints_dir()), "work_dir": str(work_dir),
-                "runtime": runtime.model_dump(), "trust_remote_code": trust_remote_code,
-                "update_args": encode_args(update_args)}
+        spec = {**spec, "work_dir": str(work_dir), "runtime": runtime.model_dump()}
         (work_dir / "spec.json").write_text(json.dumps(spec))
         # threads per rank: the machine's cores shared out, unless the config sets them
         threads = runtime.num_threads or max(1, (os.cpu_count() or 1) // runtime.num_processes)
@@ -55,9 +65,33 @@ def distributed_update(algorithm: str, policy: CheckpointRef, batch: ArtifactRef
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise_rank_error(work_dir, done)
-        result = json.loads((work_dir / RESULT_FILE).read_text())
+        return read(work_dir)
+
+
+def distributed_update(algorithm: str, policy: CheckpointRef, batch: ArtifactRef, runtime: RuntimeConfig,
+                       trust_remote_code: bool, update_args: dict, metrics_stage: str) -> UpdateResult:
+    spec = {"job": "update", "algorithm": algorithm, "policy": policy.path, "batch": batch.path,
+            "checkpoints_dir": str(checkpoints_dir()), "trust_remote_code": trust_remote_code,
+            "update_args": encode_args(update_args)}
+    result = run_torchrun(spec, runtime, lambda work_dir: json.loads((work_dir / RESULT_FILE).read_text()))
     return UpdateResult(checkpoint=CheckpointRef(path=result["path"], sha256=result["sha256"]),
                         metrics=publish(pd.DataFrame(result["history"]), metrics_stage))
+
+
+def distributed_scores(df: pd.DataFrame, reference: CheckpointRef | None, reward_models: list[CheckpointRef],
+                       runtime: RuntimeConfig, trust_remote_code: bool, *, temperature: float,
+                       micro_batch_size: int, chunk_size: int, max_length: int) -> dict[str, torch.Tensor]:
+    """The scoring stage's model passes under torchrun: {"ref_logprobs": [B, T] (with a reference),
+    "reward.<i>": [B] for reward_models[i]}."""
+    columns = ["prompt_ids", "response_ids", "prompt", "response"]
+    with tempfile.TemporaryDirectory(dir=work_root(), prefix="score-batch-") as folder:
+        batch = Path(folder) / "batch.parquet"
+        df[columns].to_parquet(batch)
+        spec = {"job": "score", "batch": str(batch), "reference": reference.path if reference else None,
+                "reward_models": [ref.path for ref in reward_models], "trust_remote_code": trust_remote_code,
+                "temperature": temperature, "micro_batch_size": micro_batch_size, "chunk_size": chunk_size,
+                "max_length": max_length}
+        return run_torchrun(spec, runtime, lambda work_dir: load_file(str(work_dir / SCORES_FILE)))
 
 
 def raise_rank_error(work_dir: Path, done: subprocess.CompletedProcess) -> None:

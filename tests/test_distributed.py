@@ -349,3 +349,45 @@ def test_dpo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir
     assert max_difference(weights(finals[2]), weights(finals[1])) < DPO_ATOL
     assert max_difference(weights(finals[1]), load_file(f"{tiny_model_dir}/model.safetensors")) > 1e-3
     assert accuracies[2] == accuracies[1]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_scoring_passes_under_torchrun_match_one_process(strategy, tiny_model_dir, tokenizer_dir, rlhf_home,
+                                                         tmp_path, reliability):
+    """The scoring stage with 2 processes: reference log-probs and a reward model's scores computed by the ranks
+    (7 rows: uneven, the last row repeated for rank 1 and dropped) equal one process's."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_core.config import RewardSpec
+    from rlhf_core.io import sha256_dir
+    from rlhf_core.models import load_tokenizer, tiny_llama_config
+    from tasks.scoring import scored_frame
+
+    tokenizer, _ = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(1)
+    reward_dir = tmp_path / "reward-model"
+    AutoModelForSequenceClassification.from_config(tiny_llama_config(
+        len(tokenizer), pad_token_id=tokenizer.pad_token_id, num_labels=1)).save_pretrained(reward_dir)
+    tokenizer.save_pretrained(reward_dir)
+    df = rollouts(vocab_size=len(tokenizer)).head(7)[["prompt_ids", "response_ids"]]
+    df = df.assign(prompt=tokenizer.batch_decode(df["prompt_ids"].tolist()),
+                   response=tokenizer.batch_decode(df["response_ids"].tolist()))
+    rewards = [RewardSpec(function="response_length"), RewardSpec(model=str(reward_dir), weight=0.5)]
+    refs = [None, CheckpointRef(path=str(reward_dir), sha256=sha256_dir(reward_dir))]
+    reference = CheckpointRef(path=str(tiny_model_dir), sha256=sha256_dir(tiny_model_dir))
+
+    def score(runtime: RuntimeConfig) -> pd.DataFrame:
+        return scored_frame(df.copy(), rewards, refs, [], reference, runtime, temperature=0.7, micro_batch_size=2,
+                            chunk_size=1024)
+
+    one = score(RuntimeConfig())
+    two = score(RuntimeConfig(num_processes=2, distributed=strategy, num_threads=1))
+    assert list(two.columns) == list(one.columns)
+    column = f"reward[{reward_dir}]"
+    assert one[column].abs().max() > 1e-3 and (two[column] - one[column]).abs().max() < 1e-5
+    assert (two["rewards"] - one["rewards"]).abs().max() < 1e-5
+    assert two["ref_logprobs"].map(len).tolist() == one["response_ids"].map(len).tolist()
+    difference = (two["ref_logprobs"].explode().astype(float) - one["ref_logprobs"].explode().astype(float)).abs()
+    assert difference.max() < 1e-5
+    reliability.record("2 CPU processes (torchrun, gloo)", f"scoring passes, {strategy.upper()}, 7 rows",
+                       "reference log-probs and reward-model scores equal one process within 1e-5", "n/a")
