@@ -5,8 +5,9 @@ configs) and runs `torchrun --nproc_per_node N -m rlhf_core.distributed_worker S
 checkpoint, wraps it for DDP or FSDP, restores the optimizer state and runs the algorithm's update on its share of
 each mini-batch; rank 0 writes the new checkpoint (same layout as one process writes) and `result.json`. `score`:
 the scoring stage's reference log-probs and reward-model scores, each rank scoring its share of the rows (FSDP
-shards the weights), rank 0 writing the gathered values. A rank that fails writes
-`error-<rank>.json` so the task can re-raise the original error type (a NaN loss stays a NonFiniteError).
+shards the weights), rank 0 writing the gathered values. The algorithms are in `rlhf_core.distributed_updates`.
+A rank that fails writes `error-<rank>.json` so the task can re-raise the original error type (a NaN loss stays a
+NonFiniteError).
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ import json
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import torch
@@ -25,82 +24,15 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from rlhf_core import config as configs
-from rlhf_core.checkpoint import OPTIMIZER_FILE, restore_optimizer, trainable_parameters
 from rlhf_core.batch import collate
+from rlhf_core.checkpoint import OPTIMIZER_FILE, restore_optimizer
 from rlhf_core.distributed import (full_state, init_process_group, is_sharded, load_full_optimizer_state,
-                                   map_rows_across_ranks, rank, unwrap, wrap_for_training)
-from rlhf_core.dpo import update_from_pairs as dpo_update_from_pairs
-from rlhf_core.grpo import update_from_rollouts as grpo_update_from_rollouts
+                                   map_rows_across_ranks, rank, wrap_for_training)
+from rlhf_core.distributed_updates import UPDATES, load_lm
 from rlhf_core.io import write_atomically, write_dir
 from rlhf_core.logprobs import ResponseScorer, batched_response_logprobs
-from rlhf_core.models import enable_gradient_checkpointing, load_causal_lm, use_mixed_precision
-from rlhf_core.ppo import update_from_rollouts as ppo_update_from_rollouts
 from rlhf_core.reward_model import load_reward_model, reward_scores
-from rlhf_core.value_head import ActorCritic, write_value_head
 
-
-@dataclass(frozen=True)
-class DistributedAlgorithm:
-    """What differs between algorithms on a rank; loading, wrapping, the optimizer state and the checkpoint
-    write are shared."""
-
-    # (causal LM, checkpoint folder) -> the module whose forward is the update's whole forward pass
-    build: Callable[[torch.nn.Module, Path], torch.nn.Module]
-    # (wrapped module, update args) -> the optimizer the one-process task builds (same parameter order)
-    optimizer: Callable[[torch.nn.Module, dict], torch.optim.Optimizer]
-    # (model, optimizer, table, pad_id, *, device, **update args) -> one metrics dict per optimizer step
-    update: Callable[..., list[dict[str, float]]]
-    # (full weights of the built module, causal LM, folder) -> the checkpoint's weight files
-    save: Callable[[dict, torch.nn.Module, Path], None]
-
-
-def strip_prefix(weights: dict, prefix: str) -> dict:
-    return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
-
-
-def adamw(params, optim) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
-
-
-def update_dpo_epoch(model, optimizer, pairs, pad_id: int, *, device: str, lr: float, **update_args):
-    """DPO's epoch; `lr` is the optimizer's (DPO's configs are flat values, not an OptimConfig)."""
-    return dpo_update_from_pairs(model, optimizer, pairs, pad_id, device=device, **update_args)
-
-
-def load_actor_critic(lm: torch.nn.Module, checkpoint: Path) -> ActorCritic:
-    model = ActorCritic(lm)
-    model.load_value_head(checkpoint)
-    return model
-
-
-def save_causal_lm(weights: dict, lm: torch.nn.Module, folder: Path) -> None:
-    lm.save_pretrained(folder, state_dict=strip_prefix(weights, "lm."))  # a ResponseScorer's weights
-
-
-def save_actor_critic(weights: dict, lm: torch.nn.Module, folder: Path) -> None:
-    lm.save_pretrained(folder, state_dict=strip_prefix(weights, "policy."))
-    write_value_head(strip_prefix(weights, "value_head."), folder)
-
-
-UPDATES = {
-    "grpo": DistributedAlgorithm(
-        build=lambda lm, checkpoint: ResponseScorer(lm),
-        optimizer=lambda model, args: adamw(trainable_parameters(model), args["optim"]),
-        update=grpo_update_from_rollouts,
-        save=save_causal_lm),
-    "ppo": DistributedAlgorithm(  # the shared-backbone actor-critic; the value head has its own learning rate
-        build=load_actor_critic,
-        optimizer=lambda model, args: adamw(
-            unwrap(model).parameter_groups(args["optim"].lr, args["value"].head_lr), args["optim"]),
-        update=ppo_update_from_rollouts,
-        save=save_actor_critic),
-    "dpo": DistributedAlgorithm(  # one epoch over the pairs; mini-batches of any size (padding passes)
-        build=lambda lm, checkpoint: ResponseScorer(lm),
-        optimizer=lambda model, args: torch.optim.AdamW(trainable_parameters(model), lr=args["lr"],
-                                                        weight_decay=0.0),
-        update=update_dpo_epoch,
-        save=save_causal_lm),
-}
 RESULT_FILE = "result.json"
 SCORES_FILE = "scores.safetensors"
 
@@ -132,29 +64,21 @@ def start_rank(spec: dict) -> tuple[configs.RuntimeConfig, str]:
     return runtime, device
 
 
-def load_lm(path: str, runtime: configs.RuntimeConfig, device: str, trust_remote_code: bool):
-    lm, tokenizer = load_causal_lm(Path(path), device, runtime.dtype, trust_remote_code)
-    use_mixed_precision(lm, device, runtime.mixed_precision)
-    return lm.eval(), tokenizer  # dropout off, as in one process
-
-
 def run_update(spec: dict) -> None:
     runtime, device = start_rank(spec)
     args = decode_args(spec["update_args"])
-    lm, tokenizer = load_lm(spec["policy"], runtime, device, spec["trust_remote_code"])
-    if runtime.gradient_checkpointing:
-        enable_gradient_checkpointing(lm)
     algorithm = UPDATES[spec["algorithm"]]
-    model = wrap_for_training(algorithm.build(lm, Path(spec["policy"])), runtime.distributed, device)
+    module, tokenizer = algorithm.load(Path(spec["policy"]), runtime, device, spec["trust_remote_code"], args)
+    model = wrap_for_training(module, runtime.distributed, device)
     optimizer = algorithm.optimizer(model, args)
     restore_optimizer_state(model, optimizer, Path(spec["policy"]))
-    rollouts = pd.read_parquet(spec["batch"])
-    history = algorithm.update(model, optimizer, rollouts, tokenizer.pad_token_id, device=device, **args)
+    table = pd.read_parquet(spec["batch"])
+    history = algorithm.update(model, optimizer, table, tokenizer, device=device, **args)
     start = time.perf_counter()
     weights, optimizer_state = full_state(model, optimizer)  # collective under FSDP: every rank takes part
     if rank() == 0:
         def write(tmp: Path) -> None:
-            algorithm.save(weights, lm, tmp)
+            algorithm.save(weights, module, tmp)
             tokenizer.save_pretrained(tmp)
             save_file(optimizer_state, str(tmp / OPTIMIZER_FILE))
 

@@ -17,6 +17,7 @@ from rlhf_core.config import LoraConfig, PreferenceDataConfig, RuntimeConfig
 from rlhf_core.data import load_table
 from rlhf_core.io import sha256_dir
 from tasks.cache import STAGE_TASK_OPTIONS
+from tasks.distributed import distributed_update
 from tasks.models import download_registered_model
 from tasks.paths import models_dir, resolve_data_path
 from tasks.progress import StageProgress
@@ -80,7 +81,13 @@ def train_reward_model_epoch(model_ref: CheckpointRef, train_ref: ArtifactRef, e
                              lora: LoraConfig | None = None) -> UpdateResult:
     """One shuffled pass over the pairs from `model_ref` (a backbone or the previous epoch's checkpoint, whose
     Adam state is restored); returns the new checkpoint and one metrics row per step. With `lora`, the adapter
-    and the score head train."""
+    and the score head train. With runtime.num_processes > 1 the epoch runs under torchrun (tasks.distributed)."""
+    if runtime.num_processes > 1:
+        update_args = dict(batch_size=batch_size, micro_batch_size=micro_batch_size, max_length=max_length,
+                           center_coef=center_coef, max_grad_norm=max_grad_norm, seed=seed + epoch, lr=lr,
+                           init_seed=seed)
+        return distributed_update("reward_model", model_ref, train_ref, runtime, trust_remote_code, update_args,
+                                  "reward-model-metrics")
     df = train_ref.read()
     model, tokenizer = load_reward_checkpoint(model_ref, runtime, trust_remote_code, seed, lora is not None)
     fresh_adapter = prepare_training(model, lora, runtime, modules_to_save=rm.score_head_names(model))

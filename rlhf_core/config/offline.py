@@ -56,6 +56,7 @@ class RewardModelConfig(_Config):
 
     @model_validator(mode="after")
     def _one_process(self) -> "RewardModelConfig":
+        check_lora(self.lora, self.runtime)
         check_processes(self.runtime, "reward-model")
         return self
 
