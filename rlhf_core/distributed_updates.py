@@ -21,6 +21,7 @@ from rlhf_core.config import RuntimeConfig
 from rlhf_core.distributed import unwrap
 from rlhf_core.dpo import update_from_pairs as dpo_update_from_pairs
 from rlhf_core.grpo import update_from_rollouts as grpo_update_from_rollouts
+from rlhf_core.kto import update_from_examples as kto_update_from_examples
 from rlhf_core.logprobs import ResponseScorer
 from rlhf_core.models import enable_gradient_checkpointing, load_causal_lm, use_mixed_precision
 from rlhf_core.ppo import update_from_rollouts as ppo_update_from_rollouts
@@ -96,6 +97,11 @@ def update_dpo_epoch(model, optimizer, pairs, tokenizer, *, device: str, lr: flo
     return dpo_update_from_pairs(model, optimizer, pairs, tokenizer.pad_token_id, device=device, **update_args)
 
 
+def update_kto_epoch(model, optimizer, examples, tokenizer, *, device: str, lr: float, **update_args):
+    return kto_update_from_examples(model, optimizer, examples, tokenizer.pad_token_id, device=device,
+                                    **update_args)
+
+
 def update_reward_model_epoch(model, optimizer, pairs, tokenizer, *, device: str, lr: float, init_seed: int,
                               **update_args):
     margin = torch.tensor(pairs["margin"].to_numpy(), dtype=torch.float32) if "margin" in pairs else None
@@ -119,6 +125,8 @@ UPDATES = {
         save=save_actor_critic),
     "dpo": DistributedAlgorithm(  # one epoch over the pairs; mini-batches of any size (padding passes)
         load=load_response_scorer, optimizer=adamw_flat, update=update_dpo_epoch, save=save_response_scorer),
+    "kto": DistributedAlgorithm(  # the reference point's no-grad passes are padded like the loss's (row_weight)
+        load=load_response_scorer, optimizer=adamw_flat, update=update_kto_epoch, save=save_response_scorer),
     "reward_model": DistributedAlgorithm(  # the sequence classifier itself: its forward is the whole pass
         load=load_reward_model, optimizer=adamw_flat, update=update_reward_model_epoch,
         save=lambda weights, module, folder: module.save_pretrained(folder, state_dict=weights)),

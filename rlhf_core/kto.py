@@ -116,14 +116,16 @@ def reference_point_stats(model, mini_batch: dict[str, Tensor], *, micro_batch_s
     """`run_update`'s mini_batch_stats for KTO: z0 = max(0, mean log-ratio of the mini-batch's mismatched
     sequences) (Ethayarajh et al. 2024), from no-grad policy passes of `micro_batch_size` rows, and the counts of
     desirable and undesirable rows; sums and counts are added over ranks, so all are global mini-batch values.
-    mini_batch: a KTO batch -> {"z0", "num_desirable", "num_undesirable"}: each [] float"""
+    mini_batch: a KTO batch (with `row_weight` [B], 0 on padding rows) -> {"z0", "num_desirable",
+    "num_undesirable"}: each [] float"""
     desirable = mini_batch["desirable"]
     device = desirable.device
+    weight = mini_batch.get("row_weight", torch.ones(len(desirable), device=device))  # 0: a padding row
     logps = torch.cat([sequence_logps(model, select_rows(mini_batch, rows), "mismatched", chunk_size=chunk_size)
                        for rows in torch.arange(len(desirable), device=device).split(micro_batch_size)])  # [B]
-    log_ratio_sum = global_sum((logps - mini_batch["ref_mismatched_logps"]).sum().item(), device)
-    num_rows = global_sum(len(desirable), device)
-    num_desirable = global_sum(desirable.sum().item(), device)
+    log_ratio_sum = global_sum(((logps - mini_batch["ref_mismatched_logps"]) * weight).sum().item(), device)
+    num_rows = global_sum(weight.sum().item(), device)
+    num_desirable = global_sum((desirable.float() * weight).sum().item(), device)
     z0 = max(log_ratio_sum / num_rows, 0.0)  # clamped like kto_reference_point: a KL estimate is never < 0
     return {name: torch.tensor(value, dtype=torch.float32, device=device) for name, value in
             [("z0", z0), ("num_desirable", num_desirable), ("num_undesirable", num_rows - num_desirable)]}
@@ -200,3 +202,22 @@ def held_out_metrics(rewards: Tensor, desirable: Tensor, group_ids: Tensor, mism
             "rewards/margins": float(desirable_mean - undesirable_mean),
             "rewards/accuracies": preference_accuracy(rewards, desirable, group_ids),
             "kl": float(kto_reference_point(mismatched_logps, ref_mismatched_logps))}
+
+
+REF_COLUMNS = ["ref_logps", "ref_mismatched_logps"]
+
+
+def example_batch(examples, pad_id: int, device: str) -> dict[str, Tensor]:
+    """A tokenized examples table (prompt_ids, completion_ids, mismatched_ids, label and, when present, the
+    reference log-probs) as a KTO batch."""
+    per_example = {name: examples[name] for name in REF_COLUMNS if name in examples}
+    return collate_examples(examples["prompt_ids"].tolist(), examples["completion_ids"].tolist(),
+                            examples["mismatched_ids"].tolist(), examples["label"].tolist(), pad_id,
+                            per_example=per_example, device=device)
+
+
+def update_from_examples(model, optimizer, examples, pad_id: int, *, device: str,
+                         **update_kwargs) -> list[dict[str, float]]:
+    """One KTO epoch on a tokenized examples table with reference log-probs; `update_kwargs` are `kto_update`'s.
+    The same call in one process and on every rank."""
+    return kto_update(model, optimizer, example_batch(examples, pad_id, device), **update_kwargs)

@@ -45,6 +45,16 @@ def micro_batches(rows: Tensor, size: int, passes: int) -> list[Tensor | None]:
     return pieces + [None] * (passes - len(pieces))
 
 
+def stats_rows(batch: dict[str, Tensor], all_rows: Tensor, mini_rows: Tensor) -> dict[str, Tensor]:
+    """This rank's rows of a mini-batch for `mini_batch_stats`, with `row_weight` [b] (1 for its rows): a rank
+    holding fewer rows than another is padded with copies of the mini-batch's first row at weight 0, so every rank
+    runs as many forward passes."""
+    missing = -(-len(all_rows) // world_size()) - len(mini_rows)
+    rows = torch.cat([mini_rows, all_rows[:1].repeat(missing)])
+    weight = torch.cat([torch.ones(len(mini_rows)), torch.zeros(missing)]).to(mini_rows.device)
+    return {**select_rows(batch, rows), "row_weight": weight}
+
+
 def check_finite(value: Tensor, what: str) -> None:
     if not torch.isfinite(value).all():
         raise NonFiniteError(f"{what} is not finite ({value.item() if value.numel() == 1 else value}); "
@@ -62,7 +72,8 @@ def run_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     loss_fn returns (loss, metrics) already divided by the global normalisers, so micro-batch values add up.
     mini_batch_stats(model, mini_batch) -> {name: tensor}, if given, runs once per mini-batch before its
     micro-batches and its values are added to every micro-batch: statistics the loss needs over the whole
-    mini-batch (KTO's reference point), so they do not change with the micro-batch split.
+    mini-batch (KTO's reference point), so they do not change with the micro-batch split. Its mini-batch has a
+    `row_weight` [b] column: 0 on padding rows (`stats_rows`), which must not count.
     sort_by_length: cut each mini-batch (a random draw of rows) into micro-batches of similar lengths, which
     computes less padding and, the normalisers being global, leaves the gradient unchanged."""
     num_rows = batch["response_mask"].shape[0]
@@ -81,7 +92,8 @@ def run_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
                 num_tokens=global_sum(batch["response_mask"][mini_rows].sum().item(), device))
             optimizer.zero_grad(set_to_none=True)
             totals: dict[str, float] = {}
-            shared = mini_batch_stats(model, select_rows(batch, mini_rows)) if mini_batch_stats else {}
+            shared = {} if mini_batch_stats is None else mini_batch_stats(
+                model, stats_rows(batch, all_rows.to(device), mini_rows))
             in_order = length_sorted(batch, mini_rows) if sort_by_length else mini_rows
             pieces = micro_batches(in_order, micro_batch_size,
                                    forward_passes(len(all_rows), micro_batch_size, world_size()))

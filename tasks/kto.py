@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from prefect import task
 
 from rlhf_core import kto
@@ -22,6 +21,7 @@ from rlhf_core.data import DatasetError, load_table
 from rlhf_core.models import load_tokenizer
 from rlhf_core.preference_losses import implicit_rewards
 from tasks.cache import STAGE_TASK_OPTIONS
+from tasks.distributed import distributed_update
 from tasks.paths import resolve_data_path
 from tasks.progress import StageProgress
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
@@ -29,7 +29,6 @@ from tasks.reward_model import PreferenceSplits
 from tasks.runtime import load_model, reference_model
 from tasks.update import resume_training, save_update
 
-REF_COLUMNS = ["ref_logps", "ref_mismatched_logps"]
 
 
 def _read_examples(data: UnpairedDataConfig, path: str) -> pd.DataFrame:
@@ -87,14 +86,6 @@ def tokenize_unpaired(model_ref: CheckpointRef, examples_ref: ArtifactRef, max_l
                                                      seed=seed)), "kto-tokens")
 
 
-def example_batch(df: pd.DataFrame, pad_id: int, device: str) -> dict[str, torch.Tensor]:
-    """The tokenized examples of a Parquet table as a KTO batch, with the reference log-probs when it has them."""
-    per_example = {name: df[name] for name in REF_COLUMNS if name in df}
-    return kto.collate_examples(df["prompt_ids"].tolist(), df["completion_ids"].tolist(),
-                                df["mismatched_ids"].tolist(), df["label"].tolist(), pad_id,
-                                per_example=per_example, device=device)
-
-
 @task(name="compute-kto-reference-logprobs", **STAGE_TASK_OPTIONS)
 def compute_kto_reference_logprobs(model_ref: CheckpointRef, examples_ref: ArtifactRef, micro_batch_size: int,
                                    runtime: RuntimeConfig, trust_remote_code: bool = False) -> ArtifactRef:
@@ -102,7 +93,7 @@ def compute_kto_reference_logprobs(model_ref: CheckpointRef, examples_ref: Artif
     included)."""
     df = examples_ref.read()
     with reference_model(model_ref, runtime, trust_remote_code) as (model, tokenizer):
-        logps = kto.batched_example_logps(model, example_batch(df, tokenizer.pad_token_id, runtime.device),
+        logps = kto.batched_example_logps(model, kto.example_batch(df, tokenizer.pad_token_id, runtime.device),
                                           micro_batch_size=micro_batch_size)
     return publish(df.assign(ref_logps=logps["logps"].cpu().numpy(),
                              ref_mismatched_logps=logps["mismatched_logps"].cpu().numpy()), "kto-reference")
@@ -114,15 +105,19 @@ def train_kto_epoch(policy_ref: CheckpointRef, examples_with_ref_ref: ArtifactRe
                     lr: float, max_grad_norm: float, seed: int, runtime: RuntimeConfig,
                     trust_remote_code: bool = False, lora: LoraConfig | None = None) -> UpdateResult:
     """One shuffled pass over the examples from `policy_ref` (its Adam state restored); returns the new checkpoint
-    and one metrics row per optimizer step. With `lora` only the adapter trains."""
+    and one metrics row per optimizer step. With `lora` only the adapter trains. With runtime.num_processes > 1
+    the epoch runs under torchrun (tasks.distributed)."""
+    update_args = dict(batch_size=batch_size, micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm,
+                       seed=seed + epoch, beta=beta, desirable_weight=desirable_weight,
+                       undesirable_weight=undesirable_weight)
+    if runtime.num_processes > 1:
+        return distributed_update("kto", policy_ref, examples_with_ref_ref, runtime, trust_remote_code,
+                                  {**update_args, "lr": lr}, "kto-metrics")
     df = examples_with_ref_ref.read()
     model, tokenizer, optimizer = resume_training(policy_ref, runtime, trust_remote_code, lr, lora=lora)
     progress = StageProgress(total=-(-len(df) // batch_size), desc=f"kto epoch {epoch}", unit="step")
-    history = kto.kto_update(
-        model, optimizer, example_batch(df, tokenizer.pad_token_id, runtime.device), batch_size=batch_size,
-        micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, seed=seed + epoch,
-        on_step=lambda metrics: progress.update(1), beta=beta, desirable_weight=desirable_weight,
-        undesirable_weight=undesirable_weight)
+    history = kto.update_from_examples(model, optimizer, df, tokenizer.pad_token_id, device=runtime.device,
+                                       on_step=lambda metrics: progress.update(1), **update_args)
     progress.close()
     return save_update(model, tokenizer, optimizer, history, "kto-metrics", keep=(runtime, trust_remote_code, True),
                        merged=lora is not None and lora.save == "merged")
@@ -135,7 +130,7 @@ def evaluate_kto(policy_ref: CheckpointRef, eval_with_ref_ref: ArtifactRef, beta
     beta * (logps - ref_logps); `kto.held_out_metrics` summarises them."""
     df = eval_with_ref_ref.read()
     model, tokenizer = load_model(policy_ref, runtime, trust_remote_code)
-    batch = example_batch(df, tokenizer.pad_token_id, runtime.device)
+    batch = kto.example_batch(df, tokenizer.pad_token_id, runtime.device)
     logps = kto.batched_example_logps(model, batch, micro_batch_size=micro_batch_size)
     rewards = implicit_rewards(logps["logps"], batch["ref_logps"], beta)
     return publish(df.assign(logps=logps["logps"].cpu().numpy(), mismatched_logps=logps["mismatched_logps"].cpu()

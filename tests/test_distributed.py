@@ -219,6 +219,59 @@ def test_dpo_uneven_mini_batches_match_one_process(strategy, policy_and_batch, t
                        f"weights and Adam state equal one process within {DPO_ATOL}", "n/a")
 
 
+KTO_ARGS = dict(batch_size=4, micro_batch_size=1, max_grad_norm=1.0, seed=5, beta=0.1, desirable_weight=1.0,
+                undesirable_weight=1.33, lr=1e-3)
+
+
+def examples(vocab_size: int, num_examples: int = 13) -> pd.DataFrame:
+    """Tokenized KTO examples; the mismatched reference log-probs are far below the policy's, so the reference
+    point z0 (the mean log-ratio, clamped at 0) is positive and every row of it counts."""
+    rng = random.Random(1)
+
+    def ids(low: int, high: int) -> list[int]:
+        return [rng.randrange(3, vocab_size) for _ in range(rng.randint(low, high))]
+
+    return pd.DataFrame([{"prompt_ids": ids(2, 6), "completion_ids": ids(1, 8), "mismatched_ids": ids(1, 8),
+                          "label": rng.random() < 0.5, "ref_logps": rng.uniform(-60, -20),
+                          "ref_mismatched_logps": rng.uniform(-300, -200)} for _ in range(num_examples)])
+
+
+def one_process_kto_epoch(policy: CheckpointRef, df: pd.DataFrame, root) -> CheckpointRef:
+    from rlhf_core.kto import update_from_examples
+
+    model, tokenizer = load_causal_lm(policy.path)
+    model.eval()
+    args = dict(KTO_ARGS)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.pop("lr"), weight_decay=0.0)
+    restore_optimizer(optimizer, policy.path)
+    update_from_examples(model, optimizer, df, tokenizer.pad_token_id, device="cpu", **args)
+    path, digest = save_checkpoint(model, tokenizer, optimizer, root)
+    return CheckpointRef(path=str(path), sha256=digest)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_kto_uneven_mini_batches_match_one_process(strategy, policy_and_batch, tmp_path, reliability):
+    """KTO's epochs under torchrun: the per-mini-batch reference point's no-grad passes and the loss's passes are
+    both padded on the rank with fewer rows (weight 0); two chained epochs give one process's weights and Adam."""
+    policy, _, _ = policy_and_batch
+    df = examples(vocab_size=49152)
+    path = tmp_path / "examples.parquet"
+    df.to_parquet(path)
+    batch = ArtifactRef(path=str(path), sha256="-", rows=len(df))
+    singles, multis, result = chained_updates(one_process_kto_epoch, "kto", KTO_ARGS, policy, batch, df, strategy,
+                                              tmp_path / "single")
+    assert max_difference(weights(singles[-1]), weights(policy)) > 1e-3
+    for single, multi in zip(singles, multis):
+        assert max_difference(weights(multi), weights(single)) < DPO_ATOL
+    adam_single = load_file(f"{singles[-1].path}/{OPTIMIZER_FILE}")
+    adam_multi = load_file(f"{multis[-1].path}/{OPTIMIZER_FILE}")
+    assert max_difference(adam_multi, adam_single) < DPO_ATOL
+    metrics = result.metrics.read()
+    assert len(metrics) == 4 and (metrics["kl"] > 0).all()  # z0 > 0: the reference point mattered
+    reliability.record("2 CPU processes (torchrun, gloo)", f"KTO epoch, {strategy.upper()}, uneven mini-batches",
+                       f"weights and Adam state equal one process within {DPO_ATOL}", "n/a")
+
+
 RM_ARGS = dict(batch_size=4, micro_batch_size=1, max_length=32, center_coef=0.01, max_grad_norm=1.0, seed=5,
                lr=1e-3, init_seed=2)
 
@@ -307,9 +360,8 @@ def test_configs_refuse_what_cannot_run_distributed():
                   value={"critic": "separate"})
     PPOConfig(runtime={"num_processes": 2}, prompts_per_iteration=3, generation={"group_size": 3})  # padding passes
     DPOConfig(runtime={"num_processes": 2})
-    RewardModelConfig(runtime={"num_processes": 2})
-    with pytest.raises(ValidationError, match="runs in one process for now"):
-        KTOConfig(runtime={"num_processes": 2})
+    for config in (RewardModelConfig, KTOConfig):
+        config(runtime={"num_processes": 2})
 
 
 def test_grpo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir, tmp_path, monkeypatch):
@@ -477,4 +529,30 @@ def test_reward_model_flow_with_two_processes_matches_one(prefect_harness, tmp_p
     # 6 Adam steps at lr 3e-4: one process with micro-batches of 4 instead of 16 differs from itself by 5.3e-5
     # (measured); 2 processes differ from 1 by 3.0e-5
     assert max_difference(weights(finals[2]), weights(finals[1])) < 1e-4
+    assert accuracies[2] == accuracies[1]
+
+
+def test_kto_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir, tmp_path, monkeypatch):
+    """The KTO flow with runtime.num_processes=2 (DDP): 18 training examples in mini-batches of 4 or 3 (uneven
+    over 2 ranks), the same trained policy and held-out metrics as one process."""
+    from flow_helpers import mlflow_run_of
+    from flows.kto import kto
+    from test_flow_kto import PLACES, small_config, write_jsonl
+
+    rows = [{"prompt": f"Review the {place}.", "completion": f"The {place} {text}.", "label": label}
+            for good, bad in [("was wonderful", "was awful"), ("is excellent", "is terrible")]
+            for place in PLACES for text, label in [(good, True), (bad, False)]]
+    examples_file = write_jsonl(tmp_path / "unpaired.jsonl", rows)
+    finals, accuracies = {}, {}
+    for processes in (1, 2):
+        monkeypatch.setenv("RLHF_HOME", str(tmp_path / f"home-{processes}"))
+        config = small_config(examples_file, tiny_model_dir, runtime=RuntimeConfig(
+            num_processes=processes, distributed="ddp", num_threads=1))
+        state = kto(config, return_state=True)
+        finals[processes] = CheckpointRef(path=state.result(), sha256="-")
+        run = mlflow_run_of(state.state_details.flow_run_id)
+        assert run.info.status == "FINISHED" and run.data.params["runtime.num_processes"] == str(processes)
+        accuracies[processes] = run.data.metrics["eval/rewards/accuracies"]
+    assert max_difference(weights(finals[2]), weights(finals[1])) < DPO_ATOL
+    assert max_difference(weights(finals[1]), load_file(f"{tiny_model_dir}/model.safetensors")) > 1e-3
     assert accuracies[2] == accuracies[1]

@@ -32,7 +32,6 @@ from rlhf_core.lora import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_WEIGHTS_FIL
 from rlhf_core.models import load_causal_lm
 from rlhf_core.reward_model import load_reward_model, reward_scores
 from rlhf_core.value_head import VALUE_HEAD_FILE
-from tasks.kto import example_batch
 from tasks.models import resolve_model
 from test_flow_ppo import tiny_ppo_config
 from test_flow_reward_model import small_config as reward_model_config
@@ -197,7 +196,7 @@ def test_ppo_lora_registers_adapter_and_value_head(prefect_harness, rlhf_home, t
 
 
 def example_logps(model, df: pd.DataFrame, pad_id: int) -> dict[str, list[float]]:
-    logps = kto_core.batched_example_logps(model, example_batch(df, pad_id, "cpu"), micro_batch_size=2)
+    logps = kto_core.batched_example_logps(model, kto_core.example_batch(df, pad_id, "cpu"), micro_batch_size=2)
     return {name: values.tolist() for name, values in logps.items()}
 
 

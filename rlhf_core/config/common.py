@@ -219,11 +219,11 @@ def check_generation_backend(generation: GenerationConfig, runtime: RuntimeConfi
                          "needs): set runtime.num_processes: 1")
 
 
-DISTRIBUTED_FLOWS = ("GRPO", "PPO", "DPO", "reward-model")
+DISTRIBUTED_FLOWS = ("GRPO", "PPO", "DPO", "KTO", "reward-model")
 
 
 def check_processes(runtime: RuntimeConfig, flow: str, rows_per_update: int = 0) -> None:
-    """runtime.num_processes > 1: the GRPO, PPO, DPO and reward-model updates run under torchrun. A rank with fewer rows
+    """runtime.num_processes > 1: every algorithm's update runs under torchrun. A rank with fewer rows
     of a mini-batch runs padding passes (rlhf_core.update), but GRPO's old-log-prob pass splits its rows evenly."""
     n = runtime.num_processes
     if n == 1:
