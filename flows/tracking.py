@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from rlhf_core.checkpoint import OPTIMIZER_FILE
 from rlhf_core.faults import kill_point
+from rlhf_core.io import copy_file
 from rlhf_core.metrics import rollout_metrics
 from tasks.paths import rlhf_home, tracking_uri, use_tracking_uri
 
@@ -83,10 +84,10 @@ class Tracker:
         self.client.log_dict(self.run_id, value, artifact_file)
 
     def log_files(self, paths: dict[str, str], artifact_path: str) -> None:
-        """Log small files under readable names: {name in MLflow: local path}."""
+        """Log small files under readable names: {name in MLflow: local path or fsspec URI}."""
         with tempfile.TemporaryDirectory() as tmp:
             for name, path in paths.items():
-                shutil.copyfile(path, Path(tmp) / name)
+                copy_file(path, Path(tmp) / name)  # a local file or an fsspec URI
             self.client.log_artifacts(self.run_id, tmp, artifact_path)
 
     def log_table(self, df: pd.DataFrame, artifact_file: str) -> None:

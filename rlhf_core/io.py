@@ -3,7 +3,8 @@
 Every output is written under a temporary name in its final directory and renamed into place, so a reader (or a
 run resumed after a crash) never sees half a file; the temporary names start with a dot and name the writer's host
 and process, so the leftovers of a killed writer are swept by the next write to that directory. Names are the content's sha256, so outputs are write-once:
-a second writer of the same content finds it already there, and different content never overwrites.
+a second writer of the same content finds it already there, and different content never overwrites. Parquet
+tables may also go to object storage (an fsspec URI), where one PUT of the final key takes the rename's place.
 """
 
 from __future__ import annotations
@@ -74,8 +75,57 @@ def sweep_stale_temps(directory: Path) -> list[Path]:
     return removed
 
 
-def write_parquet(df: pd.DataFrame, directory: str | Path) -> tuple[Path, str]:
-    """Write `df` to `<directory>/<sha256[:16]>.parquet` atomically. Returns (path, sha256)."""
+def is_uri(location: str | Path) -> bool:
+    """An fsspec URI (s3://bucket/key, gs://..., memory://...) rather than a local path."""
+    return "://" in str(location)
+
+
+def file_exists(location: str | Path) -> bool:
+    if not is_uri(location):
+        return Path(location).is_file()
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(str(location))
+    return fs.isfile(path)
+
+
+def copy_file(source: str | Path, destination: str | Path) -> None:
+    """Copy a local file or an fsspec URI to a local path."""
+    if not is_uri(source):
+        shutil.copyfile(source, destination)
+        return
+    import fsspec
+
+    with fsspec.open(str(source), "rb") as src, open(destination, "wb") as dst:
+        shutil.copyfileobj(src, dst, _CHUNK)
+
+
+def write_parquet_to_uri(df: pd.DataFrame, directory: str) -> tuple[str, str]:
+    """`write_parquet` for object storage (an fsspec URI). There is no rename there; one PUT of the final key is
+    atomic instead (a reader sees the whole object or none), and the content-addressed key makes a rerun's write
+    idempotent. The bytes are those `write_parquet` writes, so the hash is too."""
+    import io
+
+    import fsspec
+
+    buffer = io.BytesIO()
+    df.to_parquet(buffer, index=False)
+    data = buffer.getvalue()
+    kill_point("write-parquet")
+    digest = hashlib.sha256(data).hexdigest()
+    final = f"{directory.rstrip('/')}/{digest[:16]}.parquet"
+    fs, path = fsspec.core.url_to_fs(final)
+    if not fs.exists(path):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        fs.pipe_file(path, data)
+    return final, digest
+
+
+def write_parquet(df: pd.DataFrame, directory: str | Path) -> tuple[Path | str, str]:
+    """Write `df` to `<directory>/<sha256[:16]>.parquet` atomically. Returns (path, sha256). `directory` may be
+    an fsspec URI (`write_parquet_to_uri`)."""
+    if is_uri(directory):
+        return write_parquet_to_uri(df, str(directory))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(directory)

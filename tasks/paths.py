@@ -12,9 +12,19 @@ def rlhf_home() -> Path:
     return Path(os.environ.get("RLHF_HOME") or Path.home() / ".rlhf").expanduser().resolve()
 
 
-def stage_dir(stage: str) -> Path:
+def artifacts_root() -> Path | str:
+    """Where the stages' Parquet files go: `$RLHF_ARTIFACTS_URI` when set (a folder, or an fsspec URI such as
+    s3://bucket/prefix that every worker can reach), else `$RLHF_HOME/artifacts`."""
+    uri = os.environ.get("RLHF_ARTIFACTS_URI")
+    if not uri:
+        return rlhf_home() / "artifacts"
+    return uri.rstrip("/") if "://" in uri else Path(uri).expanduser().resolve()
+
+
+def stage_dir(stage: str) -> Path | str:
     """Content-addressed Parquet outputs of one stage."""
-    return rlhf_home() / "artifacts" / stage
+    root = artifacts_root()
+    return f"{root}/{stage}" if isinstance(root, str) else root / stage
 
 
 def checkpoints_dir() -> Path:

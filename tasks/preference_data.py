@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -25,7 +24,7 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
 from rlhf_core.config import RewardSpec, RuntimeConfig
-from rlhf_core.io import write_atomically
+from rlhf_core.io import copy_file, write_atomically
 from rlhf_core.preference_data import (SKIP, choice_scores, is_empty, make_pairs, make_unpaired,
                                        review_batches)
 from tasks.cache import STAGE_TASK_OPTIONS
@@ -67,7 +66,7 @@ def export_preference_data(data: PreferenceRefs, output_dir: str | None) -> str:
     digest = hashlib.sha256(f"{data.pairs.sha256}:{data.unpaired.sha256}".encode()).hexdigest()[:16]
     folder = Path(output_dir).expanduser().resolve() if output_dir else rlhf_home() / "preference-data" / digest
     for name, ref in (("pairs.parquet", data.pairs), ("unpaired.parquet", data.unpaired)):
-        write_atomically(partial(shutil.copyfile, ref.path), folder / name)
+        write_atomically(partial(copy_file, ref.path), folder / name)
     return str(folder)
 
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 from pydantic import BaseModel
 
 from rlhf_core.faults import kill_point
-from rlhf_core.io import write_parquet
+from rlhf_core.io import file_exists, write_parquet
 from tasks.paths import stage_dir
 
 
@@ -20,7 +18,7 @@ class ArtifactRef(BaseModel):
     rows: int = 0
 
     def read(self) -> pd.DataFrame:
-        if not Path(self.path).is_file():
+        if not file_exists(self.path):  # a local path or an fsspec URI (tasks.paths.artifacts_root)
             raise FileNotFoundError(f"{self.path} is gone (deleted after it was cached?); rerun with refresh_cache")
         return pd.read_parquet(self.path)
 

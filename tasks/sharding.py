@@ -61,7 +61,10 @@ def merge_shards(bounds: list[tuple[int, int]], frames: list[pd.DataFrame]) -> p
 
 def parquet_rows(ref: ArtifactRef) -> int:
     """Row count from the Parquet footer, without reading the table."""
-    return pq.ParquetFile(ref.path).metadata.num_rows
+    import fsspec
+
+    with fsspec.open(ref.path, "rb") as f:  # a local path or an fsspec URI
+        return pq.ParquetFile(f).metadata.num_rows
 
 
 def check_task_runner(runtime: RuntimeConfig) -> None:
