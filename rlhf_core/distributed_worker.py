@@ -1,13 +1,13 @@
 """`python -m rlhf_core.distributed_worker SPEC.json`: one rank of a distributed job, started by torchrun.
 
-Two jobs. `update`: the update task writes SPEC.json (the policy checkpoint, the scored Parquet batch, the flow's
-configs) and runs `torchrun --nproc_per_node N -m rlhf_core.distributed_worker SPEC.json`. Every rank loads the
-checkpoint, wraps it for DDP or FSDP, restores the optimizer state and runs the algorithm's update on its share of
-each mini-batch; rank 0 writes the new checkpoint (same layout as one process writes) and `result.json`. `score`:
-the scoring stage's reference log-probs and reward-model scores, each rank scoring its share of the rows (FSDP
-shards the weights), rank 0 writing the gathered values. The algorithms are in `rlhf_core.distributed_updates`.
-A rank that fails writes `error-<rank>.json` so the task can re-raise the original error type (a NaN loss stays a
-NonFiniteError).
+Three jobs. `update`: the update task writes SPEC.json (the policy checkpoint, the scored Parquet batch, the
+flow's configs) and runs `torchrun --nproc_per_node N -m rlhf_core.distributed_worker SPEC.json`. Every rank loads
+the checkpoint, wraps it for DDP or FSDP, restores the optimizer state and runs the algorithm's update on its share
+of each mini-batch; rank 0 writes the new checkpoint (same layout as one process writes) and `result.json`. The
+algorithms are in `rlhf_core.distributed_updates`. `score`: the online scoring stage's reference log-probs and
+reward-model scores, and `sequence_logps`: DPO's and KTO's reference pass; each rank scores its share of the rows
+(FSDP shards the weights) and rank 0 writes the gathered values. A rank that fails writes `error-<rank>.json` so
+the task can re-raise the original error type (a NaN loss stays a NonFiniteError).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from rlhf_core import config as configs
+from rlhf_core import dpo, kto
 from rlhf_core.batch import collate
 from rlhf_core.checkpoint import OPTIMIZER_FILE, restore_optimizer
 from rlhf_core.distributed import (full_state, init_process_group, is_sharded, load_full_optimizer_state,
@@ -138,7 +139,35 @@ def run_scoring(spec: dict) -> None:
         write_atomically(lambda tmp: save_file(tensors, str(tmp)), Path(spec["work_dir"]) / SCORES_FILE)
 
 
-JOBS = {"update": run_update, "score": run_scoring}
+# algorithm -> (tokenized table -> batch, (model, batch, *, micro_batch_size) -> {name: [B]}, the names returned)
+SEQUENCE_LOGPS = {
+    "dpo": (dpo.pair_batch, dpo.batched_pair_logprobs, ("chosen_logps", "rejected_logps")),
+    "kto": (kto.example_batch, kto.batched_example_logps, ("logps", "mismatched_logps")),
+}
+
+
+def run_sequence_logps(spec: dict) -> None:
+    """The offline flows' reference pass: summed log-probs of every sequence of a tokenized table (DPO's pairs,
+    KTO's examples) under the reference, each rank scoring its share of the rows; rank 0 writes them to
+    SCORES_FILE, one [B] tensor per name."""
+    runtime, device = start_rank(spec)
+    lm, tokenizer = load_lm(spec["reference"], runtime, device, spec["trust_remote_code"])
+    model = wrap_for_inference(ResponseScorer(lm), runtime.distributed, device)
+    make_batch, logps_of, names = SEQUENCE_LOGPS[spec["algorithm"]]
+    batch = make_batch(pd.read_parquet(spec["batch"]), tokenizer.pad_token_id, device)
+
+    def logps(rows: dict[str, torch.Tensor]) -> torch.Tensor:  # [b, len(names)]
+        out = logps_of(model, rows, micro_batch_size=spec["micro_batch_size"])
+        return torch.stack([out[name] for name in names], dim=-1)
+
+    with torch.no_grad():
+        gathered = map_rows_across_ranks(logps, batch)
+    if rank() == 0:
+        tensors = {name: gathered[:, i].detach().cpu().contiguous() for i, name in enumerate(names)}
+        write_atomically(lambda tmp: save_file(tensors, str(tmp)), Path(spec["work_dir"]) / SCORES_FILE)
+
+
+JOBS = {"update": run_update, "score": run_scoring, "sequence_logps": run_sequence_logps}
 
 
 def main(spec_path: str) -> None:

@@ -107,3 +107,12 @@ def raise_rank_error(work_dir: Path, done: subprocess.CompletedProcess) -> None:
     if report["type"] == NonFiniteError.__name__:
         raise NonFiniteError(message)
     raise DistributedUpdateError(f"{message}\n{report['traceback']}")
+
+
+def distributed_sequence_logps(algorithm: str, reference: CheckpointRef, table: ArtifactRef, runtime: RuntimeConfig,
+                               trust_remote_code: bool, micro_batch_size: int) -> dict[str, torch.Tensor]:
+    """DPO's or KTO's reference pass under torchrun: {name: [B]} summed log-probs per sequence of `table`
+    (`rlhf_core.distributed_worker.SEQUENCE_LOGPS`)."""
+    spec = {"job": "sequence_logps", "algorithm": algorithm, "reference": reference.path, "batch": table.path,
+            "trust_remote_code": trust_remote_code, "micro_batch_size": micro_batch_size}
+    return run_torchrun(spec, runtime, lambda work_dir: load_file(str(work_dir / SCORES_FILE)))

@@ -20,7 +20,7 @@ from rlhf_core.batch import truncate_sequences
 from rlhf_core.config import LoraConfig, RuntimeConfig
 from rlhf_core.models import load_tokenizer
 from tasks.cache import STAGE_TASK_OPTIONS
-from tasks.distributed import distributed_update
+from tasks.distributed import distributed_sequence_logps, distributed_update
 from tasks.progress import StageProgress
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
 from tasks.runtime import load_model, reference_model
@@ -48,9 +48,12 @@ def compute_reference_logprobs(model_ref: CheckpointRef, pairs_ref: ArtifactRef,
     """The tokenized pairs with `ref_chosen_logps` and `ref_rejected_logps` (summed over each response, EOS
     included)."""
     df = pairs_ref.read()
-    with reference_model(model_ref, runtime, trust_remote_code) as (model, tokenizer):
-        logps = dpo.batched_pair_logprobs(model, dpo.pair_batch(df, tokenizer.pad_token_id, runtime.device),
-                                          micro_batch_size=micro_batch_size)
+    if runtime.num_processes > 1:
+        logps = distributed_sequence_logps("dpo", model_ref, pairs_ref, runtime, trust_remote_code, micro_batch_size)
+    else:
+        with reference_model(model_ref, runtime, trust_remote_code) as (model, tokenizer):
+            logps = dpo.batched_pair_logprobs(model, dpo.pair_batch(df, tokenizer.pad_token_id, runtime.device),
+                                              micro_batch_size=micro_batch_size)
     return publish(df.assign(ref_chosen_logps=logps["chosen_logps"].cpu().numpy(),
                              ref_rejected_logps=logps["rejected_logps"].cpu().numpy()), "dpo-reference")
 

@@ -21,7 +21,7 @@ from rlhf_core.data import DatasetError, load_table
 from rlhf_core.models import load_tokenizer
 from rlhf_core.preference_losses import implicit_rewards
 from tasks.cache import STAGE_TASK_OPTIONS
-from tasks.distributed import distributed_update
+from tasks.distributed import distributed_sequence_logps, distributed_update
 from tasks.paths import resolve_data_path
 from tasks.progress import StageProgress
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
@@ -92,9 +92,13 @@ def compute_kto_reference_logprobs(model_ref: CheckpointRef, examples_ref: Artif
     """The tokenized examples with `ref_logps` and `ref_mismatched_logps` (summed over each completion, EOS
     included)."""
     df = examples_ref.read()
-    with reference_model(model_ref, runtime, trust_remote_code) as (model, tokenizer):
-        logps = kto.batched_example_logps(model, kto.example_batch(df, tokenizer.pad_token_id, runtime.device),
-                                          micro_batch_size=micro_batch_size)
+    if runtime.num_processes > 1:
+        logps = distributed_sequence_logps("kto", model_ref, examples_ref, runtime, trust_remote_code,
+                                           micro_batch_size)
+    else:
+        with reference_model(model_ref, runtime, trust_remote_code) as (model, tokenizer):
+            logps = kto.batched_example_logps(model, kto.example_batch(df, tokenizer.pad_token_id, runtime.device),
+                                              micro_batch_size=micro_batch_size)
     return publish(df.assign(ref_logps=logps["logps"].cpu().numpy(),
                              ref_mismatched_logps=logps["mismatched_logps"].cpu().numpy()), "kto-reference")
 

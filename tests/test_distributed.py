@@ -14,6 +14,7 @@ from rlhf_core.checkpoint import OPTIMIZER_FILE, restore_optimizer, save_checkpo
 from rlhf_core.config import KLConfig, LossConfig, OptimConfig, RuntimeConfig, ValueConfig
 from rlhf_core.distributed import decoder_layers
 from rlhf_core.dpo import update_from_pairs
+from rlhf_core.kto import update_from_examples
 from rlhf_core.grpo import update_from_rollouts
 from rlhf_core.ppo import update_from_rollouts as ppo_update_from_rollouts
 from rlhf_core.value_head import VALUE_HEAD_FILE, ActorCritic
@@ -33,7 +34,6 @@ PPO_ARGS = dict(loss=LossConfig(), value=ValueConfig(vf_coef=0.5, head_lr=1e-2),
                 max_new_tokens=8, seed=3)
 # Float32 sums in another order (per rank, then across ranks); measured max difference ~1e-7 on these weights.
 ATOL = 2e-6
-FLOW_ATOL = 2e-4
 
 
 def rollouts(vocab_size: int, seed: int = 0) -> pd.DataFrame:
@@ -51,7 +51,7 @@ def rollouts(vocab_size: int, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def one_process_update(policy: CheckpointRef, df: pd.DataFrame, root) -> dict[str, torch.Tensor]:
+def one_process_update(policy: CheckpointRef, df: pd.DataFrame, root) -> CheckpointRef:
     model, tokenizer = load_causal_lm(policy.path)
     model.eval()
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=OPTIM.lr, weight_decay=OPTIM.weight_decay)
@@ -186,39 +186,6 @@ def pairs(vocab_size: int, num_pairs: int = 13, seed: int = 0) -> pd.DataFrame:
                          for _ in range(num_pairs)])
 
 
-def one_process_dpo_epoch(policy: CheckpointRef, df: pd.DataFrame, root) -> CheckpointRef:
-    model, tokenizer = load_causal_lm(policy.path)
-    model.eval()
-    args = dict(DPO_ARGS)
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.pop("lr"), weight_decay=0.0)
-    restore_optimizer(optimizer, policy.path)
-    update_from_pairs(model, optimizer, df, tokenizer.pad_token_id, device="cpu", **args)
-    path, digest = save_checkpoint(model, tokenizer, optimizer, root)
-    return CheckpointRef(path=str(path), sha256=digest)
-
-
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_dpo_uneven_mini_batches_match_one_process(strategy, policy_and_batch, tmp_path, reliability):
-    """DPO's epochs under torchrun, with mini-batches that do not split evenly over the ranks (padding passes):
-    two chained epochs give the weights and Adam state of one process."""
-    policy, _, _ = policy_and_batch
-    df = pairs(vocab_size=49152)
-    path = tmp_path / "pairs.parquet"
-    df.to_parquet(path)
-    batch = ArtifactRef(path=str(path), sha256="-", rows=len(df))
-    singles, multis, result = chained_updates(one_process_dpo_epoch, "dpo", DPO_ARGS, policy, batch, df, strategy,
-                                              tmp_path / "single")
-    assert max_difference(weights(singles[-1]), weights(policy)) > 1e-3
-    for single, multi in zip(singles, multis):
-        assert max_difference(weights(multi), weights(single)) < DPO_ATOL
-    adam_single = load_file(f"{singles[-1].path}/{OPTIMIZER_FILE}")
-    adam_multi = load_file(f"{multis[-1].path}/{OPTIMIZER_FILE}")
-    assert max_difference(adam_multi, adam_single) < DPO_ATOL and float(adam_multi["0.step"]) == 8.0
-    assert_counts_of_pairs(result.metrics.read()["rewards/accuracies"])
-    reliability.record("2 CPU processes (torchrun, gloo)", f"DPO epoch, {strategy.upper()}, uneven mini-batches",
-                       f"weights and Adam state equal one process within {DPO_ATOL}", "n/a")
-
-
 KTO_ARGS = dict(batch_size=4, micro_batch_size=1, max_grad_norm=1.0, seed=5, beta=0.1, desirable_weight=1.0,
                 undesirable_weight=1.33, lr=1e-3)
 
@@ -236,39 +203,57 @@ def examples(vocab_size: int, num_examples: int = 13) -> pd.DataFrame:
                           "ref_mismatched_logps": rng.uniform(-300, -200)} for _ in range(num_examples)])
 
 
-def one_process_kto_epoch(policy: CheckpointRef, df: pd.DataFrame, root) -> CheckpointRef:
-    from rlhf_core.kto import update_from_examples
+def one_process_epoch(update_from_table, template: dict):
+    """The one-process epoch of an offline algorithm (DPO, KTO) on a tokenized table, as its task runs it."""
 
-    model, tokenizer = load_causal_lm(policy.path)
-    model.eval()
-    args = dict(KTO_ARGS)
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.pop("lr"), weight_decay=0.0)
-    restore_optimizer(optimizer, policy.path)
-    update_from_examples(model, optimizer, df, tokenizer.pad_token_id, device="cpu", **args)
-    path, digest = save_checkpoint(model, tokenizer, optimizer, root)
-    return CheckpointRef(path=str(path), sha256=digest)
+    def run(policy: CheckpointRef, df: pd.DataFrame, root) -> CheckpointRef:
+        model, tokenizer = load_causal_lm(policy.path)
+        model.eval()
+        args = dict(template)
+        optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.pop("lr"), weight_decay=0.0)
+        restore_optimizer(optimizer, policy.path)
+        update_from_table(model, optimizer, df, tokenizer.pad_token_id, device="cpu", **args)
+        path, digest = save_checkpoint(model, tokenizer, optimizer, root)
+        return CheckpointRef(path=str(path), sha256=digest)
+
+    return run
+
+
+def kto_reference_point_was_positive(metrics: pd.DataFrame) -> None:
+    assert (metrics["kl"] > 0).all()  # z0 > 0 in every step: the padded reference-point passes mattered
+
+
+# algorithm -> (tokenized table, one-process update, update args, a check of the 2-process metrics)
+OFFLINE = {
+    "dpo": (pairs, update_from_pairs, DPO_ARGS,
+            lambda metrics: assert_counts_of_pairs(metrics["rewards/accuracies"])),
+    "kto": (examples, update_from_examples, KTO_ARGS, kto_reference_point_was_positive),
+}
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_kto_uneven_mini_batches_match_one_process(strategy, policy_and_batch, tmp_path, reliability):
-    """KTO's epochs under torchrun: the per-mini-batch reference point's no-grad passes and the loss's passes are
-    both padded on the rank with fewer rows (weight 0); two chained epochs give one process's weights and Adam."""
+@pytest.mark.parametrize("algorithm", ["dpo", "kto"])
+def test_offline_epochs_with_uneven_mini_batches_match_one_process(algorithm, strategy, policy_and_batch, tmp_path,
+                                                                   reliability):
+    """DPO's and KTO's epochs under torchrun, 13 rows in mini-batches of 4, 3, 3, 3: a rank with fewer rows runs
+    padding passes (KTO's reference-point passes too); two chained epochs give one process's weights and Adam."""
     policy, _, _ = policy_and_batch
-    df = examples(vocab_size=49152)
-    path = tmp_path / "examples.parquet"
+    table, update_from_table, args, check_metrics = OFFLINE[algorithm]
+    df = table(vocab_size=49152)
+    path = tmp_path / f"{algorithm}.parquet"
     df.to_parquet(path)
     batch = ArtifactRef(path=str(path), sha256="-", rows=len(df))
-    singles, multis, result = chained_updates(one_process_kto_epoch, "kto", KTO_ARGS, policy, batch, df, strategy,
-                                              tmp_path / "single")
+    singles, multis, result = chained_updates(one_process_epoch(update_from_table, args), algorithm, args, policy,
+                                              batch, df, strategy, tmp_path / "single")
     assert max_difference(weights(singles[-1]), weights(policy)) > 1e-3
     for single, multi in zip(singles, multis):
         assert max_difference(weights(multi), weights(single)) < DPO_ATOL
     adam_single = load_file(f"{singles[-1].path}/{OPTIMIZER_FILE}")
     adam_multi = load_file(f"{multis[-1].path}/{OPTIMIZER_FILE}")
-    assert max_difference(adam_multi, adam_single) < DPO_ATOL
-    metrics = result.metrics.read()
-    assert len(metrics) == 4 and (metrics["kl"] > 0).all()  # z0 > 0: the reference point mattered
-    reliability.record("2 CPU processes (torchrun, gloo)", f"KTO epoch, {strategy.upper()}, uneven mini-batches",
+    assert max_difference(adam_multi, adam_single) < DPO_ATOL and float(adam_multi["0.step"]) == 8.0
+    check_metrics(result.metrics.read())
+    reliability.record("2 CPU processes (torchrun, gloo)",
+                       f"{algorithm.upper()} epoch, {strategy.upper()}, uneven mini-batches",
                        f"weights and Adam state equal one process within {DPO_ATOL}", "n/a")
 
 
@@ -364,101 +349,6 @@ def test_configs_refuse_what_cannot_run_distributed():
         config(runtime={"num_processes": 2})
 
 
-def test_grpo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir, tmp_path, monkeypatch):
-    """The update task launches torchrun itself when the config asks for 2 processes; everything around it (the
-    Parquet stages, MLflow, the registry) is unchanged and the trained policy is the one-process policy."""
-    from flow_helpers import mlflow_run_of
-    from flows.grpo import grpo
-    from test_flow_grpo import tiny_config
-
-    import mlflow
-
-    finals = {}
-    for processes in (1, 2):
-        monkeypatch.setenv("RLHF_HOME", str(tmp_path / f"home-{processes}"))
-        config = tiny_config(tiny_model_dir, kl=KLConfig(coef=0.05), rewards=[{"function": "response_length"}],
-                             runtime=RuntimeConfig(num_processes=processes, distributed="fsdp", num_threads=1))
-        state = grpo(config, return_state=True)
-        finals[processes] = CheckpointRef(path=state.result(), sha256="-")
-        run = mlflow_run_of(state.state_details.flow_run_id)
-        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "policy/grad_norm")
-        assert [m.step for m in history] == [0, 1] and run.data.params["runtime.num_processes"] == str(processes)
-    # Adam divides by the root of the squared gradient, which amplifies float-order noise in elements with
-    # tiny gradients: one process run with micro-batches of 1 instead of 3 differs from itself by 1.2e-5 after
-    # two steps. Across two iterations the measured difference is 8e-5 against a 2e-3 update.
-    assert max_difference(weights(finals[2]), weights(finals[1])) < FLOW_ATOL
-    assert max_difference(weights(finals[1]), load_file(f"{tiny_model_dir}/model.safetensors")) > 1e-3
-    # the second iteration sampled from the 2-process policy: the same tokens as from the 1-process one
-    # (iteration 0 sampled from the same start model: the same file, content-addressed; iteration 1's files
-    # differ in the float sampling log-probs only)
-    folders = [tmp_path / f"home-{n}" / "artifacts" / "rollouts" for n in (1, 2)]
-    names = [{p.name for p in folder.glob("*.parquet")} for folder in folders]
-    (shared,) = names[0] & names[1]
-    (one,), (two,) = names[0] - {shared}, names[1] - {shared}
-    one, two = pd.read_parquet(folders[0] / one), pd.read_parquet(folders[1] / two)
-    assert one["response_ids"].map(list).tolist() == two["response_ids"].map(list).tolist()
-    assert (one["sampling_logprobs"].explode().astype(float) - two["sampling_logprobs"].explode().astype(float)
-            ).abs().max() < 1e-3
-
-
-def test_ppo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir, tmp_path, monkeypatch,
-                                                 tokenizer_dir):
-    """The PPO flow with runtime.num_processes=2 (DDP): the update-actor-critic task runs torchrun, the
-    checkpoint it registers carries the value head, and policy and head equal the one-process run's."""
-    from flow_helpers import mlflow_run_of
-    from flows.ppo import ppo
-    from test_flow_ppo import tiny_ppo_config
-
-    from rlhf_core.models import load_tokenizer, tiny_llama_config
-    from transformers import AutoModelForSequenceClassification
-
-    tokenizer, _ = load_tokenizer(tokenizer_dir)
-    reward_dir = tmp_path / "reward-model"
-    AutoModelForSequenceClassification.from_config(tiny_llama_config(
-        len(tokenizer), pad_token_id=tokenizer.pad_token_id, num_labels=1)).save_pretrained(reward_dir)
-    tokenizer.save_pretrained(reward_dir)
-    finals = {}
-    for processes in (1, 2):
-        monkeypatch.setenv("RLHF_HOME", str(tmp_path / f"home-{processes}"))
-        config = tiny_ppo_config(tiny_model_dir, reward_dir, runtime=RuntimeConfig(
-            num_processes=processes, distributed="ddp", num_threads=1))
-        state = ppo(config, return_state=True)
-        finals[processes] = CheckpointRef(path=state.result(), sha256="-")
-        run = mlflow_run_of(state.state_details.flow_run_id)
-        assert run.info.status == "FINISHED" and run.data.params["runtime.num_processes"] == str(processes)
-    assert max_difference(weights(finals[2]), weights(finals[1])) < FLOW_ATOL
-    assert max_difference(value_head(finals[2]), value_head(finals[1])) < FLOW_ATOL
-    assert float(value_head(finals[2])["weight"].abs().max()) > 1e-3
-
-
-def test_dpo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir, tmp_path, monkeypatch):
-    """The DPO flow with runtime.num_processes=2 (FSDP): each epoch's task runs torchrun on 9 training pairs (3
-    mini-batches of 3: uneven over 2 ranks), the held-out evaluation and the registry are unchanged."""
-    from flow_helpers import mlflow_run_of
-    from flows.dpo import dpo
-    from test_flow_dpo import PLACES, small_config
-
-    import json
-
-    rows = [{"prompt": f"Review the {place}.", "chosen": f"The {place} {good}.", "rejected": f"The {place} {bad}."}
-            for good, bad in [("was wonderful", "was awful"), ("is excellent", "is terrible")] for place in PLACES]
-    pairs_file = tmp_path / "pairs.jsonl"
-    pairs_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    finals, accuracies = {}, {}
-    for processes in (1, 2):
-        monkeypatch.setenv("RLHF_HOME", str(tmp_path / f"home-{processes}"))
-        config = small_config(pairs_file, tiny_model_dir, runtime=RuntimeConfig(
-            num_processes=processes, distributed="fsdp", num_threads=1))
-        state = dpo(config, return_state=True)
-        finals[processes] = CheckpointRef(path=state.result(), sha256="-")
-        run = mlflow_run_of(state.state_details.flow_run_id)
-        assert run.info.status == "FINISHED" and run.data.params["runtime.num_processes"] == str(processes)
-        accuracies[processes] = run.data.metrics["eval/rewards/accuracies"]
-    assert max_difference(weights(finals[2]), weights(finals[1])) < DPO_ATOL
-    assert max_difference(weights(finals[1]), load_file(f"{tiny_model_dir}/model.safetensors")) > 1e-3
-    assert accuracies[2] == accuracies[1]
-
-
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_scoring_passes_under_torchrun_match_one_process(strategy, tiny_model_dir, tokenizer_dir, rlhf_home,
                                                          tmp_path, reliability):
@@ -501,58 +391,26 @@ def test_scoring_passes_under_torchrun_match_one_process(strategy, tiny_model_di
                        "reference log-probs and reward-model scores equal one process within 1e-5", "n/a")
 
 
-def test_reward_model_flow_with_two_processes_matches_one(prefect_harness, tmp_path, monkeypatch):
-    """The reward-model flow on the built-in MiniLM (a BERT encoder: FSDP shards its BertLayer blocks) with 2
-    processes: the trained classifier and its held-out scores equal the one-process flow's."""
-    from flow_helpers import mlflow_run_of
-    from flows.reward_model import reward_model
-    from test_flow_reward_model import GOOD, BAD, small_config
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("algorithm", ["dpo", "kto"])
+def test_offline_reference_pass_under_torchrun_matches_one_process(algorithm, strategy, tiny_model_dir, rlhf_home,
+                                                                   tmp_path):
+    """DPO's and KTO's reference stage with 2 processes: 13 rows (uneven: the last repeated for rank 1 and
+    dropped) give one process's summed log-probs per sequence."""
+    import tasks.dpo
+    import tasks.kto
+    from rlhf_core.io import sha256_dir
 
-    from test_flow_dpo import PLACES
-
-    import json
-
-    rows = [{"prompt": f"Review the {place}.", "chosen": f"The {place} {GOOD[i % 4]}.",
-             "rejected": f"The {place} {BAD[(i + 1) % 4]}."} for i in range(4) for place in PLACES]
-    pairs_file = tmp_path / "pairs.jsonl"
-    pairs_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    finals, accuracies = {}, {}
-    for processes in (1, 2):
-        monkeypatch.setenv("RLHF_HOME", str(tmp_path / f"home-{processes}"))
-        config = small_config(pairs_file, runtime=RuntimeConfig(num_processes=processes, distributed="fsdp",
-                                                                num_threads=1))
-        state = reward_model(config, return_state=True)
-        finals[processes] = CheckpointRef(path=state.result(), sha256="-")
-        run = mlflow_run_of(state.state_details.flow_run_id)
-        assert run.info.status == "FINISHED" and run.data.params["runtime.num_processes"] == str(processes)
-        accuracies[processes] = run.data.metrics["reward_model/eval_accuracy"]
-    # 6 Adam steps at lr 3e-4: one process with micro-batches of 4 instead of 16 differs from itself by 5.3e-5
-    # (measured); 2 processes differ from 1 by 3.0e-5
-    assert max_difference(weights(finals[2]), weights(finals[1])) < 1e-4
-    assert accuracies[2] == accuracies[1]
-
-
-def test_kto_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir, tmp_path, monkeypatch):
-    """The KTO flow with runtime.num_processes=2 (DDP): 18 training examples in mini-batches of 4 or 3 (uneven
-    over 2 ranks), the same trained policy and held-out metrics as one process."""
-    from flow_helpers import mlflow_run_of
-    from flows.kto import kto
-    from test_flow_kto import PLACES, small_config, write_jsonl
-
-    rows = [{"prompt": f"Review the {place}.", "completion": f"The {place} {text}.", "label": label}
-            for good, bad in [("was wonderful", "was awful"), ("is excellent", "is terrible")]
-            for place in PLACES for text, label in [(good, True), (bad, False)]]
-    examples_file = write_jsonl(tmp_path / "unpaired.jsonl", rows)
-    finals, accuracies = {}, {}
-    for processes in (1, 2):
-        monkeypatch.setenv("RLHF_HOME", str(tmp_path / f"home-{processes}"))
-        config = small_config(examples_file, tiny_model_dir, runtime=RuntimeConfig(
-            num_processes=processes, distributed="ddp", num_threads=1))
-        state = kto(config, return_state=True)
-        finals[processes] = CheckpointRef(path=state.result(), sha256="-")
-        run = mlflow_run_of(state.state_details.flow_run_id)
-        assert run.info.status == "FINISHED" and run.data.params["runtime.num_processes"] == str(processes)
-        accuracies[processes] = run.data.metrics["eval/rewards/accuracies"]
-    assert max_difference(weights(finals[2]), weights(finals[1])) < DPO_ATOL
-    assert max_difference(weights(finals[1]), load_file(f"{tiny_model_dir}/model.safetensors")) > 1e-3
-    assert accuracies[2] == accuracies[1]
+    stage, table, columns = {
+        "dpo": (tasks.dpo.compute_reference_logprobs, pairs, ["ref_chosen_logps", "ref_rejected_logps"]),
+        "kto": (tasks.kto.compute_kto_reference_logprobs, examples, ["ref_logps", "ref_mismatched_logps"])}[algorithm]
+    df = table(vocab_size=49152).drop(columns=columns)
+    path = tmp_path / "tokens.parquet"
+    df.to_parquet(path)
+    tokens = ArtifactRef(path=str(path), sha256="-", rows=len(df))
+    reference = CheckpointRef(path=str(tiny_model_dir), sha256=sha256_dir(tiny_model_dir))
+    one = stage.fn(reference, tokens, 2, RuntimeConfig()).read()
+    two = stage.fn(reference, tokens, 2, RuntimeConfig(num_processes=2, distributed=strategy, num_threads=1)).read()
+    assert list(two.columns) == list(one.columns) and len(two) == 13
+    for column in columns:
+        assert one[column].lt(-5).all() and (two[column] - one[column]).abs().max() < 1e-4

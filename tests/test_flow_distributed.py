@@ -1,0 +1,146 @@
+"""Every training flow with runtime.num_processes=2 through the real Prefect engine, MLflow store and Parquet
+files: its update (or epoch) task launches torchrun itself, and the trained model equals the one-process run's.
+The update-level comparisons, with tighter tolerances, are in test_distributed.py."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+from flow_helpers import mlflow_run_of
+from rlhf_core.config import KLConfig, RuntimeConfig
+from rlhf_core.models import load_tokenizer, tiny_llama_config
+from tasks.refs import CheckpointRef
+from test_distributed import DPO_ATOL, max_difference, value_head, weights
+from test_flow_dpo import PLACES
+
+pytestmark = pytest.mark.slow
+# Adam divides by the root of the squared gradient, which amplifies float-order noise in elements with tiny
+# gradients: one GRPO process with micro-batches of 1 instead of 3 differs from itself by 1.2e-5 after two steps.
+# Across two iterations the measured 2-process difference is 8e-5 against a 2e-3 update.
+FLOW_ATOL = 2e-4
+
+
+def with_one_and_two_processes(run_flow, make_config, strategy: str, tmp_path, monkeypatch,
+                               check_run=lambda run: None) -> tuple[dict, dict]:
+    """Run a flow with runtime.num_processes 1 and 2, each in its own data folder (and MLflow store: `check_run`
+    reads a run while its store is the current one).
+    -> ({processes: final checkpoint}, {processes: the run's MLflow run})"""
+    finals, runs = {}, {}
+    for processes in (1, 2):
+        monkeypatch.setenv("RLHF_HOME", str(tmp_path / f"home-{processes}"))
+        runtime = RuntimeConfig(num_processes=processes, distributed=strategy, num_threads=1)
+        state = run_flow(make_config(runtime), return_state=True)
+        finals[processes] = CheckpointRef(path=state.result(), sha256="-")
+        runs[processes] = mlflow_run_of(state.state_details.flow_run_id)
+        assert runs[processes].info.status == "FINISHED"
+        assert runs[processes].data.params["runtime.num_processes"] == str(processes)
+        check_run(runs[processes])
+    return finals, runs
+
+
+def write_jsonl(path, rows: list[dict]):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_grpo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir, tmp_path, monkeypatch):
+    """FSDP; the scoring stage's reference pass runs under torchrun too. The second iteration samples from the
+    2-process policy the same tokens as from the 1-process one."""
+    from flows.grpo import grpo
+    from test_flow_grpo import tiny_config
+
+    def logged_both_iterations(run) -> None:
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "policy/grad_norm")
+        assert [m.step for m in history] == [0, 1]
+
+    finals, _ = with_one_and_two_processes(grpo, lambda runtime: tiny_config(
+        tiny_model_dir, kl=KLConfig(coef=0.05), rewards=[{"function": "response_length"}], runtime=runtime),
+        "fsdp", tmp_path, monkeypatch, check_run=logged_both_iterations)
+    assert max_difference(weights(finals[2]), weights(finals[1])) < FLOW_ATOL
+    assert max_difference(weights(finals[1]), load_file(f"{tiny_model_dir}/model.safetensors")) > 1e-3
+    # iteration 0 sampled from the same start model: the same file, content-addressed; iteration 1's files differ
+    # in the float sampling log-probs only
+    folders = [tmp_path / f"home-{n}" / "artifacts" / "rollouts" for n in (1, 2)]
+    names = [{p.name for p in folder.glob("*.parquet")} for folder in folders]
+    (shared,) = names[0] & names[1]
+    (one,), (two,) = names[0] - {shared}, names[1] - {shared}
+    one, two = pd.read_parquet(folders[0] / one), pd.read_parquet(folders[1] / two)
+    assert one["response_ids"].map(list).tolist() == two["response_ids"].map(list).tolist()
+    assert (one["sampling_logprobs"].explode().astype(float) - two["sampling_logprobs"].explode().astype(float)
+            ).abs().max() < 1e-3
+
+
+def test_ppo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir, tmp_path, monkeypatch,
+                                                 tokenizer_dir):
+    """DDP; a reward function and a reward model, adaptive KL. The checkpoint carries the value head, and policy
+    and head equal the one-process run's."""
+    from flows.ppo import ppo
+    from test_flow_ppo import tiny_ppo_config
+
+    tokenizer, _ = load_tokenizer(tokenizer_dir)
+    reward_dir = tmp_path / "reward-model"
+    AutoModelForSequenceClassification.from_config(tiny_llama_config(
+        len(tokenizer), pad_token_id=tokenizer.pad_token_id, num_labels=1)).save_pretrained(reward_dir)
+    tokenizer.save_pretrained(reward_dir)
+    finals, _ = with_one_and_two_processes(ppo, lambda runtime: tiny_ppo_config(
+        tiny_model_dir, reward_dir, runtime=runtime), "ddp", tmp_path, monkeypatch)
+    assert max_difference(weights(finals[2]), weights(finals[1])) < FLOW_ATOL
+    assert max_difference(value_head(finals[2]), value_head(finals[1])) < FLOW_ATOL
+    assert float(value_head(finals[2])["weight"].abs().max()) > 1e-3
+
+
+def test_dpo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir, tmp_path, monkeypatch):
+    """FSDP; 9 training pairs in 3 mini-batches of 3 (uneven over 2 ranks); the same held-out accuracy."""
+    from flows.dpo import dpo
+    from test_flow_dpo import small_config
+
+    pairs_file = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": f"Review the {place}.", "chosen": f"The {place} {good}.", "rejected": f"The {place} {bad}."}
+        for good, bad in [("was wonderful", "was awful"), ("is excellent", "is terrible")] for place in PLACES])
+    finals, runs = with_one_and_two_processes(dpo, lambda runtime: small_config(
+        pairs_file, tiny_model_dir, runtime=runtime), "fsdp", tmp_path, monkeypatch)
+    assert max_difference(weights(finals[2]), weights(finals[1])) < DPO_ATOL
+    assert max_difference(weights(finals[1]), load_file(f"{tiny_model_dir}/model.safetensors")) > 1e-3
+    accuracies = [run.data.metrics["eval/rewards/accuracies"] for run in runs.values()]
+    assert accuracies[0] == accuracies[1]
+
+
+def test_kto_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir, tmp_path, monkeypatch):
+    """DDP; 18 training examples in mini-batches of 4 or 3 (uneven over 2 ranks); the same held-out metrics."""
+    from flows.kto import kto
+    from test_flow_kto import small_config
+
+    examples_file = write_jsonl(tmp_path / "unpaired.jsonl", [
+        {"prompt": f"Review the {place}.", "completion": f"The {place} {text}.", "label": label}
+        for good, bad in [("was wonderful", "was awful"), ("is excellent", "is terrible")]
+        for place in PLACES for text, label in [(good, True), (bad, False)]])
+    finals, runs = with_one_and_two_processes(kto, lambda runtime: small_config(
+        examples_file, tiny_model_dir, runtime=runtime), "ddp", tmp_path, monkeypatch)
+    assert max_difference(weights(finals[2]), weights(finals[1])) < DPO_ATOL
+    assert max_difference(weights(finals[1]), load_file(f"{tiny_model_dir}/model.safetensors")) > 1e-3
+    accuracies = [run.data.metrics["eval/rewards/accuracies"] for run in runs.values()]
+    assert accuracies[0] == accuracies[1]
+
+
+def test_reward_model_flow_with_two_processes_matches_one(prefect_harness, tmp_path, monkeypatch):
+    """The built-in MiniLM (a BERT encoder: FSDP shards its BertLayer blocks): the trained classifier and its
+    held-out accuracy equal the one-process flow's."""
+    from flows.reward_model import reward_model
+    from test_flow_reward_model import BAD, GOOD, small_config
+
+    pairs_file = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": f"Review the {place}.", "chosen": f"The {place} {GOOD[i % 4]}.",
+         "rejected": f"The {place} {BAD[(i + 1) % 4]}."} for i in range(4) for place in PLACES])
+    finals, runs = with_one_and_two_processes(reward_model, lambda runtime: small_config(
+        pairs_file, runtime=runtime), "fsdp", tmp_path, monkeypatch)
+    # 6 Adam steps at lr 3e-4: one process with micro-batches of 4 instead of 16 differs from itself by 5.3e-5
+    # (measured); 2 processes differ from 1 by 3.0e-5
+    assert max_difference(weights(finals[2]), weights(finals[1])) < 1e-4
+    accuracies = [run.data.metrics["reward_model/eval_accuracy"] for run in runs.values()]
+    assert accuracies[0] == accuracies[1]
