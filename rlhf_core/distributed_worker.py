@@ -1,13 +1,14 @@
 """`python -m rlhf_core.distributed_worker SPEC.json`: one rank of a distributed job, started by torchrun.
 
-Three jobs. `update`: the update task writes SPEC.json (the policy checkpoint, the scored Parquet batch, the
+Four jobs. `update`: the update task writes SPEC.json (the policy checkpoint, the scored Parquet batch, the
 flow's configs) and runs `torchrun --nproc_per_node N -m rlhf_core.distributed_worker SPEC.json`. Every rank loads
 the checkpoint, wraps it for DDP or FSDP, restores the optimizer state and runs the algorithm's update on its share
 of each mini-batch; rank 0 writes the new checkpoint (same layout as one process writes) and `result.json`. The
 algorithms are in `rlhf_core.distributed_updates`. `score`: the online scoring stage's reference log-probs and
-reward-model scores, and `sequence_logps`: DPO's and KTO's reference pass; each rank scores its share of the rows
-(FSDP shards the weights) and rank 0 writes the gathered values. A rank that fails writes `error-<rank>.json` so
-the task can re-raise the original error type (a NaN loss stays a NonFiniteError).
+reward-model scores, `sequence_logps`: DPO's and KTO's reference pass, and `values`: PPO's old log-probs and
+values; each rank scores its share of the rows (FSDP shards the weights) and rank 0 writes the gathered values.
+A rank that fails writes `error-<rank>.json` so the task can re-raise the original error type (a NaN loss stays a
+NonFiniteError).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from rlhf_core.batch import collate
 from rlhf_core.checkpoint import OPTIMIZER_FILE, restore_optimizer
 from rlhf_core.distributed import (full_state, init_process_group, is_sharded, load_full_optimizer_state,
                                    map_rows_across_ranks, rank, wrap_for_training)
-from rlhf_core.distributed_updates import UPDATES, load_lm
+from rlhf_core.distributed_updates import UPDATES, load_actor_critic, load_lm
 from rlhf_core.io import write_atomically, write_dir
 from rlhf_core.logprobs import ResponseScorer, batched_response_logprobs
+from rlhf_core.ppo import rollout_logprobs_and_values
 from rlhf_core.reward_model import load_reward_model, reward_scores
 
 RESULT_FILE = "result.json"
@@ -167,7 +169,29 @@ def run_sequence_logps(spec: dict) -> None:
         write_atomically(lambda tmp: save_file(tensors, str(tmp)), Path(spec["work_dir"]) / SCORES_FILE)
 
 
-JOBS = {"update": run_update, "score": run_scoring, "sequence_logps": run_sequence_logps}
+def run_values(spec: dict) -> None:
+    """PPO's value stage: the behaviour policy's log-probs and the critic's values of a rollout table, each rank
+    scoring its share of the rows; rank 0 writes `old_logprobs` and `old_values` [B, T] to SCORES_FILE."""
+    runtime, device = start_rank(spec)
+    model, tokenizer = load_actor_critic(Path(spec["policy"]), runtime, device, spec["trust_remote_code"], {})
+    model = wrap_for_inference(model, runtime.distributed, device)
+    df = pd.read_parquet(spec["batch"])
+    batch = collate(df["prompt_ids"], df["response_ids"], tokenizer.pad_token_id, device=device)
+
+    def outputs(rows: dict[str, torch.Tensor]) -> torch.Tensor:  # [b, T, 2]
+        return torch.stack(rollout_logprobs_and_values(model, rows, micro_batch_size=spec["micro_batch_size"],
+                                                       temperature=spec["temperature"],
+                                                       chunk_size=spec["chunk_size"]), dim=-1)
+
+    with torch.no_grad():
+        gathered = map_rows_across_ranks(outputs, batch)
+    if rank() == 0:
+        tensors = {"old_logprobs": gathered[..., 0].cpu().contiguous(),
+                   "old_values": gathered[..., 1].cpu().contiguous()}
+        write_atomically(lambda tmp: save_file(tensors, str(tmp)), Path(spec["work_dir"]) / SCORES_FILE)
+
+
+JOBS = {"update": run_update, "score": run_scoring, "sequence_logps": run_sequence_logps, "values": run_values}
 
 
 def main(spec_path: str) -> None:

@@ -116,3 +116,11 @@ def distributed_sequence_logps(algorithm: str, reference: CheckpointRef, table: 
     spec = {"job": "sequence_logps", "algorithm": algorithm, "reference": reference.path, "batch": table.path,
             "trust_remote_code": trust_remote_code, "micro_batch_size": micro_batch_size}
     return run_torchrun(spec, runtime, lambda work_dir: load_file(str(work_dir / SCORES_FILE)))
+
+
+def distributed_values(policy: CheckpointRef, rollouts: ArtifactRef, runtime: RuntimeConfig, trust_remote_code: bool,
+                       *, temperature: float, micro_batch_size: int, chunk_size: int) -> dict[str, torch.Tensor]:
+    """PPO's value stage under torchrun: {"old_logprobs", "old_values"}: [B, T] aligned with `collate`."""
+    spec = {"job": "values", "policy": policy.path, "batch": rollouts.path, "trust_remote_code": trust_remote_code,
+            "temperature": temperature, "micro_batch_size": micro_batch_size, "chunk_size": chunk_size}
+    return run_torchrun(spec, runtime, lambda work_dir: load_file(str(work_dir / SCORES_FILE)))

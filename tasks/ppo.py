@@ -11,7 +11,7 @@ from rlhf_core.config import GAEConfig, LoraConfig, LossConfig, OptimConfig, Run
 from rlhf_core.ppo import ppo_advantages, rollout_logprobs_and_values, update_from_rollouts
 from rlhf_core.token_rewards import clip_scores, normalize_scores, penalize_missing_eos
 from tasks.cache import STAGE_TASK_OPTIONS
-from tasks.distributed import distributed_update
+from tasks.distributed import distributed_update, distributed_values
 from tasks.progress import StageProgress
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
 from tasks.update import save_update
@@ -24,13 +24,20 @@ PER_TOKEN = ["old_logprobs", "ref_logprobs", "old_values"]
 def compute_values(policy: CheckpointRef, rollouts: ArtifactRef, runtime: RuntimeConfig, critic: str,
                    temperature: float, micro_batch_size: int, chunk_size: int,
                    trust_remote_code: bool = False) -> ArtifactRef:
-    """Adds the behaviour policy's `old_logprobs` and the critic's `old_values`, one per response token."""
+    """Adds the behaviour policy's `old_logprobs` and the critic's `old_values`, one per response token (under
+    torchrun with runtime.num_processes > 1)."""
     df = rollouts.read()
-    model, tokenizer = load_actor_critic(policy, runtime, critic, trust_remote_code)
-    batch = collate(df["prompt_ids"], df["response_ids"], tokenizer.pad_token_id, device=runtime.device)
-    logprobs, values = rollout_logprobs_and_values(model, batch, micro_batch_size=micro_batch_size,
-                                                   temperature=temperature, chunk_size=chunk_size)
-    mask = batch["response_mask"]
+    if runtime.num_processes > 1:
+        out = distributed_values(policy, rollouts, runtime, trust_remote_code, temperature=temperature,
+                                 micro_batch_size=micro_batch_size, chunk_size=chunk_size)
+        logprobs, values = out["old_logprobs"], out["old_values"]
+        mask = collate(df["prompt_ids"], df["response_ids"], 0)["response_mask"]
+    else:
+        model, tokenizer = load_actor_critic(policy, runtime, critic, trust_remote_code)
+        batch = collate(df["prompt_ids"], df["response_ids"], tokenizer.pad_token_id, device=runtime.device)
+        logprobs, values = rollout_logprobs_and_values(model, batch, micro_batch_size=micro_batch_size,
+                                                       temperature=temperature, chunk_size=chunk_size)
+        mask = batch["response_mask"]
     return publish(df.assign(old_logprobs=response_lists(logprobs, mask), old_values=response_lists(values, mask)),
                    "values")
 

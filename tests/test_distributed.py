@@ -414,3 +414,30 @@ def test_offline_reference_pass_under_torchrun_matches_one_process(algorithm, st
     assert list(two.columns) == list(one.columns) and len(two) == 13
     for column in columns:
         assert one[column].lt(-5).all() and (two[column] - one[column]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ppo_value_pass_under_torchrun_matches_one_process(strategy, policy_and_batch, tmp_path):
+    """PPO's compute-values stage with 2 processes (7 rows: uneven) on a checkpoint with a trained value head:
+    the old log-probs and values of one process."""
+    from tasks.ppo import compute_values
+
+    policy, _, df = policy_and_batch
+    trained = one_process_ppo_update(policy, df.drop(columns="advantages").rename(
+        columns={"token_advantages": "advantages"}), tmp_path / "single")  # a non-zero value head
+    path = tmp_path / "rollouts.parquet"
+    df.head(7)[["prompt_ids", "response_ids"]].to_parquet(path)
+    rollouts = ArtifactRef(path=str(path), sha256="-", rows=7)
+
+    def values(runtime: RuntimeConfig) -> pd.DataFrame:
+        return compute_values.fn(trained, rollouts, runtime, "shared", temperature=0.7, micro_batch_size=2,
+                                 chunk_size=1024).read()
+
+    one = values(RuntimeConfig())
+    two = values(RuntimeConfig(num_processes=2, distributed=strategy, num_threads=1))
+    assert list(two.columns) == list(one.columns)
+    for column in ("old_logprobs", "old_values"):
+        a, b = one[column].explode().astype(float), two[column].explode().astype(float)
+        assert len(a) == len(b) == df.head(7)["response_ids"].map(len).sum()
+        assert (a - b).abs().max() < 1e-5
+    assert one["old_values"].explode().astype(float).abs().max() > 1e-3
