@@ -97,6 +97,13 @@ def wrap_for_inference(module: torch.nn.Module, strategy: str, device: str) -> t
     return wrap_for_training(module, strategy, device) if strategy == "fsdp" else module
 
 
+def write_scores(spec: dict, scores: dict[str, torch.Tensor]) -> None:
+    """Rank 0 writes a scoring job's gathered values (every rank holds them) for the task to read."""
+    if rank() == 0:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in scores.items()}
+        write_atomically(lambda tmp: save_file(tensors, str(tmp)), Path(spec["work_dir"]) / SCORES_FILE)
+
+
 def reference_logprobs(spec: dict, runtime: configs.RuntimeConfig, device: str, df: pd.DataFrame) -> torch.Tensor:
     """[B, T] log-probs of the responses under the reference, T as `collate` pads them."""
     lm, tokenizer = load_lm(spec["reference"], runtime, device, spec["trust_remote_code"])
@@ -136,9 +143,7 @@ def run_scoring(spec: dict) -> None:
               for i, path in enumerate(spec["reward_models"])}
     if spec["reference"]:
         scores["ref_logprobs"] = reference_logprobs(spec, runtime, device, df)
-    if rank() == 0:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in scores.items()}
-        write_atomically(lambda tmp: save_file(tensors, str(tmp)), Path(spec["work_dir"]) / SCORES_FILE)
+    write_scores(spec, scores)
 
 
 # algorithm -> (tokenized table -> batch, (model, batch, *, micro_batch_size) -> {name: [B]}, the names returned)
@@ -164,9 +169,7 @@ def run_sequence_logps(spec: dict) -> None:
 
     with torch.no_grad():
         gathered = map_rows_across_ranks(logps, batch)
-    if rank() == 0:
-        tensors = {name: gathered[:, i].detach().cpu().contiguous() for i, name in enumerate(names)}
-        write_atomically(lambda tmp: save_file(tensors, str(tmp)), Path(spec["work_dir"]) / SCORES_FILE)
+    write_scores(spec, {name: gathered[:, i] for i, name in enumerate(names)})
 
 
 def run_values(spec: dict) -> None:
@@ -185,10 +188,7 @@ def run_values(spec: dict) -> None:
 
     with torch.no_grad():
         gathered = map_rows_across_ranks(outputs, batch)
-    if rank() == 0:
-        tensors = {"old_logprobs": gathered[..., 0].cpu().contiguous(),
-                   "old_values": gathered[..., 1].cpu().contiguous()}
-        write_atomically(lambda tmp: save_file(tensors, str(tmp)), Path(spec["work_dir"]) / SCORES_FILE)
+    write_scores(spec, {"old_logprobs": gathered[..., 0], "old_values": gathered[..., 1]})
 
 
 JOBS = {"update": run_update, "score": run_scoring, "sequence_logps": run_sequence_logps, "values": run_values}

@@ -68,6 +68,11 @@ def run_torchrun(spec: dict, runtime: RuntimeConfig, read: Callable[[Path], T]) 
         return read(work_dir)
 
 
+def run_scoring_job(spec: dict, runtime: RuntimeConfig) -> dict[str, torch.Tensor]:
+    """A no-grad job of the worker (score, sequence_logps, values): the tensors rank 0 wrote."""
+    return run_torchrun(spec, runtime, lambda work_dir: load_file(str(work_dir / SCORES_FILE)))
+
+
 def distributed_update(algorithm: str, policy: CheckpointRef, batch: ArtifactRef, runtime: RuntimeConfig,
                        trust_remote_code: bool, update_args: dict, metrics_stage: str) -> UpdateResult:
     spec = {"job": "update", "algorithm": algorithm, "policy": policy.path, "batch": batch.path,
@@ -91,7 +96,7 @@ def distributed_scores(df: pd.DataFrame, reference: CheckpointRef | None, reward
                 "reward_models": [ref.path for ref in reward_models], "trust_remote_code": trust_remote_code,
                 "temperature": temperature, "micro_batch_size": micro_batch_size, "chunk_size": chunk_size,
                 "max_length": max_length}
-        return run_torchrun(spec, runtime, lambda work_dir: load_file(str(work_dir / SCORES_FILE)))
+        return run_scoring_job(spec, runtime)
 
 
 def raise_rank_error(work_dir: Path, done: subprocess.CompletedProcess) -> None:
@@ -115,7 +120,7 @@ def distributed_sequence_logps(algorithm: str, reference: CheckpointRef, table: 
     (`rlhf_core.distributed_worker.SEQUENCE_LOGPS`)."""
     spec = {"job": "sequence_logps", "algorithm": algorithm, "reference": reference.path, "batch": table.path,
             "trust_remote_code": trust_remote_code, "micro_batch_size": micro_batch_size}
-    return run_torchrun(spec, runtime, lambda work_dir: load_file(str(work_dir / SCORES_FILE)))
+    return run_scoring_job(spec, runtime)
 
 
 def distributed_values(policy: CheckpointRef, rollouts: ArtifactRef, runtime: RuntimeConfig, trust_remote_code: bool,
@@ -123,4 +128,4 @@ def distributed_values(policy: CheckpointRef, rollouts: ArtifactRef, runtime: Ru
     """PPO's value stage under torchrun: {"old_logprobs", "old_values"}: [B, T] aligned with `collate`."""
     spec = {"job": "values", "policy": policy.path, "batch": rollouts.path, "trust_remote_code": trust_remote_code,
             "temperature": temperature, "micro_batch_size": micro_batch_size, "chunk_size": chunk_size}
-    return run_torchrun(spec, runtime, lambda work_dir: load_file(str(work_dir / SCORES_FILE)))
+    return run_scoring_job(spec, runtime)
