@@ -4,8 +4,6 @@ The update-level comparisons, with tighter tolerances, are in test_distributed.p
 
 from __future__ import annotations
 
-import json
-
 import mlflow
 import pandas as pd
 import pytest
@@ -17,7 +15,6 @@ from rlhf_core.config import KLConfig, RuntimeConfig
 from rlhf_core.models import load_tokenizer, tiny_llama_config
 from tasks.refs import CheckpointRef
 from test_distributed import DPO_ATOL, max_difference, value_head, weights
-from test_flow_dpo import PLACES
 
 pytestmark = pytest.mark.slow
 # Adam divides by the root of the squared gradient, which amplifies float-order noise in elements with tiny
@@ -42,11 +39,6 @@ def with_one_and_two_processes(run_flow, make_config, strategy: str, tmp_path, m
         assert runs[processes].data.params["runtime.num_processes"] == str(processes)
         check_run(runs[processes])
     return finals, runs
-
-
-def write_jsonl(path, rows: list[dict]):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def test_grpo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir, tmp_path, monkeypatch):
@@ -95,33 +87,21 @@ def test_ppo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir
     assert float(value_head(finals[2])["weight"].abs().max()) > 1e-3
 
 
-def test_dpo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir, tmp_path, monkeypatch):
-    """FSDP; 9 training pairs in 3 mini-batches of 3 (uneven over 2 ranks); the same held-out accuracy."""
+@pytest.mark.parametrize("algorithm, strategy", [("dpo", "fsdp"), ("kto", "ddp")])
+def test_offline_flow_with_two_processes_matches_one(algorithm, strategy, prefect_harness, tiny_model_dir, tmp_path,
+                                                     monkeypatch):
+    """DPO on 9 training pairs (3 mini-batches of 3), KTO on 18 training examples (mini-batches of 4 or 3): uneven
+    over 2 ranks; the same trained policy and held-out accuracy as one process."""
+    import test_flow_dpo
+    import test_flow_kto
     from flows.dpo import dpo
-    from test_flow_dpo import small_config
-
-    pairs_file = write_jsonl(tmp_path / "pairs.jsonl", [
-        {"prompt": f"Review the {place}.", "chosen": f"The {place} {good}.", "rejected": f"The {place} {bad}."}
-        for good, bad in [("was wonderful", "was awful"), ("is excellent", "is terrible")] for place in PLACES])
-    finals, runs = with_one_and_two_processes(dpo, lambda runtime: small_config(
-        pairs_file, tiny_model_dir, runtime=runtime), "fsdp", tmp_path, monkeypatch)
-    assert max_difference(weights(finals[2]), weights(finals[1])) < DPO_ATOL
-    assert max_difference(weights(finals[1]), load_file(f"{tiny_model_dir}/model.safetensors")) > 1e-3
-    accuracies = [run.data.metrics["eval/rewards/accuracies"] for run in runs.values()]
-    assert accuracies[0] == accuracies[1]
-
-
-def test_kto_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir, tmp_path, monkeypatch):
-    """DDP; 18 training examples in mini-batches of 4 or 3 (uneven over 2 ranks); the same held-out metrics."""
     from flows.kto import kto
-    from test_flow_kto import small_config
 
-    examples_file = write_jsonl(tmp_path / "unpaired.jsonl", [
-        {"prompt": f"Review the {place}.", "completion": f"The {place} {text}.", "label": label}
-        for good, bad in [("was wonderful", "was awful"), ("is excellent", "is terrible")]
-        for place in PLACES for text, label in [(good, True), (bad, False)]])
-    finals, runs = with_one_and_two_processes(kto, lambda runtime: small_config(
-        examples_file, tiny_model_dir, runtime=runtime), "ddp", tmp_path, monkeypatch)
+    run_flow, module, data = {"dpo": (dpo, test_flow_dpo, test_flow_dpo.write_review_pairs(tmp_path / "pairs.jsonl")),
+                              "kto": (kto, test_flow_kto, test_flow_kto.write_review_examples(
+                                  tmp_path / "unpaired.jsonl"))}[algorithm]
+    finals, runs = with_one_and_two_processes(run_flow, lambda runtime: module.small_config(
+        data, tiny_model_dir, runtime=runtime), strategy, tmp_path, monkeypatch)
     assert max_difference(weights(finals[2]), weights(finals[1])) < DPO_ATOL
     assert max_difference(weights(finals[1]), load_file(f"{tiny_model_dir}/model.safetensors")) > 1e-3
     accuracies = [run.data.metrics["eval/rewards/accuracies"] for run in runs.values()]
@@ -132,15 +112,13 @@ def test_reward_model_flow_with_two_processes_matches_one(prefect_harness, tmp_p
     """The built-in MiniLM (a BERT encoder: FSDP shards its BertLayer blocks): the trained classifier and its
     held-out accuracy equal the one-process flow's."""
     from flows.reward_model import reward_model
-    from test_flow_reward_model import BAD, GOOD, small_config
+    from test_flow_reward_model import small_config, write_graded_pairs
 
-    pairs_file = write_jsonl(tmp_path / "pairs.jsonl", [
-        {"prompt": f"Review the {place}.", "chosen": f"The {place} {GOOD[i % 4]}.",
-         "rejected": f"The {place} {BAD[(i + 1) % 4]}."} for i in range(4) for place in PLACES])
+    pairs_file = write_graded_pairs(tmp_path / "pairs.jsonl")
     finals, runs = with_one_and_two_processes(reward_model, lambda runtime: small_config(
         pairs_file, runtime=runtime), "fsdp", tmp_path, monkeypatch)
-    # 6 Adam steps at lr 3e-4: one process with micro-batches of 4 instead of 16 differs from itself by 5.3e-5
-    # (measured); 2 processes differ from 1 by 3.0e-5
+    # 6 Adam steps at lr 3e-4: one process with micro-batches of 4 instead of 16 differs from itself by 3.2e-5
+    # (measured); 2 processes differ from 1 by 4.2e-5
     assert max_difference(weights(finals[2]), weights(finals[1])) < 1e-4
     accuracies = [run.data.metrics["reward_model/eval_accuracy"] for run in runs.values()]
     assert accuracies[0] == accuracies[1]

@@ -23,15 +23,18 @@ pytestmark = pytest.mark.slow
 PLACES = ["hotel", "diner", "museum", "phone", "novel", "theme park"]
 
 
-@pytest.fixture
-def pairs_file(tmp_path) -> Path:
+def write_review_pairs(path: Path) -> Path:
     """12 review pairs: the chosen response is the positive one."""
     rows = [{"prompt": f"Write a one-sentence review of the {place}.", "chosen": f"The {place} {good}.",
              "rejected": f"The {place} {bad}."}
             for good, bad in [("was wonderful", "was awful"), ("is excellent", "is terrible")] for place in PLACES]
-    path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> Path:
+    return write_review_pairs(tmp_path / "pairs.jsonl")
 
 
 def small_config(pairs_file, model_dir, **overrides) -> DPOConfig:

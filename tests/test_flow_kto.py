@@ -28,14 +28,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture
-def examples_file(tmp_path) -> Path:
+def write_review_examples(path: Path) -> Path:
     """24 unpaired review completions, 4 per prompt: the positive ones are desirable."""
     rows = [{"prompt": f"Write a one-sentence review of the {place}.", "completion": f"The {place} {text}.",
              "label": label}
             for good, bad in [("was wonderful", "was awful"), ("is excellent", "is terrible")]
             for place in PLACES for text, label in [(good, True), (bad, False)]]
-    return write_jsonl(tmp_path / "unpaired.jsonl", rows)
+    return write_jsonl(path, rows)
+
+
+@pytest.fixture
+def examples_file(tmp_path) -> Path:
+    return write_review_examples(tmp_path / "unpaired.jsonl")
 
 
 def small_config(examples_file, model_dir, **overrides) -> KTOConfig:

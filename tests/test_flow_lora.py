@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import test_flow_dpo
 import test_flow_kto
 from flow_helpers import mlflow_run_of
 from flows.dpo import dpo
@@ -38,7 +39,6 @@ from test_flow_reward_model import small_config as reward_model_config
 
 pytestmark = pytest.mark.slow
 examples_file = test_flow_kto.examples_file  # the KTO tests' fixture: 24 labelled review completions
-PLACES = ["hotel", "diner", "museum", "phone", "novel", "theme park"]
 
 
 def logprobs_of(model, df: pd.DataFrame, pad_id: int) -> list[list[float]]:
@@ -91,12 +91,7 @@ def test_grpo_lora_registers_adapter_only_checkpoints(prefect_harness, rlhf_home
 
 @pytest.fixture
 def pairs_file(tmp_path) -> Path:
-    rows = [{"prompt": f"Write a one-sentence review of the {place}.", "chosen": f"The {place} {good}.",
-             "rejected": f"The {place} {bad}."}
-            for good, bad in [("was wonderful", "was awful"), ("is excellent", "is terrible")] for place in PLACES]
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    return test_flow_dpo.write_review_pairs(tmp_path / "pairs.jsonl")
 
 
 def test_dpo_lora_registers_merged_checkpoints(prefect_harness, rlhf_home, pairs_file, tiny_model_dir):

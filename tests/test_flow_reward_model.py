@@ -28,14 +28,17 @@ BAD = ["was awful and dirty", "is terrible, the staff were rude", "was a boring 
        "is broken and disappointing"]
 
 
-@pytest.fixture
-def pairs_file(tmp_path) -> Path:
+def write_graded_pairs(path: Path) -> Path:
     """24 review pairs: the chosen response is the positive one."""
     rows = [{"prompt": f"Write a one-sentence review of the {place}.", "chosen": f"The {place} {GOOD[i % 4]}.",
              "rejected": f"The {place} {BAD[(i + 1) % 4]}."} for i in range(4) for place in PLACES]
-    path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> Path:
+    return write_graded_pairs(tmp_path / "pairs.jsonl")
 
 
 def small_config(pairs_file, **overrides) -> RewardModelConfig:
