@@ -242,7 +242,7 @@ def test_dataset_dict_asks_for_a_split(tmp_path):
     path = tmp_path / "dd"
     split = datasets.Dataset.from_dict({"prompt": ["a"]})
     datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(path))
-    with pytest.raises(DatasetError, match=rf"splits \['test', 'train'\]; pass one split's path, e.g. .*dd/train"):
+    with pytest.raises(DatasetError, match=r"splits \['test', 'train'\]; pass one split's path, e.g. .*dd/train"):
         load_table(path, {"prompt": str})
     pd.testing.assert_frame_equal(load_table(path / "train", {"prompt": str}), pd.DataFrame({"prompt": ["a"]}))
 

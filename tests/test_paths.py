@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from tasks.paths import PROJECT_ROOT, resolve_data_path
 

@@ -3,7 +3,6 @@ hand-computed examples of the per-module tests."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
