@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,19 +27,10 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3)
     args = parser.parse_args()
 
-    from rlhf_core.models import DEFAULT_MODEL, resolve_model_path
+    from bench.workloads import scratch_data_folder
 
-    # the converted SmolLM2 of this machine (importing `tasks` would bind Prefect to that data folder: not yet)
-    user_home = Path(os.environ.get("RLHF_HOME") or Path.home() / ".rlhf").expanduser()
-    tokenizer_dir = resolve_model_path(DEFAULT_MODEL, user_home / "models")
-    home = Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
-    os.environ["RLHF_HOME"] = str(home)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ.pop("PREFECT_API_URL", None)
-    try:
+    with scratch_data_folder("MLFLOW_TRACKING_URI", "PREFECT_API_URL") as (home, tokenizer_dir):
         print(json.dumps(measure_overhead(home, tokenizer_dir, args.iterations), indent=1))
-    finally:
-        shutil.rmtree(home, ignore_errors=True)  # a smol run's checkpoints and registry: several GB
 
 
 def measure_overhead(home: Path, tokenizer_dir: Path, iterations: int) -> dict:

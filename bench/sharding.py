@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,18 +23,10 @@ def main() -> None:
     parser.add_argument("--runners", default="thread,dask,ray")
     args = parser.parse_args()
 
-    from rlhf_core.models import DEFAULT_MODEL, resolve_model_path
+    from bench.workloads import scratch_data_folder
 
-    # the converted SmolLM2 of this machine (importing `tasks` would bind Prefect to that data folder: not yet)
-    user_home = Path(os.environ.get("RLHF_HOME") or Path.home() / ".rlhf").expanduser()
-    tokenizer_dir = resolve_model_path(DEFAULT_MODEL, user_home / "models")
-    home = Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
-    os.environ["RLHF_HOME"] = str(home)
-    os.environ.pop("PREFECT_API_URL", None)
-    try:
+    with scratch_data_folder("PREFECT_API_URL") as (home, tokenizer_dir):
         print(json.dumps(measure(home, tokenizer_dir, args.workload, args.runners.split(",")), indent=1))
-    finally:
-        shutil.rmtree(home, ignore_errors=True)  # the model folder: 0.5 GB for smol
 
 
 def variants(runners: list[str]) -> list[tuple[str, dict]]:

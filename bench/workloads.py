@@ -7,7 +7,12 @@ so every response has exactly `response_len` tokens.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
@@ -79,3 +84,23 @@ def train_flops(model: torch.nn.Module, config: LlamaConfig, rows: int, seq_len:
     """Forward + backward (the backward costs two forwards). Recomputation is not counted: this is the useful
     work, the numerator of model-FLOP utilisation."""
     return 3 * forward_flops(model, config, rows, seq_len, scored_len)
+
+
+@contextlib.contextmanager
+def scratch_data_folder(*unset: str):
+    """(fresh RLHF_HOME, this machine's converted SmolLM2 folder for its tokenizer) for a flow benchmark; the
+    folder (checkpoints, registry: GBs for smol) is deleted afterwards. `unset`: environment variables that would
+    point the run elsewhere (PREFECT_API_URL, MLFLOW_TRACKING_URI). Call before importing `tasks`, which binds
+    Prefect to the data folder."""
+    from rlhf_core.models import DEFAULT_MODEL, resolve_model_path
+
+    user_home = Path(os.environ.get("RLHF_HOME") or Path.home() / ".rlhf").expanduser()
+    tokenizer_dir = resolve_model_path(DEFAULT_MODEL, user_home / "models")
+    home = Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
+    os.environ["RLHF_HOME"] = str(home)
+    for name in unset:
+        os.environ.pop(name, None)
+    try:
+        yield home, tokenizer_dir
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
