@@ -64,8 +64,10 @@ def test_resume_with_optimizer_state_equals_continuous_training(continuous, one_
     train_step(model, optimizer, lm_batch(tokenizer))
     resumed = weights(model)
     assert resumed.keys() == continuous.keys()
+    # the same machine, the same kernels, the same order of operations: bit-exact is the claim (across machines it
+    # is not; see docs/tolerances.md)
     for name, value in continuous.items():
-        torch.testing.assert_close(resumed[name], value, rtol=0.0, atol=1e-7, msg=name)  # bit-exact on CPU in practice
+        assert torch.equal(resumed[name], value), f"{name}: max difference {(resumed[name] - value).abs().max()}"
 
 
 def test_resume_without_optimizer_state_differs(continuous, one_step_checkpoint):

@@ -14,31 +14,35 @@ from flow_helpers import mlflow_run_of
 from rlhf_core.config import KLConfig, RuntimeConfig
 from rlhf_core.models import load_tokenizer, tiny_llama_config
 from tasks.refs import CheckpointRef
-from test_distributed import DPO_ATOL, max_difference, value_head, weights
+from test_distributed import assert_checkpoint_matches, max_difference, value_head, weights
 
 pytestmark = pytest.mark.slow
-# Adam divides by the root of the squared gradient, which amplifies float-order noise in elements with tiny
-# gradients: one GRPO process with micro-batches of 1 instead of 3 differs from itself by 1.2e-5 after two steps.
-# Across two iterations the measured 2-process difference is 8e-5 against a 2e-3 update.
-FLOW_ATOL = 2e-4
+OTHER_SPLIT = "1 process, other micro-batches"  # the self-reference whose difference sets each bound
 
 
-def with_one_and_two_processes(run_flow, make_config, strategy: str, tmp_path, monkeypatch,
-                               check_run=lambda run: None) -> tuple[dict, dict]:
-    """Run a flow with runtime.num_processes 1 and 2, each in its own data folder (and MLflow store: `check_run`
-    reads a run while its store is the current one).
-    -> ({processes: final checkpoint}, {processes: the run's MLflow run})"""
+def with_one_and_two_processes(run_flow, make_config, micro_batch_sizes: tuple[int, int], strategy: str, tmp_path,
+                               monkeypatch, check_run=lambda run: None) -> tuple[dict, dict]:
+    """Run a flow with runtime.num_processes 1 and 2 (micro-batches of micro_batch_sizes[0]), and with 1 process
+    and micro-batches of micro_batch_sizes[1] as the reference's difference from itself; each in its own data
+    folder (and MLflow store: `check_run` reads a run while its store is the current one).
+    `make_config(runtime, micro_batch_size)` -> the flow's config.
+    -> ({1, 2, OTHER_SPLIT: final checkpoint}, {1, 2, OTHER_SPLIT: the run's MLflow run})"""
     finals, runs = {}, {}
-    for processes in (1, 2):
-        monkeypatch.setenv("RLHF_HOME", str(tmp_path / f"home-{processes}"))
+    for key, processes, micro_batch_size in [(1, 1, micro_batch_sizes[0]), (2, 2, micro_batch_sizes[0]),
+                                             (OTHER_SPLIT, 1, micro_batch_sizes[1])]:
+        monkeypatch.setenv("RLHF_HOME", str(tmp_path / f"home-{processes}-{micro_batch_size}"))
         runtime = RuntimeConfig(num_processes=processes, distributed=strategy, num_threads=1)
-        state = run_flow(make_config(runtime), return_state=True)
-        finals[processes] = CheckpointRef(path=state.result(), sha256="-")
-        runs[processes] = mlflow_run_of(state.state_details.flow_run_id)
-        assert runs[processes].info.status == "FINISHED"
-        assert runs[processes].data.params["runtime.num_processes"] == str(processes)
-        check_run(runs[processes])
+        state = run_flow(make_config(runtime, micro_batch_size), return_state=True)
+        finals[key] = CheckpointRef(path=state.result(), sha256="-")
+        runs[key] = mlflow_run_of(state.state_details.flow_run_id)
+        assert runs[key].info.status == "FINISHED"
+        assert runs[key].data.params["runtime.num_processes"] == str(processes)
+        check_run(runs[key])
     return finals, runs
+
+
+def assert_two_processes_match_one(finals: dict, start: CheckpointRef, what: str, head: bool = False) -> None:
+    assert_checkpoint_matches(finals[2], finals[1], finals[OTHER_SPLIT], start, what, head)
 
 
 def test_grpo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir, tmp_path, monkeypatch):
@@ -51,14 +55,15 @@ def test_grpo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_di
         history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "policy/grad_norm")
         assert [m.step for m in history] == [0, 1]
 
-    finals, _ = with_one_and_two_processes(grpo, lambda runtime: tiny_config(
-        tiny_model_dir, kl=KLConfig(coef=0.05), rewards=[{"function": "response_length"}], runtime=runtime),
-        "fsdp", tmp_path, monkeypatch, check_run=logged_both_iterations)
-    assert max_difference(weights(finals[2]), weights(finals[1])) < FLOW_ATOL
+    finals, _ = with_one_and_two_processes(grpo, lambda runtime, micro_batch_size: tiny_config(
+        tiny_model_dir, kl=KLConfig(coef=0.05), rewards=[{"function": "response_length"}], runtime=runtime,
+        optim={"lr": 1e-3, "micro_batch_size": micro_batch_size}), (4, 1), "fsdp", tmp_path, monkeypatch,
+        check_run=logged_both_iterations)
     assert max_difference(weights(finals[1]), load_file(f"{tiny_model_dir}/model.safetensors")) > 1e-3
+    assert_two_processes_match_one(finals, CheckpointRef(path=str(tiny_model_dir), sha256="-"), "GRPO flow")
     # iteration 0 sampled from the same start model: the same file, content-addressed; iteration 1's files differ
     # in the float sampling log-probs only
-    folders = [tmp_path / f"home-{n}" / "artifacts" / "rollouts" for n in (1, 2)]
+    folders = [tmp_path / f"home-{n}-4" / "artifacts" / "rollouts" for n in (1, 2)]
     names = [{p.name for p in folder.glob("*.parquet")} for folder in folders]
     (shared,) = names[0] & names[1]
     (one,), (two,) = names[0] - {shared}, names[1] - {shared}
@@ -80,10 +85,12 @@ def test_ppo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir
     AutoModelForSequenceClassification.from_config(tiny_llama_config(
         len(tokenizer), pad_token_id=tokenizer.pad_token_id, num_labels=1)).save_pretrained(reward_dir)
     tokenizer.save_pretrained(reward_dir)
-    finals, _ = with_one_and_two_processes(ppo, lambda runtime: tiny_ppo_config(
-        tiny_model_dir, reward_dir, runtime=runtime), "ddp", tmp_path, monkeypatch)
-    assert max_difference(weights(finals[2]), weights(finals[1])) < FLOW_ATOL
-    assert max_difference(value_head(finals[2]), value_head(finals[1])) < FLOW_ATOL
+    finals, _ = with_one_and_two_processes(ppo, lambda runtime, micro_batch_size: tiny_ppo_config(
+        tiny_model_dir, reward_dir, runtime=runtime, optim={"lr": 1e-3, "micro_batch_size": micro_batch_size,
+                                                            "epochs": 2, "mini_batches": 2}),
+        (3, 1), "ddp", tmp_path, monkeypatch)
+    assert_two_processes_match_one(finals, CheckpointRef(path=str(tiny_model_dir), sha256="-"), "PPO flow",
+                                   head=True)
     assert float(value_head(finals[2])["weight"].abs().max()) > 1e-3
 
 
@@ -100,25 +107,25 @@ def test_offline_flow_with_two_processes_matches_one(algorithm, strategy, prefec
     run_flow, module, data = {"dpo": (dpo, test_flow_dpo, test_flow_dpo.write_review_pairs(tmp_path / "pairs.jsonl")),
                               "kto": (kto, test_flow_kto, test_flow_kto.write_review_examples(
                                   tmp_path / "unpaired.jsonl"))}[algorithm]
-    finals, runs = with_one_and_two_processes(run_flow, lambda runtime: module.small_config(
-        data, tiny_model_dir, runtime=runtime), strategy, tmp_path, monkeypatch)
-    assert max_difference(weights(finals[2]), weights(finals[1])) < DPO_ATOL
+    finals, runs = with_one_and_two_processes(run_flow, lambda runtime, micro_batch_size: module.small_config(
+        data, tiny_model_dir, runtime=runtime, micro_batch_size=micro_batch_size), (2, 1), strategy, tmp_path,
+        monkeypatch)
     assert max_difference(weights(finals[1]), load_file(f"{tiny_model_dir}/model.safetensors")) > 1e-3
-    accuracies = [run.data.metrics["eval/rewards/accuracies"] for run in runs.values()]
-    assert accuracies[0] == accuracies[1]
+    assert_two_processes_match_one(finals, CheckpointRef(path=str(tiny_model_dir), sha256="-"),
+                                   f"{algorithm} flow")
+    assert runs[1].data.metrics["eval/rewards/accuracies"] == runs[2].data.metrics["eval/rewards/accuracies"]
 
 
 def test_reward_model_flow_with_two_processes_matches_one(prefect_harness, tmp_path, monkeypatch):
     """The built-in MiniLM (a BERT encoder: FSDP shards its BertLayer blocks): the trained classifier and its
     held-out accuracy equal the one-process flow's."""
     from flows.reward_model import reward_model
+    from rlhf_core.reward_model import minilm_path
     from test_flow_reward_model import small_config, write_graded_pairs
 
     pairs_file = write_graded_pairs(tmp_path / "pairs.jsonl")
-    finals, runs = with_one_and_two_processes(reward_model, lambda runtime: small_config(
-        pairs_file, runtime=runtime), "fsdp", tmp_path, monkeypatch)
-    # 6 Adam steps at lr 3e-4: one process with micro-batches of 4 instead of 16 differs from itself by 3.2e-5
-    # (measured); 2 processes differ from 1 by 4.2e-5
-    assert max_difference(weights(finals[2]), weights(finals[1])) < 1e-4
-    accuracies = [run.data.metrics["reward_model/eval_accuracy"] for run in runs.values()]
-    assert accuracies[0] == accuracies[1]
+    finals, runs = with_one_and_two_processes(reward_model, lambda runtime, micro_batch_size: small_config(
+        pairs_file, runtime=runtime, micro_batch_size=micro_batch_size), (16, 4), "fsdp", tmp_path, monkeypatch)
+    backbone = CheckpointRef(path=str(minilm_path()), sha256="-")
+    assert_two_processes_match_one(finals, backbone, "reward-model flow")
+    assert runs[1].data.metrics["reward_model/eval_accuracy"] == runs[2].data.metrics["reward_model/eval_accuracy"]
