@@ -20,6 +20,11 @@ pytestmark = pytest.mark.slow
 OTHER_SPLIT = "1 process, other micro-batches"  # the self-reference whose difference sets each bound
 
 
+def data_folder(tmp_path, processes: int, micro_batch_size: int):
+    """The data folder (RLHF_HOME) of one run of `with_one_and_two_processes`."""
+    return tmp_path / f"home-{processes}-{micro_batch_size}"
+
+
 def with_one_and_two_processes(run_flow, make_config, micro_batch_sizes: tuple[int, int], strategy: str, tmp_path,
                                monkeypatch, check_run=lambda run: None) -> tuple[dict, dict]:
     """Run a flow with runtime.num_processes 1 and 2 (micro-batches of micro_batch_sizes[0]), and with 1 process
@@ -30,7 +35,7 @@ def with_one_and_two_processes(run_flow, make_config, micro_batch_sizes: tuple[i
     finals, runs = {}, {}
     for key, processes, micro_batch_size in [(1, 1, micro_batch_sizes[0]), (2, 2, micro_batch_sizes[0]),
                                              (OTHER_SPLIT, 1, micro_batch_sizes[1])]:
-        monkeypatch.setenv("RLHF_HOME", str(tmp_path / f"home-{processes}-{micro_batch_size}"))
+        monkeypatch.setenv("RLHF_HOME", str(data_folder(tmp_path, processes, micro_batch_size)))
         runtime = RuntimeConfig(num_processes=processes, distributed=strategy, num_threads=1)
         state = run_flow(make_config(runtime, micro_batch_size), return_state=True)
         finals[key] = CheckpointRef(path=state.result(), sha256="-")
@@ -63,7 +68,7 @@ def test_grpo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_di
     assert_two_processes_match_one(finals, CheckpointRef(path=str(tiny_model_dir), sha256="-"), "GRPO flow")
     # iteration 0 sampled from the same start model: the same file, content-addressed; iteration 1's files differ
     # in the float sampling log-probs only
-    folders = [tmp_path / f"home-{n}-4" / "artifacts" / "rollouts" for n in (1, 2)]
+    folders = [data_folder(tmp_path, n, micro_batch_size=4) / "artifacts" / "rollouts" for n in (1, 2)]
     names = [{p.name for p in folder.glob("*.parquet")} for folder in folders]
     (shared,) = names[0] & names[1]
     (one,), (two,) = names[0] - {shared}, names[1] - {shared}

@@ -165,6 +165,7 @@ def test_sampling_logprobs_match_recomputed_logprobs(tiny_model, prompts):
     batch = collate(rollouts.prompt_ids, rollouts.response_ids, tokenizer.pad_token_id,
                     per_token={"sampling_logprobs": rollouts.sampling_logprobs})
     assert not batch["response_mask"].all()  # ragged responses
+
     def recomputed(prompt_ids, response_ids) -> torch.Tensor:
         rows = collate(prompt_ids, response_ids, tokenizer.pad_token_id)
         logprobs, _ = response_logprobs(model, rows["prompt_ids"], rows["prompt_mask"], rows["response_ids"],
