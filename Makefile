@@ -3,7 +3,7 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: setup demo test reliability-report
+.PHONY: setup demo test lint reliability-report
 
 setup:
 	@bash scripts/setup_env.sh $(VENV)
@@ -13,6 +13,10 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m pytest -q
+
+# ruff's configuration is in pyproject.toml ([tool.ruff]); CI runs this before the tests.
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # The reliability tests (faults injected, bad inputs, services failing, concurrency, security defaults) write what
 # they verified to build/reliability.md; the table in README.md is replaced by it.

@@ -14,8 +14,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from bench.peak import synchronize
-from bench.workloads import (PAD_ID, Workload, causal_lm, forward_flops, llama_config, sequence_classifier,
-                             token_rows, train_flops)
+from bench.workloads import (PAD_ID, Workload, causal_lm, forward_flops, llama_config, sequence_classifier, token_rows,
+                             train_flops)
 from rlhf_core import dpo, kto
 from rlhf_core.advantages import OUTCOME_ADVANTAGES
 from rlhf_core.batch import collate

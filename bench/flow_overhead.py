@@ -35,14 +35,14 @@ def main() -> None:
 
 def measure_overhead(home: Path, tokenizer_dir: Path, iterations: int) -> dict:
     import mlflow
+    from transformers import LlamaForCausalLM
 
     from bench.algorithms import measure
     from bench.workloads import WORKLOADS, llama_config
     from flows.grpo import grpo
-    from rlhf_core.models import load_tokenizer
     from rlhf_core.config import GenerationConfig, GRPOConfig, KLConfig, ModelConfig, OptimConfig, TrackingConfig
+    from rlhf_core.models import load_tokenizer
     from tasks.paths import use_tracking_uri
-    from transformers import LlamaForCausalLM
 
     workload = WORKLOADS["smol"]
     tokenizer, _ = load_tokenizer(tokenizer_dir)

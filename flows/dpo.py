@@ -14,14 +14,16 @@ import pandas as pd
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.online import data_fingerprints
+from flows.inputs import data_fingerprints
 from flows.tracking import StageClock, log_offline_epoch, mlflow_run
 from rlhf_core.config import DPOConfig
+from rlhf_core.config.training import DPOUpdateArgs, TrainingSetup
+from rlhf_core.preference_losses import PREFERENCE_LOSSES
+from tasks.data import load_preference_dataset
 from tasks.dpo import compute_reference_logprobs, evaluate_dpo, tokenize_pairs, train_dpo_epoch
 from tasks.models import resolve_start_model
-from tasks.reward_model import load_preference_dataset
 from tasks.runtime import reference_checkpoint
-from tasks.update import prune_checkpoints
+from tasks.train import prune_checkpoints
 
 
 @flow(name="dpo", log_prints=True)
@@ -31,9 +33,10 @@ def dpo(config: DPOConfig = DPOConfig()) -> str:
     pairs = load_preference_dataset(data, data_fingerprints(data.path, data.eval_path), config.seed)
     policy = resolve_start_model(config.model)  # checked before any work: the data is valid, the model loads
     trust, runtime = config.model.trust_remote_code, config.runtime
+    setup = TrainingSetup.of(config.model, runtime)
     train_pairs, eval_pairs = (tokenize_pairs(policy, split, config.max_length, config.max_prompt_length)
                                for split in (pairs.train, pairs.eval))
-    if config.loss_type != "simpo":  # the reference is the starting policy, frozen
+    if PREFERENCE_LOSSES[config.loss_type].needs_reference:  # the reference is the starting policy, frozen
         reference = reference_checkpoint(policy, policy, config.model.lora)
         train_pairs = compute_reference_logprobs(reference, train_pairs, config.micro_batch_size, runtime, trust)
         eval_pairs = compute_reference_logprobs(reference, eval_pairs, config.micro_batch_size, runtime, trust)
@@ -43,10 +46,7 @@ def dpo(config: DPOConfig = DPOConfig()) -> str:
         for epoch in range(config.epochs):
             clock = StageClock()
             with clock("train"):
-                update = train_dpo_epoch(policy, train_pairs, epoch, config.loss_type, config.beta,
-                                         config.label_smoothing, config.simpo_gamma, config.rpo_alpha,
-                                         config.batch_size, config.micro_batch_size, config.lr,
-                                         config.max_grad_norm, config.seed, runtime, trust, config.model.lora)
+                update = train_dpo_epoch(policy, train_pairs, DPOUpdateArgs.from_config(config, epoch), setup)
             with clock("eval"):
                 scores = evaluate_dpo(update.checkpoint, eval_pairs, config.loss_type, config.beta,
                                       config.micro_batch_size, runtime, trust)

@@ -19,9 +19,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows.evaluation_report import evaluation_markdown, log_evaluation, move_champion
-from flows.online import resolve_prompts, resolve_rewards
+from flows.inputs import resolve_prompts, resolve_rewards
 from flows.tracking import mlflow_run
 from rlhf_core.config import EvaluationConfig
+from rlhf_core.config.training import LogprobPass
 from rlhf_core.evaluation import promotion_decision
 from rlhf_core.models import REGISTRY_PREFIX
 from tasks.data import sample_prompts
@@ -54,9 +55,11 @@ def evaluate(config: EvaluationConfig = EvaluationConfig()) -> dict:
     models = {"candidate": config.candidate, "baseline": baseline_uri}
     refs = {side: resolve_model(uri) for side, uri in models.items()}
     reference = resolve_model(config.reference)
-    reward_fingerprints, reward_models = resolve_rewards(config.rewards)
+    rewards = resolve_rewards(config.rewards, config.data.extra_columns)
     dataset = resolve_prompts(config.data)
-    temperature, trust = config.generation.temperature, config.trust_remote_code
+    trust = config.trust_remote_code
+    logprobs = LogprobPass(temperature=config.generation.temperature, micro_batch_size=config.micro_batch_size,
+                           chunk_size=1024)
 
     with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker:
         prompts = sample_prompts(dataset, min(config.num_prompts or dataset.rows, dataset.rows), 0, config.seed)
@@ -64,9 +67,7 @@ def evaluate(config: EvaluationConfig = EvaluationConfig()) -> dict:
         for side, model in refs.items():
             rollouts = generate_rollouts(model, prompts, config.generation, config.runtime, config.data.system_prompt,
                                          config.seed, 0, trust)
-            scored[side] = score_rollouts(rollouts, config.rewards, reward_fingerprints, reward_models,
-                                          config.data.extra_columns, reference, config.runtime, temperature,
-                                          config.micro_batch_size, 1024, trust)
+            scored[side] = score_rollouts(rollouts, rewards, reference, logprobs, config.runtime, trust)
         comparison = compare_models(scored["candidate"], scored["baseline"])
         pairs = comparison.read()
         summary = summarize_pairs(pairs)

@@ -11,25 +11,27 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.online import resolve_online_inputs, resolve_run_seed
+from flows.inputs import resolve_online_inputs, resolve_run_seed
 from flows.tracking import StageClock, log_online_iteration, mlflow_run
 from rlhf_core.config import GRPOConfig
+from rlhf_core.config.training import GRPOUpdateArgs, LogprobPass, TrainingSetup
 from tasks.advantages import compute_advantages
 from tasks.data import sample_prompts
+from tasks.grpo import update_policy
 from tasks.runtime import reference_checkpoint
 from tasks.sharded_stages import generation_stage, scoring_stage
 from tasks.sharding import shard_runner
-from tasks.update import prune_checkpoints, update_policy
+from tasks.train import prune_checkpoints
 
 
 @flow(name="grpo", log_prints=True)
 def grpo(config: GRPOConfig = GRPOConfig()) -> str:
     """Train a policy with GRPO; returns the final checkpoint's folder."""
     config = resolve_run_seed(config, flow_run.scheduled_start_time)
-    reward_fingerprints, reward_models, dataset, policy = resolve_online_inputs(config)
+    rewards, dataset, policy = resolve_online_inputs(config)
     reference = policy if config.kl.coef > 0 else None  # beta = 0: no reference model at all
-    temperature = config.generation.temperature or 1.0
     trust = config.model.trust_remote_code
+    setup, logprobs = TrainingSetup.of(config.model, config.runtime), LogprobPass.from_config(config)
     checkpoints = []
 
     with (mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker,
@@ -42,18 +44,13 @@ def grpo(config: GRPOConfig = GRPOConfig()) -> str:
                 rollouts = generation_stage(policy, prompts, config.generation, config.runtime,
                                             config.data.system_prompt, config.seed, iteration, trust, shards)
             with clock("scoring"):
-                scored = scoring_stage(rollouts, config.rewards, reward_fingerprints, reward_models,
-                                       config.data.extra_columns,
+                scored = scoring_stage(rollouts, rewards,
                                        reference and reference_checkpoint(reference, policy, config.model.lora),
-                                       config.runtime, temperature,
-                                       config.optim.micro_batch_size, config.optim.logprob_chunk_size, trust,
-                                       shards)
+                                       logprobs, config.runtime, trust, shards)
             with clock("advantages"):
                 batch = compute_advantages(scored, config.advantage.estimator)
             with clock("update"):
-                update = update_policy(policy, batch, config.loss, config.kl, config.optim, config.runtime,
-                                       temperature, config.generation.max_new_tokens, config.seed + iteration, trust,
-                                       config.model.lora)
+                update = update_policy(policy, batch, GRPOUpdateArgs.from_config(config, iteration), setup)
             policy = update.checkpoint
             log_online_iteration(tracker, iteration, {"prompts": prompts, "rollouts": rollouts, "scored": scored,
                                                        "advantages": batch}, update, clock,

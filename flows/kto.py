@@ -15,15 +15,16 @@ import torch
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.online import data_fingerprints
+from flows.inputs import data_fingerprints
 from flows.tracking import StageClock, log_offline_epoch, mlflow_run
 from rlhf_core.config import KTOConfig
+from rlhf_core.config.training import KTOUpdateArgs, TrainingSetup
 from rlhf_core.kto import held_out_metrics
-from tasks.kto import (compute_kto_reference_logprobs, evaluate_kto, load_unpaired_dataset, tokenize_unpaired,
-                       train_kto_epoch)
+from tasks.data import load_unpaired_dataset
+from tasks.kto import compute_kto_reference_logprobs, evaluate_kto, tokenize_unpaired, train_kto_epoch
 from tasks.models import resolve_start_model
 from tasks.runtime import reference_checkpoint
-from tasks.update import prune_checkpoints
+from tasks.train import prune_checkpoints
 
 
 @flow(name="kto", log_prints=True)
@@ -33,6 +34,7 @@ def kto(config: KTOConfig = KTOConfig()) -> str:
     examples = load_unpaired_dataset(data, data_fingerprints(data.path, data.eval_path), config.seed)
     policy = resolve_start_model(config.model)  # checked before any work: the data is valid, the model loads
     trust, runtime = config.model.trust_remote_code, config.runtime
+    setup = TrainingSetup.of(config.model, runtime)
     tokens = [tokenize_unpaired(policy, split, config.max_length, config.max_prompt_length, config.seed)
               for split in (examples.train, examples.eval)]  # also fixes each row's mismatched completion
     reference = reference_checkpoint(policy, policy, config.model.lora)  # the starting policy, frozen
@@ -44,10 +46,7 @@ def kto(config: KTOConfig = KTOConfig()) -> str:
         for epoch in range(config.epochs):
             clock = StageClock()
             with clock("train"):
-                update = train_kto_epoch(policy, train_examples, epoch, config.beta, config.desirable_weight,
-                                         config.undesirable_weight, config.batch_size, config.micro_batch_size,
-                                         config.lr, config.max_grad_norm, config.seed, runtime, trust,
-                                         config.model.lora)
+                update = train_kto_epoch(policy, train_examples, KTOUpdateArgs.from_config(config, epoch), setup)
             with clock("eval"):
                 scores = evaluate_kto(update.checkpoint, eval_examples, config.beta, config.micro_batch_size,
                                       runtime, trust)

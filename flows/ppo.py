@@ -11,9 +11,10 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.online import resolve_online_inputs, resolve_run_seed
+from flows.inputs import resolve_online_inputs, resolve_run_seed
 from flows.tracking import StageClock, log_online_iteration, mlflow_run
 from rlhf_core.config import PPOConfig
+from rlhf_core.config.training import LogprobPass, PPOUpdateArgs, TrainingSetup
 from rlhf_core.kl_control import make_kl_controller
 from rlhf_core.metrics import ppo_metrics
 from tasks.data import sample_prompts
@@ -21,19 +22,19 @@ from tasks.ppo import compute_gae, compute_values, update_actor_critic
 from tasks.runtime import reference_checkpoint
 from tasks.sharded_stages import generation_stage, scoring_stage
 from tasks.sharding import shard_runner
-from tasks.update import prune_checkpoints
+from tasks.train import prune_checkpoints
 
 
 @flow(name="ppo", log_prints=True)
 def ppo(config: PPOConfig = PPOConfig()) -> str:
     """Train a policy with PPO against reward models and/or functions; returns the final checkpoint's folder."""
     config = resolve_run_seed(config, flow_run.scheduled_start_time)
-    reward_fingerprints, reward_models, dataset, policy = resolve_online_inputs(config)
+    rewards, dataset, policy = resolve_online_inputs(config)
     reference = policy  # the frozen initial policy
     kl_controller = make_kl_controller("adaptive" if config.kl.target else "fixed", config.kl.coef,
                                        config.kl.target, config.kl.horizon)
-    temperature = config.generation.temperature or 1.0
-    runtime, optim, trust = config.runtime, config.optim, config.model.trust_remote_code
+    runtime, trust = config.runtime, config.model.trust_remote_code
+    setup, logprobs = TrainingSetup.of(config.model, runtime), LogprobPass.from_config(config)
     checkpoints = []
 
     with (mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker,
@@ -46,19 +47,14 @@ def ppo(config: PPOConfig = PPOConfig()) -> str:
                 rollouts = generation_stage(policy, prompts, config.generation, runtime, config.data.system_prompt,
                                             config.seed, iteration, trust, shards)
             with clock("values"):
-                valued = compute_values(policy, rollouts, runtime, config.value.critic, temperature,
-                                        optim.micro_batch_size, optim.logprob_chunk_size, trust)
+                valued = compute_values(policy, rollouts, config.value.critic, logprobs, runtime, trust)
             with clock("scoring"):
-                scored = scoring_stage(valued, config.rewards, reward_fingerprints, reward_models,
-                                       config.data.extra_columns,
-                                       reference_checkpoint(reference, policy, config.model.lora), runtime,
-                                       temperature, optim.micro_batch_size, optim.logprob_chunk_size, trust, shards)
+                scored = scoring_stage(valued, rewards, reference_checkpoint(reference, policy, config.model.lora),
+                                       logprobs, runtime, trust, shards)
             with clock("advantages"):
                 batch = compute_gae(scored, kl_controller.value, config.kl.estimator, config.gae, config.scores)
             with clock("update"):
-                update = update_actor_critic(policy, batch, config.loss, config.value, optim, runtime, temperature,
-                                             config.generation.max_new_tokens, config.seed + iteration, trust,
-                                             config.model.lora)
+                update = update_actor_critic(policy, batch, PPOUpdateArgs.from_config(config, iteration), setup)
             policy = update.checkpoint
             table = batch.read()
             stats = ppo_metrics(table["score"].to_numpy(), table["kl_sum"].to_numpy(),

@@ -17,14 +17,14 @@ import time
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.online import resolve_prompts, resolve_rewards
+from flows.inputs import resolve_prompts, resolve_rewards
 from flows.tracking import StageClock, Tracker, mlflow_run
 from rlhf_core.config import PreferenceDatasetConfig, TrackingConfig
 from rlhf_core.preference_data import preference_metrics
 from tasks.data import sample_prompts
 from tasks.models import resolve_start_model
-from tasks.preference_data import (PreferenceRefs, build_preference_data, export_preference_data,
-                                   judge_by_human, judge_with_rewards)
+from tasks.preference_data import (PreferenceRefs, build_preference_data, export_preference_data, judge_by_human,
+                                   judge_with_rewards)
 from tasks.refs import ArtifactRef
 from tasks.rollouts import generate_rollouts
 
@@ -33,7 +33,7 @@ from tasks.rollouts import generate_rollouts
 def preference_data(config: PreferenceDatasetConfig = PreferenceDatasetConfig()) -> str:
     """Sample, judge and pair responses; returns the folder holding pairs.parquet and unpaired.parquet."""
     judge = config.judge
-    reward_fingerprints, reward_models = resolve_rewards(judge.rewards) if judge.kind == "reward" else ([], [])
+    sources = resolve_rewards(judge.rewards, config.data.extra_columns) if judge.kind == "reward" else None
     dataset = resolve_prompts(config.data)
     policy = resolve_start_model(config.model)
     if config.num_prompts is not None and config.num_prompts > dataset.rows:  # a second epoch would repeat prompts
@@ -51,8 +51,7 @@ def preference_data(config: PreferenceDatasetConfig = PreferenceDatasetConfig())
             if judge.kind == "human":
                 judged = judge_by_human(rollouts, judge.human_batch_size, judge.human_timeout_s, judge.poll_interval_s)
             else:  # reward models score in batches of generation.batch_size texts
-                judged = judge_with_rewards(rollouts, judge.rewards, reward_fingerprints, reward_models,
-                                            config.data.extra_columns, config.runtime, config.generation.batch_size)
+                judged = judge_with_rewards(rollouts, sources, config.runtime, config.generation.batch_size)
         with clock("pairing"):
             data = build_preference_data(judged, config.pairing, config.min_gap, judge.name)
         folder = export_preference_data(data, config.output_dir)

@@ -14,14 +14,15 @@ import torch
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.online import data_fingerprints
+from flows.inputs import data_fingerprints
 from flows.tracking import StageClock, Tracker, log_epoch_outputs, mlflow_run
 from rlhf_core.config import RewardModelConfig, TrackingConfig
+from rlhf_core.config.training import RewardModelUpdateArgs, TrainingSetup
 from rlhf_core.reward_model import bradley_terry_loss
+from tasks.data import load_preference_dataset
 from tasks.refs import ArtifactRef, UpdateResult
-from tasks.reward_model import (evaluate_reward_model, load_preference_dataset, resolve_reward_backbone,
-                                train_reward_model_epoch)
-from tasks.update import prune_checkpoints
+from tasks.reward_model import evaluate_reward_model, resolve_reward_backbone, train_reward_model_epoch
+from tasks.train import prune_checkpoints
 
 
 @flow(name="reward-model", log_prints=True)
@@ -31,16 +32,15 @@ def reward_model(config: RewardModelConfig = RewardModelConfig()) -> str:
     pairs = load_preference_dataset(data, data_fingerprints(data.path, data.eval_path), config.seed)
     model = resolve_reward_backbone(config.model)  # checked before any work: the dataset is valid, the model loads
     trust = config.trust_remote_code
+    setup = TrainingSetup(runtime=config.runtime, trust_remote_code=trust, lora=config.lora)
     checkpoints = []
 
     with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker:
         for epoch in range(config.epochs):
             clock = StageClock()
             with clock("train"):
-                update = train_reward_model_epoch(model, pairs.train, epoch, config.batch_size,
-                                                  config.micro_batch_size, config.lr,
-                                                  config.max_length, config.center_coef, config.max_grad_norm,
-                                                  config.seed, config.runtime, trust, config.lora)
+                update = train_reward_model_epoch(model, pairs.train, RewardModelUpdateArgs.from_config(config, epoch),
+                                                  setup)
             with clock("eval"):
                 scores = evaluate_reward_model(update.checkpoint, pairs.eval, config.batch_size, config.max_length,
                                                config.runtime, trust)

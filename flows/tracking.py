@@ -29,6 +29,7 @@ from rlhf_core.io import copy_file
 from rlhf_core.metrics import rollout_metrics
 from tasks.paths import rlhf_home, tracking_uri, use_tracking_uri
 
+
 class StageClock(dict):
     """Wall seconds per stage of one iteration: `with clock("generation"): ...`."""
 
@@ -235,7 +236,7 @@ def log_online_iteration(tracker: Tracker, iteration: int, stage_refs: dict, upd
     batch = stage_refs["advantages"].read()
     folder = f"iter_{iteration:03d}"
     if log_rollouts:
-        tracker.log_files({f"{stage}.parquet": ref.path for stage, ref in stage_refs.items()}
+        tracker.log_files({f"{stage}.parquet": table.path for stage, table in stage_refs.items()}
                           | {"update_metrics.parquet": update.metrics.path}, f"data/{folder}")
     sample_columns = ["group_id", "prompt", "response", "rewards", "advantages"]
     tracker.log_table(batch[sample_columns].head(16), f"samples/{folder}.json")

@@ -15,6 +15,11 @@ from torch import Tensor
 from rlhf_core.generation import pad_sequences
 
 
+def ceil_div(numerator: int, denominator: int) -> int:
+    """The smallest integer >= numerator / denominator (batches, shares, passes: a partial one counts)."""
+    return -(-numerator // denominator)
+
+
 def collate(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int,
             per_token: dict[str, Sequence[Sequence[float]]] | None = None,
             per_seq: dict[str, Sequence[float]] | None = None, device="cpu") -> dict[str, Tensor]:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from rlhf_core.batch import ceil_div
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -69,7 +70,7 @@ def map_rows_across_ranks(fn: Callable[[dict[str, Tensor]], Tensor], batch: dict
     num_rows = batch["response_mask"].shape[0]
     if world_size() == 1:
         return fn(batch)
-    padded = -(-num_rows // world_size()) * world_size()
+    padded = ceil_div(num_rows, world_size()) * world_size()
     index = torch.arange(padded, device=batch["response_mask"].device).clamp(max=num_rows - 1)
     local = fn({k: v[rank_share(index)] for k, v in batch.items()}).contiguous()  # [padded / W, ...]
     pieces = [torch.empty_like(local) for _ in range(world_size())]
@@ -134,16 +135,16 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """(weights, optimizer state) of the whole model, as one process would hold them: the wrapped module's weight
-    names (a tied alias once), optimizer state keyed by parameter index (rlhf_core.checkpoint's format). A collective call under FSDP
-    (every rank must make it, only rank 0 gets the tensors); the tensors are on the CPU."""
+    names (a tied alias once), optimizer state keyed by parameter index (rlhf_core.checkpoint's format). A
+    collective call under FSDP (every rank must make it, only rank 0 gets the tensors); the tensors are on the
+    CPU."""
     from rlhf_core.checkpoint import optimizer_tensors
 
     if not is_sharded(model):
         weights = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()
                    if k not in tied_aliases(unwrap(model))}
         return weights, optimizer_tensors(optimizer)
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options)

@@ -23,10 +23,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from rlhf_core.batch import collate, select_rows
+from rlhf_core.batch import ceil_div, collate, select_rows
 from rlhf_core.generation import chat_prompt_ids
 from rlhf_core.logprobs import response_logprobs
-from rlhf_core.preference_losses import PREFERENCE_LOSSES, implicit_rewards, rpo_nll
+from rlhf_core.preference_losses import PREFERENCE_LOSSES, implicit_rewards, pair_comparison, rpo_nll
 from rlhf_core.update import Normalizers, run_update
 
 
@@ -44,8 +44,8 @@ def tokenize_pairs(tokenizer, prompts: Sequence[str], chosen: Sequence[str], rej
 
 
 def collate_pairs(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Sequence[int]],
-                  rejected_ids: Sequence[Sequence[int]], pad_id: int, per_pair: dict[str, Sequence[float]] | None = None,
-                  device="cpu") -> dict[str, Tensor]:
+                  rejected_ids: Sequence[Sequence[int]], pad_id: int,
+                  per_pair: dict[str, Sequence[float]] | None = None, device="cpu") -> dict[str, Tensor]:
     """A pair batch (module docstring): collated as 2P rows [chosen; rejected] so both share one width T,
     then folded back to one row per pair. per_pair values are [P] floats (e.g. ref_chosen_logps)."""
     num_pairs = len(prompt_ids)
@@ -85,9 +85,9 @@ def batched_pair_logprobs(model, batch: dict[str, Tensor], *, micro_batch_size: 
 
 
 def preference_logps(logps: dict[str, Tensor], loss_type: str) -> tuple[Tensor, Tensor]:
-    """(chosen, rejected) [P] as the loss sees them: summed log-probs, or for simpo the average per token
-    (Meng et al. 2024 eq. 6)."""
-    if loss_type == "simpo":
+    """(chosen, rejected) [P] as the loss sees them: summed log-probs, or the average per token for a
+    length-normalised loss (SimPO, Meng et al. 2024 eq. 6)."""
+    if PREFERENCE_LOSSES[loss_type].length_normalized:
         return logps["chosen_logps"] / logps["chosen_lengths"], logps["rejected_logps"] / logps["rejected_lengths"]
     return logps["chosen_logps"], logps["rejected_logps"]
 
@@ -96,23 +96,26 @@ def reward_metrics(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logp
                    ref_rejected_logps: Tensor, beta: float) -> dict[str, Tensor]:
     """Per-pair implicit rewards beta * (logp - ref_logp) and their summaries, detached: each [P].
     A tie (policy == reference) counts as not accurate."""
-    chosen = implicit_rewards(chosen_logps.detach(), ref_chosen_logps, beta)
-    rejected = implicit_rewards(rejected_logps.detach(), ref_rejected_logps, beta)
-    return {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
-            "rewards/accuracies": (chosen > rejected).float()}
+    pairs = pair_comparison(implicit_rewards(chosen_logps.detach(), ref_chosen_logps, beta),
+                            implicit_rewards(rejected_logps.detach(), ref_rejected_logps, beta))
+    return {f"rewards/{name}": pairs[key] for name, key in
+            [("chosen", "chosen"), ("rejected", "rejected"), ("margins", "margin"), ("accuracies", "accuracy")]}
 
 
 def dpo_loss(model, batch: dict[str, Tensor], norm: Normalizers, *, loss_type: str, beta: float,
              label_smoothing: float, simpo_gamma: float, rpo_alpha: float | None,
              chunk_size: int = 1024) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss of one micro-batch of pairs, divided by the mini-batch's global pair count so micro-batches add up.
-    batch: a pair batch with ref_chosen_logps, ref_rejected_logps [P] (absent for simpo: zeros)."""
+    batch: a pair batch with ref_chosen_logps, ref_rejected_logps [P] (absent for a reference-free loss: zeros).
+    The loss gets the options it declares (`PreferenceLoss.options`)."""
     logps = pair_logprobs(model, batch, chunk_size=chunk_size)
     zeros = torch.zeros_like(logps["chosen_logps"])
     ref_chosen, ref_rejected = batch.get("ref_chosen_logps", zeros), batch.get("ref_rejected_logps", zeros)
     chosen, rejected = preference_logps(logps, loss_type)
-    losses = PREFERENCE_LOSSES[loss_type](chosen, rejected, ref_chosen, ref_rejected, beta=beta,
-                                          label_smoothing=label_smoothing, simpo_gamma=simpo_gamma)  # [P]
+    entry = PREFERENCE_LOSSES[loss_type]
+    given = {"label_smoothing": label_smoothing, "simpo_gamma": simpo_gamma}
+    losses = entry.loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta,
+                        **{name: given[name] for name in entry.options})  # [P]
     total = losses
     if rpo_alpha:  # RPO: NLL of the chosen response per token, on top of the preference loss
         total = total + rpo_alpha * rpo_nll(logps["chosen_logps"], logps["chosen_lengths"])
@@ -132,7 +135,7 @@ def dpo_update(model, optimizer, batch: dict[str, Tensor], *, batch_size: int, m
     def loss_fn(m, micro, norm):
         return dpo_loss(m, micro, norm, **loss_kwargs)
 
-    return run_update(model, optimizer, batch, loss_fn, epochs=1, mini_batches=-(-num_pairs // batch_size),
+    return run_update(model, optimizer, batch, loss_fn, epochs=1, mini_batches=ceil_div(num_pairs, batch_size),
                       micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, seed=seed, on_step=on_step)
 
 

@@ -16,7 +16,7 @@ from rlhf_core.batch import collate
 from rlhf_core.distributed import map_rows_across_ranks
 from rlhf_core.kl import KL_ESTIMATORS
 from rlhf_core.logprobs import batched_response_logprobs, response_logprobs
-from rlhf_core.policy_losses import POLICY_LOSSES, aggregate
+from rlhf_core.policy_losses import POLICY_LOSSES, aggregate, masked_mean, policy_metrics
 from rlhf_core.update import Normalizers, run_update
 
 
@@ -38,23 +38,18 @@ def grpo_loss(model, batch: dict[str, Tensor], norm: Normalizers, *, clip_eps_lo
         weights = truncated_is_weights(old_logprobs, batch["sampling_logprobs"], tis_cap)
         loss_per_token = loss_per_token * weights
         metrics.update({
-            "rollout/tis_weight_mean": _token_sum(weights, mask) / norm.num_tokens,
-            "rollout/tis_capped_frac": _token_sum((weights >= tis_cap).float(), mask) / norm.num_tokens,
-            "rollout/logprob_abs_diff": _token_sum((old_logprobs - batch["sampling_logprobs"]).abs(), mask)
-            / norm.num_tokens})
+            "rollout/tis_weight_mean": masked_mean(weights, mask, norm.num_tokens),
+            "rollout/tis_capped_frac": masked_mean(weights >= tis_cap, mask, norm.num_tokens),
+            "rollout/logprob_abs_diff": masked_mean((old_logprobs - batch["sampling_logprobs"]).abs(), mask,
+                                                    norm.num_tokens)})
     if kl_coef > 0:
         kl_per_token = KL_ESTIMATORS[kl_estimator](logprobs, batch["ref_logprobs"])
         loss_per_token = loss_per_token + kl_coef * kl_per_token
-        metrics["kl/mean"] = _token_sum(kl_per_token, mask) / norm.num_tokens
+        metrics["kl/mean"] = masked_mean(kl_per_token, mask, norm.num_tokens)
     loss = aggregate(loss_per_token, mask, aggregation, num_seqs=norm.num_seqs, num_tokens=norm.num_tokens,
                      norm_length=norm_length)
-    metrics.update({
-        "loss/policy": loss.detach(),
-        "policy/entropy": _token_sum(entropy, mask) / norm.num_tokens,
-        "policy/clip_frac_low": _token_sum(info["clipped_low"].float(), mask) / norm.num_tokens,
-        "policy/clip_frac_high": _token_sum(info["clipped_high"].float(), mask) / norm.num_tokens,
-        "policy/approx_kl": _token_sum(0.5 * (logprobs.detach() - old_logprobs) ** 2, mask) / norm.num_tokens,
-    })
+    metrics.update({"loss/policy": loss.detach(),
+                    **policy_metrics(logprobs, old_logprobs, entropy, info, mask, norm.num_tokens)})
     return loss, metrics
 
 
@@ -65,10 +60,6 @@ def truncated_is_weights(old_logprobs: Tensor, sampling_logprobs: Tensor, cap: f
     variance (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training").
     old_logprobs, sampling_logprobs: [B, T] -> [B, T]"""
     return torch.exp(old_logprobs.detach() - sampling_logprobs).clamp(max=cap)
-
-
-def _token_sum(values: Tensor, mask: Tensor) -> Tensor:
-    return torch.where(mask, values.detach(), 0.0).sum()
 
 
 def grpo_update(model, optimizer, batch: dict[str, Tensor], *, epochs: int, mini_batches: int,

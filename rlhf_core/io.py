@@ -2,8 +2,9 @@
 
 Every output is written under a temporary name in its final directory and renamed into place, so a reader (or a
 run resumed after a crash) never sees half a file; the temporary names start with a dot and name the writer's host
-and process, so the leftovers of a killed writer are swept by the next write to that directory. Names are the content's sha256, so outputs are write-once:
-a second writer of the same content finds it already there, and different content never overwrites. Parquet
+and process, so the leftovers of a killed writer are swept by the next write to that directory. Names are the
+content's sha256, so outputs are write-once: a second writer of the same content finds it already there, and
+different content never overwrites. Parquet
 tables may also go to object storage (an fsspec URI), where one PUT of the final key takes the rename's place.
 """
 
@@ -164,6 +165,23 @@ def write_dir(write: Callable[[Path], None], directory: str | Path) -> tuple[Pat
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final, digest
+
+
+def write_folder_atomically(write: Callable[[Path], None], folder: str | Path) -> Path:
+    """Call `write(tmp_dir)` beside `folder`, then rename it to `folder`; a folder already there (another
+    writer's, of the same thing) is kept: for folders under a chosen name (a converted or downloaded model)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(folder.parent)
+    tmp = _temp_name(folder.parent)
+    try:
+        write(tmp)
+        if not folder.exists():
+            os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def write_atomically(write: Callable[[Path], None], path: str | Path) -> Path:

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from rlhf_core.batch import select_rows, truncate_sequences
+from rlhf_core.batch import ceil_div, select_rows, truncate_sequences
 from rlhf_core.dpo import batched_pair_logprobs, collate_pairs, response_token_ids
 from rlhf_core.generation import chat_prompt_ids
 from rlhf_core.logprobs import response_logprobs
@@ -172,7 +172,7 @@ def kto_update(model, optimizer, batch: dict[str, Tensor], *, batch_size: int, m
         return kto_batch_loss(m, micro, norm, beta=beta, desirable_weight=desirable_weight,
                               undesirable_weight=undesirable_weight, chunk_size=chunk_size)
 
-    return run_update(model, optimizer, batch, loss_fn, epochs=1, mini_batches=-(-num_rows // batch_size),
+    return run_update(model, optimizer, batch, loss_fn, epochs=1, mini_batches=ceil_div(num_rows, batch_size),
                       micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, seed=seed, on_step=on_step,
                       mini_batch_stats=stats_fn)
 

@@ -103,42 +103,56 @@ def adapter_disabled(model) -> Iterator:
                     param.requires_grad_(flag)
 
 
-def merged_state_dict(model) -> dict[str, torch.Tensor]:
+def merged_state_dict(model, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The state dict of the plain model the adapter describes: W + (alpha / rank) * B @ A for each adapted layer,
-    a modules_to_save copy in place of the original, peft's key prefixes removed."""
-    state = {}
-    for key, tensor in model.state_dict().items():
+    a modules_to_save copy in place of the original, peft's key prefixes removed. state: the model's full
+    weights when they are not its own tensors (gathered from FSDP's shards); default `model.state_dict()`."""
+    state = model.state_dict() if state is None else state
+    merged = {}
+    for key, tensor in state.items():
         if ".lora_" in key or ".original_module." in key:
             continue
         key = key.replace(".base_layer.", ".").replace(f".modules_to_save.{ADAPTER_NAME}.", ".")
-        state[key] = tensor
+        merged[key] = tensor
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
-                weight = module.get_base_layer().weight
-                state[f"{name}.weight"] = (weight + module.get_delta_weight(ADAPTER_NAME)).to(weight.dtype)
-    return state
+                weight = state[f"{name}.base_layer.weight"]
+                lora_a, lora_b = (state[f"{name}.lora_{x}.{ADAPTER_NAME}.weight"] for x in "AB")
+                # peft's get_delta_weight: half precision on the CPU is multiplied in float32
+                half = lora_a.device.type == "cpu" and lora_a.dtype in (torch.float16, torch.bfloat16)
+                compute = torch.float32 if half else lora_a.dtype
+                delta = ((lora_b.to(compute) @ lora_a.to(compute)) * module.scaling[ADAPTER_NAME]).to(lora_a.dtype)
+                merged[f"{name}.weight"] = (weight + delta).to(weight.dtype)
+    return merged
 
 
-def save_merged(model, folder: Path) -> None:
+def save_merged(model, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
     """A plain Hugging Face model folder with the adapter merged into full weights. The plain model is built on
     the meta device and takes the merged tensors by reference: the only new memory is the adapted layers."""
     with torch.device("meta"):
         plain = type(model)(model.config)
-    plain.load_state_dict(merged_state_dict(model), assign=True)
+    _, unexpected = plain.load_state_dict(merged_state_dict(model, state), assign=True, strict=False)
+    plain.tie_weights()  # a full state gathered from shards names a tied LM head once (its embedding's)
+    missing = [name for name, param in plain.named_parameters(remove_duplicate=False) if param.is_meta]
+    if missing or unexpected:
+        raise RuntimeError(f"merged weights do not fit {type(model).__name__}: missing {missing}, "
+                           f"unexpected {unexpected}")
     plain.generation_config = model.generation_config
     plain.save_pretrained(folder)
 
 
-def save_model(model, folder: str | Path, merged: bool = False) -> None:
+def save_model(model, folder: str | Path, merged: bool = False,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write `model` into `folder`: adapter-only when it has an adapter (`merged`: full merged weights plus the
-    adapter under adapter/), else its full weights."""
+    adapter under adapter/), else its full weights. state_dict: its full weights when they are not its own
+    tensors (gathered from FSDP's shards)."""
     folder = Path(folder)
     if merged and has_adapter(model):
-        save_merged(model, folder)
-        model.save_pretrained(folder / ADAPTER_DIR)
+        save_merged(model, folder, state_dict)
+        model.save_pretrained(folder / ADAPTER_DIR, state_dict=state_dict)
     else:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=state_dict)
 
 
 def is_adapter_folder(path: str | Path) -> bool:

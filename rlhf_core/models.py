@@ -11,15 +11,13 @@ Every tokenizer leaves this module with a pad token distinct from EOS: SmolLM2 s
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from rlhf_core.io import write_folder_atomically
 from rlhf_core.lora import ADAPTER_WEIGHTS_FILE, adapter_folder, base_model_path, is_adapter_folder
 
 REGISTRY_PREFIX = "models:/"  # an MLflow registry URI; resolved outside rlhf_core, which never imports mlflow
@@ -66,20 +64,7 @@ def convert_default_model(cache_root: Path) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    _atomic_save(dest, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
-    return dest
-
-
-def _atomic_save(dest: Path, write) -> None:
-    """Write a folder under a temporary name, then rename it into place: readers never see half a folder."""
-    tmp = dest.with_name(f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, dest) if not dest.exists() else shutil.rmtree(tmp)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    return write_folder_atomically(lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)), dest)
 
 
 def resolve_model_path(name_or_path: str, cache_root: Path) -> Path:
@@ -153,6 +138,14 @@ def load_causal_lm(path: Path, device: str = "cpu", dtype: str = "float32", trus
     return model.to(device), tokenizer
 
 
+def load_lm(path: str | Path, runtime, device: str, trust_remote_code: bool = False, with_adapter: bool = False):
+    """(causal LM, tokenizer) as every stage runs it: on `device` in runtime.dtype, under runtime.mixed_precision,
+    in eval mode (dropout off: importance ratios need deterministic log-probs). runtime: a RuntimeConfig."""
+    model, tokenizer = load_causal_lm(Path(path), device, runtime.dtype, trust_remote_code, with_adapter)
+    use_mixed_precision(model, device, runtime.mixed_precision)
+    return model.eval(), tokenizer
+
+
 def use_mixed_precision(model: PreTrainedModel, device: str, mixed_precision: str) -> PreTrainedModel:
     """mixed_precision "bf16": the model's transformer runs under bfloat16 autocast (its matmuls in bf16, ~4x
     the fp32 matmul peak on CPUs with AVX512-BF16/AMX), while weights, gradients and the optimizer stay in the
@@ -193,24 +186,6 @@ def eos_token_ids(model: PreTrainedModel, tokenizer) -> list[int]:
     ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
     ids.discard(tokenizer.pad_token_id)
     return sorted(i for i in ids if i is not None)
-
-
-def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
-    """A random-init Llama small enough for unit tests (~3 M parameters with a 49k vocabulary)."""
-    values = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
-    return LlamaConfig(vocab_size=vocab_size, **{**values, **overrides})
-
-
-def save_tiny_model(dest: Path, tokenizer_source: Path, seed: int = 0, **overrides) -> Path:
-    """A tiny random-init causal LM saved with a real tokenizer, for tests and benchmarks."""
-    tokenizer, _ = load_tokenizer(tokenizer_source)
-    torch.manual_seed(seed)
-    config = tiny_llama_config(len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **overrides)
-    model = AutoModelForCausalLM.from_config(config)
-    _atomic_save(Path(dest), lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
-    return Path(dest)
 
 
 def model_config(path: Path):

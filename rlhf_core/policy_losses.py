@@ -59,9 +59,24 @@ def aggregate(
     raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {sorted(AGGREGATION_MODES)}")
 
 
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of `values` over `mask` for metrics; 0 for an empty mask. values, mask: [B, T] -> []"""
-    return aggregate(values, mask, "token-mean")
+def masked_mean(values: Tensor, mask: Tensor, num_tokens: float | None = None) -> Tensor:
+    """Mean of `values` over `mask` for metrics, detached, in float32 at least; 0 for an empty mask. num_tokens:
+    the mini-batch's global token count, so micro-batches' metrics add up (default: this mask's).
+    values, mask: [B, T] -> []"""
+    values = values.detach()
+    return aggregate(values if values.dtype == torch.float64 else values.float(), mask, "token-mean",
+                     num_tokens=num_tokens)
+
+
+def policy_metrics(logprobs: Tensor, old_logprobs: Tensor, entropy: Tensor, clip_info: dict[str, Tensor],
+                   mask: Tensor, num_tokens: float) -> dict[str, Tensor]:
+    """GRPO's and PPO's per-token policy metrics as shares of the mini-batch's token mean: entropy, the clipped
+    shares below and above the trust region (`ppo_clip_loss`'s info) and the approximate KL
+    0.5 (log pi - log pi_old)^2 to the behaviour policy. logprobs, old_logprobs, entropy, mask: [B, T]"""
+    return {"policy/entropy": masked_mean(entropy, mask, num_tokens),
+            "policy/clip_frac_low": masked_mean(clip_info["clipped_low"], mask, num_tokens),
+            "policy/clip_frac_high": masked_mean(clip_info["clipped_high"], mask, num_tokens),
+            "policy/approx_kl": masked_mean(0.5 * (logprobs.detach() - old_logprobs) ** 2, mask, num_tokens)}
 
 
 POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {}

@@ -16,7 +16,7 @@ from torch import Tensor
 from rlhf_core.batch import collate, map_micro_batches
 from rlhf_core.gae import gae_advantages, whiten
 from rlhf_core.kl import KL_ESTIMATORS
-from rlhf_core.policy_losses import POLICY_LOSSES, aggregate
+from rlhf_core.policy_losses import POLICY_LOSSES, aggregate, masked_mean, policy_metrics
 from rlhf_core.token_rewards import token_level_rewards
 from rlhf_core.update import Normalizers, run_update
 from rlhf_core.value_head import ActorCritic
@@ -53,18 +53,9 @@ def ppo_loss(model: ActorCritic, batch: dict[str, Tensor], norm: Normalizers, *,
     policy_loss = aggregate(policy_per_token, mask, **reduce)
     value_loss = aggregate(value_per_token, mask, **reduce)
 
-    def token_mean(values_per_token: Tensor) -> Tensor:
-        return torch.where(mask, values_per_token.detach().float(), 0.0).sum() / norm.num_tokens
-
-    metrics = {
-        "loss/policy": policy_loss.detach(),
-        "loss/value": value_loss.detach(),
-        "policy/entropy": token_mean(entropy),
-        "policy/clip_frac_low": token_mean(info["clipped_low"]),
-        "policy/clip_frac_high": token_mean(info["clipped_high"]),
-        "policy/approx_kl": token_mean(0.5 * (logprobs - batch["old_logprobs"]) ** 2),
-        "value/clip_frac": token_mean(value_clipped),
-    }
+    metrics = {"loss/policy": policy_loss.detach(), "loss/value": value_loss.detach(),
+               **policy_metrics(logprobs, batch["old_logprobs"], entropy, info, mask, norm.num_tokens),
+               "value/clip_frac": masked_mean(value_clipped, mask, norm.num_tokens)}
     return policy_loss + vf_coef * value_loss, metrics
 
 

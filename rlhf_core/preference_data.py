@@ -41,7 +41,8 @@ def best_worst_pairs(scores: np.ndarray) -> list[tuple[int, int]]:
 
 @register(PAIRINGS, "all")
 def all_pairs(scores: np.ndarray) -> list[tuple[int, int]]:
-    """Every two responses i < j, the higher score chosen: G'(G'-1)/2 candidates. scores: [G'] -> [(chosen, rejected)]"""
+    """Every two responses i < j, the higher score chosen: G'(G'-1)/2 candidates.
+    scores: [G'] -> [(chosen, rejected)]"""
     return [(i, j) if scores[i] >= scores[j] else (j, i) for i, j in itertools.combinations(range(len(scores)), 2)]
 
 

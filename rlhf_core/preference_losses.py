@@ -21,14 +21,37 @@ KL(pi || ref); the caller builds the mismatched pairs.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlhf_core.registry import register
 
-PREFERENCE_LOSSES: dict[str, Callable[..., Tensor]] = {}
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """A registered loss and what it needs from its caller. loss(chosen, rejected, ref_chosen, ref_rejected, *,
+    beta, **options) -> [B]; options: its own hyper-parameters, by their DPOConfig names; needs_reference: False
+    when the ref arguments are ignored (no reference stage runs, zeros are passed); length_normalized: chosen and
+    rejected are average log-probs per token instead of sums."""
+
+    loss: Callable[..., Tensor]
+    options: tuple[str, ...] = ()
+    needs_reference: bool = True
+    length_normalized: bool = False
+
+
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {}
+
+
+def preference_loss(name: str, **declared) -> Callable:
+    """Register the decorated loss under `name` with what it declares (`PreferenceLoss`'s fields)."""
+    def add(loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if name in PREFERENCE_LOSSES:
+            raise ValueError(f"duplicate preference loss {name!r}")
+        PREFERENCE_LOSSES[name] = PreferenceLoss(loss, **declared)
+        return loss
+    return add
 
 
 def _logits(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor,
@@ -40,21 +63,21 @@ def _logits(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tens
     return (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
 
 
-@register(PREFERENCE_LOSSES, "sigmoid")
+@preference_loss("sigmoid", options=("label_smoothing",))
 def sigmoid_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
-                 *, beta: float, label_smoothing: float, simpo_gamma: float) -> Tensor:
+                 *, beta: float, label_smoothing: float) -> Tensor:
     """DPO loss -(1 - eps) log sigma(beta h) - eps log sigma(-beta h), h = logits (DPO eq. 7; cDPO for eps > 0).
-    all: [B] -> [B]; simpo_gamma is unused."""
+    all: [B] -> [B]"""
     logits = _logits(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     eps = label_smoothing
     return -(1 - eps) * F.logsigmoid(beta * logits) - eps * F.logsigmoid(-beta * logits)
 
 
-@register(PREFERENCE_LOSSES, "robust")
+@preference_loss("robust", options=("label_smoothing",))
 def robust_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
-                *, beta: float, label_smoothing: float, simpo_gamma: float) -> Tensor:
+                *, beta: float, label_smoothing: float) -> Tensor:
     """rDPO loss (-(1 - eps) log sigma(beta h) + eps log sigma(-beta h)) / (1 - 2 eps) (Chowdhury et al. 2024).
-    all: [B] -> [B]; eps = label_smoothing must be < 0.5; simpo_gamma is unused."""
+    all: [B] -> [B]; eps = label_smoothing must be < 0.5."""
     eps = label_smoothing
     if not 0 <= eps < 0.5:
         raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {eps}")
@@ -63,27 +86,28 @@ def robust_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: 
     return (-(1 - eps) * F.logsigmoid(beta * logits) + eps * F.logsigmoid(-beta * logits)) / (1 - 2 * eps)
 
 
-@register(PREFERENCE_LOSSES, "hinge")
+@preference_loss("hinge")
 def hinge_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
-               *, beta: float, label_smoothing: float, simpo_gamma: float) -> Tensor:
-    """SLiC hinge loss relu(1 - beta h) (Zhao et al. 2023). all: [B] -> [B]; label_smoothing, simpo_gamma unused."""
+               *, beta: float) -> Tensor:
+    """SLiC hinge loss relu(1 - beta h) (Zhao et al. 2023). all: [B] -> [B]"""
     logits = _logits(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return torch.relu(1 - beta * logits)  # zero gradient once the margin 1 / beta is reached
 
 
-@register(PREFERENCE_LOSSES, "ipo")
+@preference_loss("ipo")
 def ipo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
-             *, beta: float, label_smoothing: float, simpo_gamma: float) -> Tensor:
-    """IPO loss (h - 1 / (2 beta))^2 (Azar et al. 2023, eq. 17; beta = tau). all: [B] -> [B];
-    label_smoothing, simpo_gamma unused."""
+             *, beta: float) -> Tensor:
+    """IPO loss (h - 1 / (2 beta))^2 (Azar et al. 2023, eq. 17; beta = tau). all: [B] -> [B]"""
     logits = _logits(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return (logits - 1 / (2 * beta)) ** 2  # regresses the margin to a target, so it cannot overfit to +inf
 
 
-@register(PREFERENCE_LOSSES, "simpo")
+@preference_loss("simpo", options=("label_smoothing", "simpo_gamma"), needs_reference=False,
+                 length_normalized=True)
 def simpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
                *, beta: float, label_smoothing: float, simpo_gamma: float) -> Tensor:
-    """SimPO loss -log sigma(beta (avg_w - avg_l) - gamma) (Meng et al. 2024, eq. 6), with cDPO smoothing eps.
+    """SimPO loss -log sigma(beta (avg_w - avg_l) - gamma) (Meng et al. 2024, eq. 6; gamma = simpo_gamma, the
+    number TRL's CPOConfig.simpo_gamma is), with cDPO smoothing eps.
     chosen_logps, rejected_logps: AVERAGE log-probs [B] -> [B]; the ref arguments are ignored (reference-free)."""
     assert chosen_logps.shape == rejected_logps.shape and chosen_logps.dim() == 1, (
         chosen_logps.shape, rejected_logps.shape)
@@ -97,6 +121,14 @@ def implicit_rewards(logps: Tensor, ref_logps: Tensor, beta: float) -> Tensor:
     logps, ref_logps: [B] -> [B]"""
     assert logps.shape == ref_logps.shape, (logps.shape, ref_logps.shape)
     return (beta * (logps - ref_logps)).detach()
+
+
+def pair_comparison(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, Tensor]:
+    """Per pair: both rewards, the margin chosen - rejected and accuracy (margin > 0; a tie counts as wrong), as
+    float tensors for metrics (detached). chosen_rewards, rejected_rewards: [P] -> each [P]"""
+    chosen, rejected = chosen_rewards.detach(), rejected_rewards.detach()
+    return {"chosen": chosen, "rejected": rejected, "margin": chosen - rejected,
+            "accuracy": (chosen > rejected).float()}
 
 
 def rpo_nll(chosen_logps_sum: Tensor, chosen_lengths: Tensor) -> Tensor:

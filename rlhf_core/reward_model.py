@@ -29,9 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from rlhf_core.batch import ceil_div
+from rlhf_core.lora import adapter_folder
 from rlhf_core.models import (PAD_TOKEN, ModelLoadError, check_model_folder, ensure_distinct_pad_token, parse_dtype,
                               resolve_model_path)
-from rlhf_core.lora import adapter_folder
+from rlhf_core.preference_losses import pair_comparison
 from rlhf_core.update import Normalizers, run_update
 
 DEFAULT_REWARD_BACKBONE = "all-minilm-l6-v2"
@@ -132,11 +134,15 @@ def reward_scores(model, tokenizer, prompts: list[str], responses: list[str], *,
 def pair_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, float]:
     """Accuracy (share of pairs with r_c > r_r; ties count as wrong), mean margin and mean rewards.
     chosen_rewards, rejected_rewards: [B]"""
-    margins = chosen_rewards - rejected_rewards
-    return {"reward_model/accuracy": float((margins > 0).float().mean()),
-            "reward_model/margin": float(margins.mean()),
-            "reward_model/chosen_rewards": float(chosen_rewards.mean()),
-            "reward_model/rejected_rewards": float(rejected_rewards.mean())}
+    return {name: float(value.mean()) for name, value in reward_model_pair_metrics(chosen_rewards,
+                                                                                   rejected_rewards).items()}
+
+
+def reward_model_pair_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, Tensor]:
+    """`pair_comparison` under the reward model's metric names. chosen_rewards, rejected_rewards: [P] -> each [P]"""
+    pairs = pair_comparison(chosen_rewards, rejected_rewards)
+    return {"reward_model/accuracy": pairs["accuracy"], "reward_model/margin": pairs["margin"],
+            "reward_model/chosen_rewards": pairs["chosen"], "reward_model/rejected_rewards": pairs["rejected"]}
 
 
 def bradley_terry_losses(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None,
@@ -182,10 +188,7 @@ def reward_model_loss(model, batch: dict[str, Tensor], norm: Normalizers, *,
     chosen_rewards, rejected_rewards = sequence_rewards(model, features).chunk(2)  # [P], [P]
     losses = bradley_terry_losses(chosen_rewards, rejected_rewards, batch.get("margin"), center_coef)
     loss = losses.sum() / norm.num_seqs
-    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
-    per_pair = {"reward_model/accuracy": (chosen_rewards > rejected_rewards).float(),
-                "reward_model/margin": chosen_rewards - rejected_rewards,
-                "reward_model/chosen_rewards": chosen_rewards, "reward_model/rejected_rewards": rejected_rewards}
+    per_pair = reward_model_pair_metrics(chosen_rewards, rejected_rewards)
     return loss, {"loss/train": loss.detach(), **{k: v.sum() / norm.num_seqs for k, v in per_pair.items()}}
 
 
@@ -204,7 +207,7 @@ def train_reward_model_epoch(model, optimizer: torch.optim.Optimizer, tokenizer,
     def loss_fn(m, micro, norm):
         return reward_model_loss(m, micro, norm, center_coef=center_coef)
 
-    history = run_update(model, optimizer, batch, loss_fn, epochs=1, mini_batches=-(-len(prompts) // batch_size),
+    history = run_update(model, optimizer, batch, loss_fn, epochs=1, mini_batches=ceil_div(len(prompts), batch_size),
                          micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, seed=seed, on_step=on_step)
     return [{**{k: v for k, v in step.items() if k != "policy/grad_norm"},
              "reward_model/grad_norm": step["policy/grad_norm"]} for step in history]

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from rlhf_core.batch import length_sorted, select_rows
+from rlhf_core.batch import ceil_div, length_sorted, select_rows
 from rlhf_core.distributed import global_sum, gradient_sync, local_value, rank_share, world_size
 
 
@@ -34,7 +34,7 @@ MiniBatchStatsFn = Callable[[torch.nn.Module, dict[str, Tensor]], dict[str, Tens
 
 def forward_passes(mini_batch_size: int, micro_batch_size: int, num_ranks: int) -> int:
     """Forward passes each rank runs on a mini-batch: those of the rank with the most rows (`rank_share`)."""
-    return -(-(-(-mini_batch_size // num_ranks)) // micro_batch_size)
+    return ceil_div(ceil_div(mini_batch_size, num_ranks), micro_batch_size)
 
 
 def micro_batches(rows: Tensor, size: int, passes: int) -> list[Tensor | None]:
@@ -49,7 +49,7 @@ def stats_rows(batch: dict[str, Tensor], all_rows: Tensor, mini_rows: Tensor) ->
     """This rank's rows of a mini-batch for `mini_batch_stats`, with `row_weight` [b] (1 for its rows): a rank
     holding fewer rows than another is padded with copies of the mini-batch's first row at weight 0, so every rank
     runs as many forward passes."""
-    missing = -(-len(all_rows) // world_size()) - len(mini_rows)
+    missing = ceil_div(len(all_rows), world_size()) - len(mini_rows)
     rows = torch.cat([mini_rows, all_rows[:1].repeat(missing)])
     weight = torch.cat([torch.ones(len(mini_rows)), torch.zeros(missing)]).to(mini_rows.device)
     return {**select_rows(batch, rows), "row_weight": weight}

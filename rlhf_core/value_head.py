@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from transformers import AutoModelForCausalLM
 
 from rlhf_core.logprobs import logprobs_from_hidden, response_hidden_states
+from rlhf_core.models import load_causal_lm, parse_dtype
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 CRITIC_DIR = "critic"
@@ -53,12 +55,6 @@ class ActorCritic(torch.nn.Module):
         rest = [p for p in self.parameters() if p.requires_grad and all(p is not h for h in head)]
         return [{"params": rest, "lr": lr}, {"params": head, "lr": head_lr or lr}]
 
-    def save_critic(self, folder: str | Path) -> None:
-        """Write the value head (and a separate critic backbone) into a checkpoint folder."""
-        write_value_head(self.value_head.state_dict(), folder)
-        if self.critic is not None:
-            self.critic.save_pretrained(Path(folder) / CRITIC_DIR)
-
     def load_value_head(self, folder: str | Path) -> bool:
         """Load the head saved beside a checkpoint, if any. Returns whether one was found."""
         path = Path(folder) / VALUE_HEAD_FILE
@@ -71,3 +67,35 @@ class ActorCritic(torch.nn.Module):
 def write_value_head(state: dict[str, Tensor], folder: str | Path) -> None:
     """The value head's weights (`weight`, `bias`) as `value_head.safetensors` in a checkpoint folder."""
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(Path(folder) / VALUE_HEAD_FILE))
+
+
+def load_actor_critic(policy: torch.nn.Module, checkpoint: str | Path, critic: str, device: str, dtype: str,
+                      trust_remote_code: bool = False) -> ActorCritic:
+    """PPO's actor-critic around a loaded policy LM, in eval mode, with the value head saved in `checkpoint` (a
+    zero head when it has none yet). critic="separate": the critic backbone saved under critic/, or a copy of
+    the policy on first use, read from disk every time: the critic must never be a (cached) policy object."""
+    critic_model = None
+    if critic == "separate":
+        saved = Path(checkpoint) / CRITIC_DIR
+        critic_model = (AutoModelForCausalLM.from_pretrained(saved, dtype=parse_dtype(dtype),
+                                                             trust_remote_code=trust_remote_code).to(device)
+                        if saved.is_dir() else load_causal_lm(Path(checkpoint), device, dtype, trust_remote_code)[0])
+    actor_critic = ActorCritic(policy, critic_model)
+    actor_critic.load_value_head(checkpoint)
+    return actor_critic.eval()
+
+
+def save_actor_critic(module: ActorCritic, weights: dict[str, Tensor], folder: Path, merged: bool) -> None:
+    """A PPO checkpoint from the actor-critic's full weights (`module.state_dict()` names): the policy as a causal
+    LM folder, the value head beside it, a separate critic under critic/."""
+    from rlhf_core.lora import save_model
+
+    save_model(module.policy, folder, merged, state_dict=with_prefix_removed(weights, "policy."))
+    write_value_head(with_prefix_removed(weights, "value_head."), folder)
+    if module.critic is not None:
+        module.critic.save_pretrained(Path(folder) / CRITIC_DIR, state_dict=with_prefix_removed(weights, "critic."))
+
+
+def with_prefix_removed(weights: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries of a state dict under `prefix` (a submodule's), named as that submodule names them."""
+    return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}

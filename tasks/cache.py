@@ -44,8 +44,10 @@ def _normalize(value: Any) -> Any:
         return ["ref", value.sha256, "adapter-disabled"]
     if isinstance(value, (ArtifactRef, CheckpointRef)):
         return ["ref", value.sha256]
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
+    if isinstance(value, BaseModel):  # field by field: references inside a model count by content too
+        dumped = value.model_dump(mode="json")
+        return {name: _normalize(getattr(value, name)) if isinstance(getattr(value, name), (BaseModel, list, tuple))
+                else dumped[name] for name in dumped}
     if isinstance(value, (list, tuple)):
         return [_normalize(v) for v in value]
     if isinstance(value, dict):

@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_core.config import RuntimeConfig
-from rlhf_core.distributed_worker import RESULT_FILE, SCORES_FILE, encode_args
+from rlhf_core.config.training import LogprobPass, TrainingSetup, UpdateArgs
+from rlhf_core.distributed_worker import (RESULT_FILE, SCORES_FILE, Job, JobFile, ScoreJob, SequenceLogpsJob, TrainJob,
+                                          ValuesJob)
 from rlhf_core.update import NonFiniteError
 from tasks.paths import checkpoints_dir, rlhf_home
-from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
-
+from tasks.refs import ArtifactRef, CheckpointRef
 
 T = TypeVar("T")
 
@@ -36,67 +37,67 @@ def check_processes(runtime: RuntimeConfig) -> None:
                          f"{torch.cuda.device_count()} visible")
 
 
-def torchrun_command(num_processes: int, spec_path: Path) -> list[str]:
+def torchrun_command(num_processes: int, job_file: Path) -> list[str]:
     # --standalone: a rendezvous on a free local port, so concurrent runs on one machine never collide
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
-            "-m", "rlhf_core.distributed_worker", str(spec_path)]
+            "-m", "rlhf_core.distributed_worker", str(job_file)]
 
 
 def work_root() -> Path:
     """Where the torchrun jobs' temporary folders live (removed when the job ends; a SIGKILLed task leaves its
-    small folder: a spec, and for scoring the token ids)."""
+    small folder: the job file, and for scoring the token ids)."""
     root = rlhf_home() / "tmp"
     root.mkdir(parents=True, exist_ok=True)
     return root
 
 
-def run_torchrun(spec: dict, runtime: RuntimeConfig, read: Callable[[Path], T]) -> T:
+def run_torchrun(job: Job, read: Callable[[Path], T]) -> T:
     """Run one torchrun job of `rlhf_core.distributed_worker` in a fresh work folder and return `read(work_dir)`
     (what rank 0 wrote there); a failing rank's error is re-raised here."""
+    runtime = job.runtime
     check_processes(runtime)
-    with tempfile.TemporaryDirectory(dir=work_root(), prefix=f"{spec['job']}-") as work:
+    with tempfile.TemporaryDirectory(dir=work_root(), prefix=f"{job.kind}-") as work:
         work_dir = Path(work)
-        spec = {**spec, "work_dir": str(work_dir), "runtime": runtime.model_dump()}
-        (work_dir / "spec.json").write_text(json.dumps(spec))
+        job_file = work_dir / "job.json"
+        job_file.write_text(JobFile(job=job.model_copy(update={"work_dir": str(work_dir)})).model_dump_json())
         # threads per rank: the machine's cores shared out, unless the config sets them
         threads = runtime.num_threads or max(1, (os.cpu_count() or 1) // runtime.num_processes)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        done = subprocess.run(torchrun_command(runtime.num_processes, work_dir / "spec.json"), env=env,
-                              capture_output=True, text=True)
+        done = subprocess.run(torchrun_command(runtime.num_processes, job_file), env=env, capture_output=True,
+                              text=True)
         if done.returncode != 0:
             raise_rank_error(work_dir, done)
         return read(work_dir)
 
 
-def run_scoring_job(spec: dict, runtime: RuntimeConfig) -> dict[str, torch.Tensor]:
+def run_scoring_job(job: Job) -> dict[str, torch.Tensor]:
     """A no-grad job of the worker (score, sequence_logps, values): the tensors rank 0 wrote."""
-    return run_torchrun(spec, runtime, lambda work_dir: load_file(str(work_dir / SCORES_FILE)))
+    return run_torchrun(job, lambda work_dir: load_file(str(work_dir / SCORES_FILE)))
 
 
-def distributed_update(algorithm: str, policy: CheckpointRef, batch: ArtifactRef, runtime: RuntimeConfig,
-                       trust_remote_code: bool, update_args: dict, metrics_stage: str) -> UpdateResult:
-    spec = {"job": "update", "algorithm": algorithm, "policy": policy.path, "batch": batch.path,
-            "checkpoints_dir": str(checkpoints_dir()), "trust_remote_code": trust_remote_code,
-            "update_args": encode_args(update_args)}
-    result = run_torchrun(spec, runtime, lambda work_dir: json.loads((work_dir / RESULT_FILE).read_text()))
-    return UpdateResult(checkpoint=CheckpointRef(path=result["path"], sha256=result["sha256"]),
-                        metrics=publish(pd.DataFrame(result["history"]), metrics_stage))
+def distributed_train(start: CheckpointRef, table: ArtifactRef, args: UpdateArgs,
+                      setup: TrainingSetup) -> tuple[CheckpointRef, list[dict[str, float]]]:
+    """The train stage under torchrun: (the new checkpoint, one metrics dict per optimizer step)."""
+    job = TrainJob(checkpoint=start.path, table=table.path, args=args, runtime=setup.runtime,
+                   trust_remote_code=setup.trust_remote_code, lora=setup.lora, checkpoints_dir=str(checkpoints_dir()))
+    result = run_torchrun(job, lambda work_dir: json.loads((work_dir / RESULT_FILE).read_text()))
+    return CheckpointRef(path=result["path"], sha256=result["sha256"]), result["history"]
 
 
 def distributed_scores(df: pd.DataFrame, reference: CheckpointRef | None, reward_models: list[CheckpointRef],
-                       runtime: RuntimeConfig, trust_remote_code: bool, *, temperature: float,
-                       micro_batch_size: int, chunk_size: int, max_length: int) -> dict[str, torch.Tensor]:
+                       runtime: RuntimeConfig, trust_remote_code: bool, logprobs: LogprobPass,
+                       max_length: int) -> dict[str, torch.Tensor]:
     """The scoring stage's model passes under torchrun: {"ref_logprobs": [B, T] (with a reference),
     "reward.<i>": [B] for reward_models[i]}."""
     columns = ["prompt_ids", "response_ids", "prompt", "response"]
     with tempfile.TemporaryDirectory(dir=work_root(), prefix="score-batch-") as folder:
-        batch = Path(folder) / "batch.parquet"
-        df[columns].to_parquet(batch)
-        spec = {"job": "score", "batch": str(batch), "reference": reference.path if reference else None,
-                "reward_models": [ref.path for ref in reward_models], "trust_remote_code": trust_remote_code,
-                "temperature": temperature, "micro_batch_size": micro_batch_size, "chunk_size": chunk_size,
-                "max_length": max_length}
-        return run_scoring_job(spec, runtime)
+        table = Path(folder) / "batch.parquet"
+        df[columns].to_parquet(table)
+        job = ScoreJob(table=str(table), reference=reference.path if reference else None,
+                       reference_adapter_disabled=bool(reference and reference.adapter_disabled),
+                       reward_models=[checkpoint.path for checkpoint in reward_models], runtime=runtime,
+                       trust_remote_code=trust_remote_code, logprobs=logprobs, max_length=max_length)
+        return run_scoring_job(job)
 
 
 def raise_rank_error(work_dir: Path, done: subprocess.CompletedProcess) -> None:
@@ -117,15 +118,14 @@ def raise_rank_error(work_dir: Path, done: subprocess.CompletedProcess) -> None:
 def distributed_sequence_logps(algorithm: str, reference: CheckpointRef, table: ArtifactRef, runtime: RuntimeConfig,
                                trust_remote_code: bool, micro_batch_size: int) -> dict[str, torch.Tensor]:
     """DPO's or KTO's reference pass under torchrun: {name: [B]} summed log-probs per sequence of `table`
-    (`rlhf_core.distributed_worker.SEQUENCE_LOGPS`)."""
-    spec = {"job": "sequence_logps", "algorithm": algorithm, "reference": reference.path, "batch": table.path,
-            "trust_remote_code": trust_remote_code, "micro_batch_size": micro_batch_size}
-    return run_scoring_job(spec, runtime)
+    (`rlhf_core.sequence_logps.SEQUENCE_TABLES`)."""
+    return run_scoring_job(SequenceLogpsJob(
+        algorithm=algorithm, reference=reference.path, reference_adapter_disabled=reference.adapter_disabled,
+        table=table.path, runtime=runtime, trust_remote_code=trust_remote_code, micro_batch_size=micro_batch_size))
 
 
-def distributed_values(policy: CheckpointRef, rollouts: ArtifactRef, runtime: RuntimeConfig, trust_remote_code: bool,
-                       *, temperature: float, micro_batch_size: int, chunk_size: int) -> dict[str, torch.Tensor]:
+def distributed_values(policy: CheckpointRef, rollouts: ArtifactRef, critic: str, runtime: RuntimeConfig,
+                       trust_remote_code: bool, logprobs: LogprobPass) -> dict[str, torch.Tensor]:
     """PPO's value stage under torchrun: {"old_logprobs", "old_values"}: [B, T] aligned with `collate`."""
-    spec = {"job": "values", "policy": policy.path, "batch": rollouts.path, "trust_remote_code": trust_remote_code,
-            "temperature": temperature, "micro_batch_size": micro_batch_size, "chunk_size": chunk_size}
-    return run_scoring_job(spec, runtime)
+    return run_scoring_job(ValuesJob(policy=policy.path, critic=critic, table=rollouts.path, runtime=runtime,
+                                     trust_remote_code=trust_remote_code, logprobs=logprobs))

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 from prefect import task
 
 from rlhf_core.config import ModelConfig
-from rlhf_core.io import sha256_dir
+from rlhf_core.io import sha256_dir, write_folder_atomically
 from rlhf_core.models import REGISTRY_PREFIX, ModelLoadError, check_model_folder, resolve_model_path
 from tasks.paths import models_dir, use_tracking_uri
 from tasks.refs import CheckpointRef
@@ -47,11 +46,9 @@ def download_registered_model(uri: str) -> Path:
     version = registered_version(uri)
     name = version.name
     dest = models_dir() / "registry" / re.sub(r"[^A-Za-z0-9_.-]", "_", f"{name}-v{version.version}")
-    if not dest.is_dir():
-        tmp = dest.with_name(dest.name + ".download")
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a download that crashed
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}", dst_path=str(tmp))
-        tmp.rename(dest)
+    if not dest.is_dir():  # a crashed download leaves a temporary folder, swept by the next one
+        write_folder_atomically(lambda tmp: mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version.version}", dst_path=str(tmp)), dest)
     check_model_folder(dest)
     return dest
 

@@ -6,40 +6,38 @@ import torch
 from prefect import task
 
 from rlhf_core.batch import collate, response_lists
-from rlhf_core.checkpoint import restore_optimizer
-from rlhf_core.config import GAEConfig, LoraConfig, LossConfig, OptimConfig, RuntimeConfig, ScoreConfig, ValueConfig
-from rlhf_core.ppo import ppo_advantages, rollout_logprobs_and_values, update_from_rollouts
+from rlhf_core.config import GAEConfig, RuntimeConfig, ScoreConfig
+from rlhf_core.config.training import LogprobPass, PPOUpdateArgs, TrainingSetup
+from rlhf_core.ppo import ppo_advantages, rollout_logprobs_and_values
 from rlhf_core.token_rewards import clip_scores, normalize_scores, penalize_missing_eos
 from tasks.cache import STAGE_TASK_OPTIONS
-from tasks.distributed import distributed_update, distributed_values
-from tasks.progress import StageProgress
+from tasks.distributed import distributed_values
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
-from tasks.update import save_update
-from tasks.runtime import load_actor_critic, prepare_training
+from tasks.runtime import load_actor_critic
+from tasks.train import train_stage
 
 PER_TOKEN = ["old_logprobs", "ref_logprobs", "old_values"]
 
 
 @task(name="compute-values", **STAGE_TASK_OPTIONS)
-def compute_values(policy: CheckpointRef, rollouts: ArtifactRef, runtime: RuntimeConfig, critic: str,
-                   temperature: float, micro_batch_size: int, chunk_size: int,
-                   trust_remote_code: bool = False) -> ArtifactRef:
+def compute_values(policy: CheckpointRef, rollouts: ArtifactRef, critic: str, logprobs: LogprobPass,
+                   runtime: RuntimeConfig, trust_remote_code: bool = False) -> ArtifactRef:
     """Adds the behaviour policy's `old_logprobs` and the critic's `old_values`, one per response token (under
     torchrun with runtime.num_processes > 1)."""
     df = rollouts.read()
     if runtime.num_processes > 1:
-        out = distributed_values(policy, rollouts, runtime, trust_remote_code, temperature=temperature,
-                                 micro_batch_size=micro_batch_size, chunk_size=chunk_size)
-        logprobs, values = out["old_logprobs"], out["old_values"]
+        out = distributed_values(policy, rollouts, critic, runtime, trust_remote_code, logprobs)
+        old_logprobs, values = out["old_logprobs"], out["old_values"]
         mask = collate(df["prompt_ids"], df["response_ids"], 0)["response_mask"]
     else:
         model, tokenizer = load_actor_critic(policy, runtime, critic, trust_remote_code)
         batch = collate(df["prompt_ids"], df["response_ids"], tokenizer.pad_token_id, device=runtime.device)
-        logprobs, values = rollout_logprobs_and_values(model, batch, micro_batch_size=micro_batch_size,
-                                                       temperature=temperature, chunk_size=chunk_size)
+        old_logprobs, values = rollout_logprobs_and_values(model, batch, micro_batch_size=logprobs.micro_batch_size,
+                                                           temperature=logprobs.temperature,
+                                                           chunk_size=logprobs.chunk_size)
         mask = batch["response_mask"]
-    return publish(df.assign(old_logprobs=response_lists(logprobs, mask), old_values=response_lists(values, mask)),
-                   "values")
+    return publish(df.assign(old_logprobs=response_lists(old_logprobs, mask),
+                             old_values=response_lists(values, mask)), "values")
 
 
 @task(name="compute-gae", **STAGE_TASK_OPTIONS)
@@ -63,25 +61,8 @@ def compute_gae(scored: ArtifactRef, kl_coef: float, kl_estimator: str, gae: GAE
 
 
 @task(name="update-actor-critic", **STAGE_TASK_OPTIONS)
-def update_actor_critic(policy: CheckpointRef, batch: ArtifactRef, loss: LossConfig, value: ValueConfig,
-                        optim: OptimConfig, runtime: RuntimeConfig, temperature: float, max_new_tokens: int,
-                        seed: int, trust_remote_code: bool = False, lora: LoraConfig | None = None) -> UpdateResult:
-    """With `lora`, the policy's adapter and the value head train; the backbone stays frozen. With
-    runtime.num_processes > 1 the update runs under torchrun (tasks.distributed)."""
-    update_args = dict(loss=loss, value=value, optim=optim, temperature=temperature, max_new_tokens=max_new_tokens,
-                       seed=seed)
-    if runtime.num_processes > 1:
-        return distributed_update("ppo", policy, batch, runtime, trust_remote_code, update_args, "update-metrics")
-    model, tokenizer = load_actor_critic(policy, runtime, value.critic, trust_remote_code, for_training=True,
-                                         lora=lora)
-    fresh_adapter = prepare_training(model.policy, lora, runtime)
-    optimizer = torch.optim.AdamW(model.parameter_groups(optim.lr, value.head_lr), weight_decay=optim.weight_decay)
-    if not fresh_adapter:  # a fresh adapter's parameters are not the ones the saved state belongs to
-        restore_optimizer(optimizer, policy.path)
-    progress = StageProgress(total=optim.epochs * optim.mini_batches, desc="update", unit="step")
-    history = update_from_rollouts(model, optimizer, batch.read(), tokenizer.pad_token_id, device=runtime.device,
-                                   on_step=lambda metrics: progress.update(1), **update_args)
-    progress.close()
-    # the policy stays in memory for the next generation; the optimizer does not (it also holds the value head)
-    return save_update(model.policy, tokenizer, optimizer, history, "update-metrics", write_extra=model.save_critic,
-                       keep=(runtime, trust_remote_code, False), merged=lora is not None and lora.save == "merged")
+def update_actor_critic(policy: CheckpointRef, batch: ArtifactRef, args: PPOUpdateArgs,
+                        setup: TrainingSetup) -> UpdateResult:
+    """optim.epochs x optim.mini_batches steps of PPO's clipped policy and value losses on `batch` (the GAE
+    stage's table). With LoRA, the policy's adapter and the value head train; the backbone stays frozen."""
+    return train_stage(policy, batch, args, setup, "update-metrics", "update")

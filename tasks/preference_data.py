@@ -23,14 +23,13 @@ from prefect import task
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
-from rlhf_core.config import RewardSpec, RuntimeConfig
+from rlhf_core.config import RuntimeConfig
 from rlhf_core.io import copy_file, write_atomically
-from rlhf_core.preference_data import (SKIP, choice_scores, is_empty, make_pairs, make_unpaired,
-                                       review_batches)
+from rlhf_core.preference_data import SKIP, choice_scores, is_empty, make_pairs, make_unpaired, review_batches
 from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.paths import rlhf_home
-from tasks.refs import ArtifactRef, CheckpointRef, publish
-from tasks.scoring import with_rewards
+from tasks.refs import ArtifactRef, publish
+from tasks.scoring import RewardSources, with_rewards
 
 FORM_HEADER = ("### Which response is best?\n"
                f"For each prompt pick the number of the best response, or `{SKIP}` when none is clearly better.\n")
@@ -38,13 +37,10 @@ _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#|~])")
 
 
 @task(name="judge-with-rewards", **STAGE_TASK_OPTIONS)
-def judge_with_rewards(rollouts: ArtifactRef, rewards: list[RewardSpec], reward_fingerprints: list[str | None],
-                       reward_models: list[CheckpointRef | None], extra_columns: list[str], runtime: RuntimeConfig,
+def judge_with_rewards(rollouts: ArtifactRef, sources: RewardSources, runtime: RuntimeConfig,
                        batch_size: int) -> ArtifactRef:
-    """Adds `score` (the weighted sum of the rewards) and one `reward[<source>]` column per source.
-    `reward_fingerprints` hash the functions' source, so an edited function is re-run rather than cached."""
-    return publish(with_rewards(rollouts.read(), "score", rewards, reward_models, extra_columns, runtime,
-                                batch_size), "judged")
+    """Adds `score` (the weighted sum of the rewards) and one `reward[<source>]` column per source."""
+    return publish(with_rewards(rollouts.read(), "score", sources, runtime, batch_size), "judged")
 
 
 class PreferenceRefs(pydantic.BaseModel):
@@ -65,8 +61,8 @@ def export_preference_data(data: PreferenceRefs, output_dir: str | None) -> str:
     directory) or, without one, into `$RLHF_HOME/preference-data/<hash of both files>`; returns the folder."""
     digest = hashlib.sha256(f"{data.pairs.sha256}:{data.unpaired.sha256}".encode()).hexdigest()[:16]
     folder = Path(output_dir).expanduser().resolve() if output_dir else rlhf_home() / "preference-data" / digest
-    for name, ref in (("pairs.parquet", data.pairs), ("unpaired.parquet", data.unpaired)):
-        write_atomically(partial(copy_file, ref.path), folder / name)
+    for name, table in (("pairs.parquet", data.pairs), ("unpaired.parquet", data.unpaired)):
+        write_atomically(partial(copy_file, table.path), folder / name)
     return str(folder)
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from prefect import task
 
-from rlhf_core.config import GenerationConfig, RewardSpec, RuntimeConfig
+from rlhf_core.config import GenerationConfig, RuntimeConfig
+from rlhf_core.config.training import LogprobPass
 from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.paths import rlhf_home
 from tasks.refs import ArtifactRef, CheckpointRef, publish
 from tasks.rollouts import generate_rollouts, rollout_frame
-from tasks.scoring import score_rollouts, scored_frame
+from tasks.scoring import RewardSources, score_rollouts, scored_frame
 from tasks.sharding import ShardRunner, check_data_home, parquet_rows, run_sharded, shard_bounds, shard_runtime
 
 
@@ -31,16 +32,13 @@ def generate_rollouts_shard(policy: CheckpointRef, prompts: ArtifactRef, generat
 
 
 @task(name="score-rollouts-shard", **STAGE_TASK_OPTIONS)
-def score_rollouts_shard(rollouts: ArtifactRef, rewards: list[RewardSpec], reward_fingerprints: list[str | None],
-                         reward_models: list[CheckpointRef | None], extra_columns: list[str],
-                         reference: CheckpointRef | None, runtime: RuntimeConfig, temperature: float,
-                         micro_batch_size: int, chunk_size: int, trust_remote_code: bool, data_home: str,
+def score_rollouts_shard(rollouts: ArtifactRef, sources: RewardSources, reference: CheckpointRef | None,
+                         logprobs: LogprobPass, runtime: RuntimeConfig, trust_remote_code: bool, data_home: str,
                          row_range: list[int]) -> ArtifactRef:
-    """Rows [start, stop) of the scored table. `reward_fingerprints` only key the cache (as in score_rollouts)."""
+    """Rows [start, stop) of the scored table."""
     check_data_home(data_home)
     rows = rollouts.read().iloc[row_range[0]:row_range[1]].reset_index(drop=True)
-    return publish(scored_frame(rows, rewards, reward_models, extra_columns, reference, runtime, temperature,
-                                micro_batch_size, chunk_size, trust_remote_code), "scored-shards")
+    return publish(scored_frame(rows, sources, reference, logprobs, runtime, trust_remote_code), "scored-shards")
 
 
 def generation_stage(policy: CheckpointRef, prompts: ArtifactRef, generation: GenerationConfig,
@@ -57,20 +55,15 @@ def generation_stage(policy: CheckpointRef, prompts: ArtifactRef, generation: Ge
     return run_sharded(runner, runtime, generate_rollouts_shard, parameters, bounds, "rollouts")
 
 
-def scoring_stage(rollouts: ArtifactRef, rewards: list[RewardSpec], reward_fingerprints: list[str | None],
-                  reward_models: list[CheckpointRef | None], extra_columns: list[str],
-                  reference: CheckpointRef | None, runtime: RuntimeConfig, temperature: float,
-                  micro_batch_size: int, chunk_size: int, trust_remote_code: bool = False,
+def scoring_stage(rollouts: ArtifactRef, sources: RewardSources, reference: CheckpointRef | None,
+                  logprobs: LogprobPass, runtime: RuntimeConfig, trust_remote_code: bool = False,
                   runner: ShardRunner | None = None) -> ArtifactRef:
     """The scored table of `score_rollouts`, from runtime.shards shards cut between micro-batches (the reward
     models' batches: their scores are unchanged; the reference log-probs' length-sorted micro-batches are formed
     within each shard, which can move fp32 rounding, see README "Sharded generation and scoring")."""
-    bounds = shard_bounds(parquet_rows(rollouts), runtime.shards, micro_batch_size)
+    bounds = shard_bounds(parquet_rows(rollouts), runtime.shards, logprobs.micro_batch_size)
     if len(bounds) == 1:
-        return score_rollouts(rollouts, rewards, reward_fingerprints, reward_models, extra_columns, reference,
-                              runtime, temperature, micro_batch_size, chunk_size, trust_remote_code)
-    parameters = dict(rollouts=rollouts, rewards=rewards, reward_fingerprints=reward_fingerprints,
-                      reward_models=reward_models, extra_columns=extra_columns, reference=reference,
-                      runtime=shard_runtime(runtime), temperature=temperature, micro_batch_size=micro_batch_size,
-                      chunk_size=chunk_size, trust_remote_code=trust_remote_code, data_home=str(rlhf_home()))
+        return score_rollouts(rollouts, sources, reference, logprobs, runtime, trust_remote_code)
+    parameters = dict(rollouts=rollouts, sources=sources, reference=reference, logprobs=logprobs,
+                      runtime=shard_runtime(runtime), trust_remote_code=trust_remote_code, data_home=str(rlhf_home()))
     return run_sharded(runner, runtime, score_rollouts_shard, parameters, bounds, "scored")

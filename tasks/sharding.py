@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from prefect import Task, task
 from prefect.futures import wait
 
+from rlhf_core.batch import ceil_div
 from rlhf_core.config import RuntimeConfig
 from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.paths import rlhf_home
@@ -37,7 +38,7 @@ def shard_bounds(n_rows: int, shards: int, align: int) -> list[tuple[int, int]]:
     of `align` (the stage's batch size) and as even as that allows. Fewer batches than shards: one shard each."""
     if shards < 1 or align < 1:
         raise ShardingError(f"shards ({shards}) and the batch size ({align}) must be >= 1")
-    batches = -(-n_rows // align)
+    batches = ceil_div(n_rows, align)
     k = max(1, min(shards, batches))
     return [(min(i * batches // k * align, n_rows), min((i + 1) * batches // k * align, n_rows)) for i in range(k)]
 
@@ -59,11 +60,11 @@ def merge_shards(bounds: list[tuple[int, int]], frames: list[pd.DataFrame]) -> p
     return pd.concat([frames[i] for i in order], ignore_index=True)
 
 
-def parquet_rows(ref: ArtifactRef) -> int:
+def parquet_rows(table: ArtifactRef) -> int:
     """Row count from the Parquet footer, without reading the table."""
     import fsspec
 
-    with fsspec.open(ref.path, "rb") as f:  # a local path or an fsspec URI
+    with fsspec.open(table.path, "rb") as f:  # a local path or an fsspec URI
         return pq.ParquetFile(f).metadata.num_rows
 
 

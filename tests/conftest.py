@@ -44,7 +44,7 @@ def tokenizer_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tokenizer_dir, tmp_path_factory) -> Path:
     """A ~3 M-parameter random-init Llama with SmolLM2's tokenizer, saved as a Hugging Face folder."""
-    from rlhf_core.models import save_tiny_model
+    from tiny_models import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny", tokenizer_dir, seed=0)
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from test_flow_grpo import tiny_config
 
 from flows.grpo import grpo
 from rlhf_core.config import DataConfig, ModelConfig, RewardSpec
 from tasks.paths import use_tracking_uri
-from test_flow_grpo import tiny_config
 
 pytestmark = pytest.mark.slow
 

@@ -12,15 +12,15 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from flow_helpers import task_states
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.client.schemas.sorting import FlowRunSort
-
-from flow_helpers import task_states
-from flows.grpo import grpo
-from rlhf_core.io import sha256_dir
 from test_crash_resume import REPO, cli_env, crash_config
 from test_flow_grpo import STAGES
+
+from flows.grpo import grpo
+from rlhf_core.io import sha256_dir
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ from pydantic import ValidationError
 
 from flows.cli import main, parse_config
 from rlhf_core.advantages import OUTCOME_ADVANTAGES
-from rlhf_core.config import (RewardSpec, AdvantageConfig, GenerationConfig, GRPOConfig, KLConfig, LossConfig, OptimConfig,
-                              RuntimeConfig)
+from rlhf_core.config import (AdvantageConfig, GenerationConfig, GRPOConfig, KLConfig, LossConfig, OptimConfig,
+                              RewardSpec, RuntimeConfig)
 from rlhf_core.kl import KL_ESTIMATORS
 from rlhf_core.policy_losses import AGGREGATION_MODES
 
@@ -67,7 +67,7 @@ def test_duplicated_reward_function_is_rejected():
     rewards = [{"function": "arithmetic_answer"}, {"function": "arithmetic_answer", "weight": 0.5}]
     with pytest.raises(ValidationError, match="rewards: a source is listed twice"):
         GRPOConfig(rewards=rewards)
-    GRPOConfig(rewards=[{"function": "arithmetic_answer"}, {"function": "answer_format", "weight": 0.5}])  # distinct: ok
+    GRPOConfig(rewards=[{"function": "arithmetic_answer"}, {"function": "answer_format", "weight": 0.5}])  # distinct
 
 
 def test_mini_batches_cannot_exceed_responses_per_iteration():

@@ -20,17 +20,17 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from flow_helpers import metric_steps, mlflow_run_of, task_states
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import get_current_settings
+from test_flow_grpo import STAGES, tiny_config
 
-from flow_helpers import metric_steps, mlflow_run_of, task_states
 from flows.grpo import grpo
 from rlhf_core.config import DataConfig, GRPOConfig, KLConfig, OptimConfig, RewardSpec, TrackingConfig
 from rlhf_core.io import TEMP_PREFIX, sha256_dir, sha256_file
 from tasks.paths import use_tracking_uri
-from test_flow_grpo import STAGES, tiny_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_sigkill_in_every_stage_then_rerun_resumes_to_the_same_checkpoint(prefec
     home = tmp_path / "crashed"
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(config.model_dump(mode="json")))
-    for point, arrival, where in KILLS:
+    for point, arrival, _where in KILLS:
         result = run_cli(config_file, home, f"{point}:{arrival}")
         assert result.returncode == -signal.SIGKILL, (point, result.stderr[-3000:])
         assert_nothing_partial_is_readable(home)

@@ -4,26 +4,27 @@ optimizer state of one process on the same batch; the helpers' row bookkeeping c
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from rlhf_core.checkpoint import OPTIMIZER_FILE, restore_optimizer, save_checkpoint, trainable_parameters
-from rlhf_core.config import KLConfig, LossConfig, OptimConfig, RuntimeConfig, ValueConfig
-from rlhf_core.distributed import decoder_layers
-from rlhf_core.dpo import update_from_pairs
-from rlhf_core.kto import update_from_examples
-from rlhf_core.grpo import update_from_rollouts
-from rlhf_core.ppo import update_from_rollouts as ppo_update_from_rollouts
-from rlhf_core.value_head import VALUE_HEAD_FILE, ActorCritic
-from rlhf_core.models import load_causal_lm
-from rlhf_core.update import NonFiniteError
-from tasks.distributed import distributed_update, torchrun_command
-from tasks.refs import ArtifactRef, CheckpointRef
 from tolerance import (FACTOR, assert_bound_is_meaningful, assert_close_to_reference, float32_floor, norm_of,
                        norm_of_difference, relative_difference, relative_update_difference)
+
+from rlhf_core.checkpoint import OPTIMIZER_FILE
+from rlhf_core.config import KLConfig, LoraConfig, LossConfig, OptimConfig, RuntimeConfig, ValueConfig
+from rlhf_core.config.training import (DPOUpdateArgs, GRPOUpdateArgs, KTOUpdateArgs, LogprobPass, PPOUpdateArgs,
+                                       RewardModelUpdateArgs, TrainingSetup, UpdateArgs)
+from rlhf_core.distributed import decoder_layers
+from rlhf_core.lora import ADAPTER_WEIGHTS_FILE, adapter_folder
+from rlhf_core.training import train
+from rlhf_core.update import NonFiniteError
+from rlhf_core.value_head import CRITIC_DIR, VALUE_HEAD_FILE
+from tasks.distributed import torchrun_command
+from tasks.refs import ArtifactRef, CheckpointRef
+from tasks.train import train_stage
 
 pytestmark = pytest.mark.slow
 
@@ -31,19 +32,24 @@ ROWS = 16
 # 2 epochs x 2 mini-batches = 4 steps; a mini-batch of 8 rows is 4 per rank, cut into micro-batches of 3 and 1:
 # gradient accumulation, the skipped sync of the first micro-batch and the old-log-prob pass are all exercised
 OPTIM = OptimConfig(lr=1e-3, epochs=2, mini_batches=2, micro_batch_size=3)
-UPDATE_ARGS = dict(loss=LossConfig(), kl=KLConfig(coef=0.05), optim=OPTIM, temperature=1.0, max_new_tokens=8, seed=3)
-PPO_ARGS = dict(loss=LossConfig(), value=ValueConfig(vf_coef=0.5, head_lr=1e-2), optim=OPTIM, temperature=1.0,
-                max_new_tokens=8, seed=3)
-# The self-reference: one process with micro-batches of 1 instead of 3 (another float32 summation order)
-OTHER_SPLIT = dict(UPDATE_ARGS, optim=OPTIM.model_copy(update={"micro_batch_size": 1}))
-PPO_OTHER_SPLIT = dict(PPO_ARGS, optim=OTHER_SPLIT["optim"])
+GRPO_ARGS = GRPOUpdateArgs(loss=LossConfig(), kl=KLConfig(coef=0.05), optim=OPTIM, temperature=1.0,
+                           max_new_tokens=8, seed=3)
+PPO_ARGS = PPOUpdateArgs(loss=LossConfig(), value=ValueConfig(vf_coef=0.5, head_lr=1e-2), optim=OPTIM,
+                         temperature=1.0, max_new_tokens=8, seed=3)
+
+
+def with_micro_batches(args: UpdateArgs, size: int) -> UpdateArgs:
+    """The self-reference: the same update with another micro-batch split (another float32 summation order)."""
+    if hasattr(args, "optim"):
+        return args.model_copy(update={"optim": args.optim.model_copy(update={"micro_batch_size": size})})
+    return args.model_copy(update={"micro_batch_size": size})
 
 
 def rollouts(vocab_size: int, seed: int = 0) -> pd.DataFrame:
     """A scored rollout table: ragged prompts and responses, advantages and reference log-probs."""
     rng = random.Random(seed)
     rows = []
-    for i in range(ROWS):
+    for _ in range(ROWS):
         prompt = [rng.randrange(3, vocab_size) for _ in range(rng.randint(2, 6))]
         response = [rng.randrange(3, vocab_size) for _ in range(rng.randint(1, 8))]
         per_token = {name: [rng.uniform(low, high) for _ in response] for name, low, high in [
@@ -54,30 +60,21 @@ def rollouts(vocab_size: int, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def one_process_update(policy: CheckpointRef, df: pd.DataFrame, root, args: dict = UPDATE_ARGS) -> CheckpointRef:
-    model, tokenizer = load_causal_lm(policy.path)
-    model.eval()
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=OPTIM.lr, weight_decay=OPTIM.weight_decay)
-    restore_optimizer(optimizer, policy.path)
-    update_from_rollouts(model, optimizer, df, tokenizer.pad_token_id, device="cpu", **args)
-    path, digest = save_checkpoint(model, tokenizer, optimizer, root)
-    return CheckpointRef(path=str(path), sha256=digest)
-
-
-def one_process_ppo_update(policy: CheckpointRef, df: pd.DataFrame, root, args: dict = PPO_ARGS) -> CheckpointRef:
-    lm, tokenizer = load_causal_lm(policy.path)
-    model = ActorCritic(lm).eval()
-    model.load_value_head(policy.path)
-    value = args["value"]
-    optimizer = torch.optim.AdamW(model.parameter_groups(OPTIM.lr, value.head_lr), weight_decay=OPTIM.weight_decay)
-    restore_optimizer(optimizer, policy.path)
-    ppo_update_from_rollouts(model, optimizer, df, tokenizer.pad_token_id, device="cpu", **args)
-    path, digest = save_checkpoint(lm, tokenizer, optimizer, root, write_extra=model.save_critic)
-    return CheckpointRef(path=str(path), sha256=digest)
+def one_process(start: CheckpointRef, df: pd.DataFrame, args: UpdateArgs, root,
+                lora: LoraConfig | None = None) -> CheckpointRef:
+    """The training stage in this process, read from and written to disk (no model kept in memory)."""
+    trained = train(Path(start.path), df, args, TrainingSetup(runtime=RuntimeConfig(), lora=lora), "cpu", root)
+    return CheckpointRef(path=str(trained.path), sha256=trained.sha256)
 
 
 def weights(ref: CheckpointRef) -> dict[str, torch.Tensor]:
-    return load_file(f"{ref.path}/model.safetensors")
+    """The checkpoint's trained weights: the full (or merged) model, else its LoRA adapter."""
+    full = Path(ref.path) / "model.safetensors"
+    return load_file(full if full.is_file() else adapter_folder(ref.path) / ADAPTER_WEIGHTS_FILE)
+
+
+def critic_weights(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    return load_file(Path(ref.path) / CRITIC_DIR / "model.safetensors")
 
 
 def value_head(ref: CheckpointRef) -> dict[str, torch.Tensor]:
@@ -101,21 +98,30 @@ def start_of(name: str, trained: torch.Tensor, start: dict[str, torch.Tensor]) -
     return start.get(name, start.get(unprefixed, torch.zeros_like(trained)))
 
 
-def assert_checkpoint_matches(multi: CheckpointRef, single: CheckpointRef, other: CheckpointRef,
-                              start: CheckpointRef, what: str, head: bool = False) -> float:
-    """A 2-process checkpoint equals the 1-process one within FACTOR x the 1-process run's own difference under
-    another micro-batch split (`other`): the weights as a share of the update (a tensor the start lacks, a new
-    score head, counts from zero), the value head if any, and Adam's moments.
-    -> the largest bound"""
-    trained, start_weights = weights(single), weights(start)
+def update_share_check(name: str, read, single: CheckpointRef, start: CheckpointRef):
+    """(name, difference of a checkpoint from `single` as a share of the update from `start`, its float32 floor)
+    for the weights `read` returns; a tensor the start lacks (a new score head, a fresh adapter) counts from
+    zero."""
+    trained, start_weights = read(single), weights(start)
     initial = {k: start_of(k, v, start_weights) for k, v in trained.items()}
-    checks = [("weights, share of the update", lambda ref: relative_update_difference(weights(ref), trained, initial),
-               float32_floor(1.0, ulps=1) * norm_of(trained) / norm_of_difference(trained, initial)),
+    return (f"{name}, share of the update", lambda ref: relative_update_difference(read(ref), trained, initial),
+            float32_floor(1.0, ulps=1) * norm_of(trained) / norm_of_difference(trained, initial))
+
+
+def assert_checkpoint_matches(multi: CheckpointRef, single: CheckpointRef, other: CheckpointRef,
+                              start: CheckpointRef, what: str, head: bool = False, critic: bool = False) -> float:
+    """A 2-process checkpoint equals the 1-process one within FACTOR x the 1-process run's own difference under
+    another micro-batch split (`other`): the weights (and a separate critic's, which starts as a copy of the
+    policy) as a share of the update, the value head if any, and Adam's moments.
+    -> the largest bound"""
+    checks = [update_share_check("weights", weights, single, start),
               ("Adam moments, relative", lambda ref: relative_difference(adam_moments(ref), adam_moments(single)),
                float32_floor(1.0))]
     if head:
         checks.append(("value head, relative", lambda ref: relative_difference(value_head(ref), value_head(single)),
                        float32_floor(1.0)))
+    if critic:
+        checks.append(update_share_check("critic", critic_weights, single, start))
     bounds = []
     for name, difference_from_single, floor in checks:
         label = f"{what}, {name}"
@@ -126,9 +132,10 @@ def assert_checkpoint_matches(multi: CheckpointRef, single: CheckpointRef, other
     return max(bounds)
 
 
-def assert_chains_match(singles, others, multis, start: CheckpointRef, what: str, head: bool = False) -> str:
+def assert_chains_match(singles, others, multis, start: CheckpointRef, what: str, head: bool = False,
+                        critic: bool = False) -> str:
     """`assert_checkpoint_matches` update by update. -> the bounds in words, for the test's record"""
-    bound = max(assert_checkpoint_matches(multi, single, other, start, f"{what}, update {step}", head)
+    bound = max(assert_checkpoint_matches(multi, single, other, start, f"{what}, update {step}", head, critic)
                 for step, (single, other, multi) in enumerate(zip(singles, others, multis), start=1))
     return f"{FACTOR:g}x one process's own micro-batch-split difference (here {bound:.2g} of the update)"
 
@@ -144,21 +151,24 @@ def policy_and_batch(tiny_model_dir, rlhf_home, tmp_path):
     return policy, ArtifactRef(path=str(path), sha256="-", rows=len(df)), df
 
 
-def chained_updates(one_process, algorithm: str, args: dict, other_split: dict, policy, batch, df, strategy: str,
-                    root):
-    """Two updates in a row, each from the previous checkpoint: in one process, in one process with another
-    micro-batch split (the self-reference) and under torchrun with 2 ranks.
-    -> ([one-process checkpoints], [other-split checkpoints], [2-process checkpoints], the last 2-process result)"""
-    runtime = RuntimeConfig(num_processes=2, distributed=strategy, num_threads=1)
+def two_process_setup(strategy: str, lora: LoraConfig | None = None) -> TrainingSetup:
+    return TrainingSetup(runtime=RuntimeConfig(num_processes=2, distributed=strategy, num_threads=1), lora=lora)
 
+
+def chained_updates(args: UpdateArgs, other_split: UpdateArgs, policy, batch, df, strategy: str, root,
+                    lora: LoraConfig | None = None):
+    """Two updates in a row, each from the previous checkpoint: in one process, in one process with another
+    micro-batch split (the self-reference) and through the train stage under torchrun with 2 ranks.
+    -> ([one-process checkpoints], [other-split checkpoints], [2-process checkpoints], the last 2-process result)"""
     def chain(run_one) -> list[CheckpointRef]:
         first = run_one(policy)
         return [first, run_one(first)]
 
-    singles = chain(lambda start: one_process(start, df, root, args))
-    others = chain(lambda start: one_process(start, df, root, other_split))
-    multi_1 = distributed_update(algorithm, policy, batch, runtime, False, args, "update-metrics").checkpoint
-    result = distributed_update(algorithm, multi_1, batch, runtime, False, args, "update-metrics")
+    singles = chain(lambda start: one_process(start, df, args, root, lora))
+    others = chain(lambda start: one_process(start, df, other_split, root, lora))
+    setup = two_process_setup(strategy, lora)
+    multi_1 = train_stage(policy, batch, args, setup, "update-metrics", "update").checkpoint
+    result = train_stage(multi_1, batch, args, setup, "update-metrics", "update")
     return singles, others, [multi_1, result.checkpoint], result
 
 
@@ -167,8 +177,8 @@ def test_two_processes_match_one_over_two_chained_updates(strategy, policy_and_b
     """Two updates in a row (the second resumes Adam's state from the first's checkpoint): 2 ranks give the
     weights and Adam moments of 1 process, and a checkpoint a 2-rank run wrote resumes in either."""
     policy, batch, df = policy_and_batch
-    singles, others, multis, result = chained_updates(one_process_update, "grpo", UPDATE_ARGS, OTHER_SPLIT, policy,
-                                                      batch, df, strategy, tmp_path / "single")
+    singles, others, multis, result = chained_updates(GRPO_ARGS, with_micro_batches(GRPO_ARGS, 1), policy, batch,
+                                                      df, strategy, tmp_path / "single")
     assert max_difference(weights(singles[-1]), weights(policy)) > 1e-3  # the update moved the weights
     within = assert_chains_match(singles, others, multis, policy, f"GRPO {strategy}")
     assert float(load_file(f"{multis[-1].path}/{OPTIMIZER_FILE}")["0.step"]) == 8.0  # the second continued the count
@@ -184,9 +194,9 @@ def test_the_bound_catches_one_ranks_rows_counted_twice(policy_and_batch, tmp_pa
     share was added twice would) lies far outside the bound that one process's own split difference gives."""
     policy, _, df = policy_and_batch
     doubled = df.assign(advantages=[a * (2 if i % 2 else 1) for i, a in enumerate(df["advantages"])])
-    single = one_process_update(policy, df, tmp_path / "single")
-    other = one_process_update(policy, df, tmp_path / "other", OTHER_SPLIT)
-    wrong = one_process_update(policy, doubled, tmp_path / "wrong")
+    single = one_process(policy, df, GRPO_ARGS, tmp_path / "single")
+    other = one_process(policy, df, with_micro_batches(GRPO_ARGS, 1), tmp_path / "other")
+    wrong = one_process(policy, doubled, GRPO_ARGS, tmp_path / "wrong")
     start = weights(policy)
     self_difference = relative_update_difference(weights(other), weights(single), start)
     mistake = relative_update_difference(weights(wrong), weights(single), start)
@@ -204,8 +214,8 @@ def test_ppo_two_processes_match_one_over_two_chained_updates(strategy, policy_a
     path = tmp_path / "ppo-batch.parquet"
     df.to_parquet(path)
     batch = ArtifactRef(path=str(path), sha256="-", rows=len(df))
-    singles, others, multis, result = chained_updates(one_process_ppo_update, "ppo", PPO_ARGS, PPO_OTHER_SPLIT,
-                                                      policy, batch, df, strategy, tmp_path / "single")
+    singles, others, multis, result = chained_updates(PPO_ARGS, with_micro_batches(PPO_ARGS, 1), policy, batch, df,
+                                                      strategy, tmp_path / "single")
     assert max_difference(weights(singles[-1]), weights(policy)) > 1e-3
     assert float(value_head(singles[-1])["weight"].abs().max()) > 1e-3  # the zero-initialised head trained
     within = assert_chains_match(singles, others, multis, policy, f"PPO {strategy}", head=True)
@@ -215,10 +225,30 @@ def test_ppo_two_processes_match_one_over_two_chained_updates(strategy, policy_a
                        f"policy, value head and Adam state equal one process within {within}", "n/a")
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ppo_separate_critic_two_processes_match_one(strategy, policy_and_batch, tmp_path, reliability):
+    """PPO with value.critic: separate (a second backbone, copied from the policy on first use, plus the value
+    head) under torchrun: policy, critic, value head and Adam's state equal one process's after two updates."""
+    policy, _, df = policy_and_batch
+    df = df.drop(columns="advantages").rename(columns={"token_advantages": "advantages"})
+    path = tmp_path / "ppo-batch.parquet"
+    df.to_parquet(path)
+    batch = ArtifactRef(path=str(path), sha256="-", rows=len(df))
+    args = PPO_ARGS.model_copy(update={"value": PPO_ARGS.value.model_copy(update={"critic": "separate"})})
+    singles, others, multis, _ = chained_updates(args, with_micro_batches(args, 1), policy, batch, df, strategy,
+                                                 tmp_path / "single")
+    assert max_difference(critic_weights(singles[-1]), weights(policy)) > 1e-3  # the critic trained
+    assert max_difference(critic_weights(singles[-1]), weights(singles[-1])) > 1e-3  # apart from the policy
+    within = assert_chains_match(singles, others, multis, policy, f"PPO separate critic {strategy}", head=True,
+                                 critic=True)
+    reliability.record("2 CPU processes (torchrun, gloo)", f"PPO update, separate critic, {strategy.upper()}",
+                       f"policy, critic, value head and Adam state equal one process within {within}", "n/a")
+
+
 # 13 pairs in mini-batches of 4 -> 4 mini-batches of 4, 3, 3, 3 pairs; micro-batches of 1: rank 1 holds one
 # pair of a 3-pair mini-batch and runs one padding pass while rank 0 runs its second pair
-DPO_ARGS = dict(batch_size=4, micro_batch_size=1, max_grad_norm=1.0, seed=5, loss_type="sigmoid", beta=0.1,
-                label_smoothing=0.0, simpo_gamma=0.5, rpo_alpha=None, lr=1e-3)
+DPO_ARGS = DPOUpdateArgs(epoch=0, batch_size=4, micro_batch_size=1, lr=1e-3, max_grad_norm=1.0, seed=5,
+                         loss_type="sigmoid", beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, rpo_alpha=None)
 
 
 def assert_counts_of_pairs(accuracies: pd.Series) -> None:
@@ -241,13 +271,8 @@ def pairs(vocab_size: int, num_pairs: int = 13, seed: int = 0) -> pd.DataFrame:
                          for _ in range(num_pairs)])
 
 
-KTO_ARGS = dict(batch_size=4, micro_batch_size=1, max_grad_norm=1.0, seed=5, beta=0.1, desirable_weight=1.0,
-                undesirable_weight=1.33, lr=1e-3)
-
-
-def with_micro_batches_of_4(args: dict) -> dict:
-    """The self-reference of the offline epochs: one process with micro-batches of 4 rows instead of 1."""
-    return dict(args, micro_batch_size=4)
+KTO_ARGS = KTOUpdateArgs(epoch=0, batch_size=4, micro_batch_size=1, lr=1e-3, max_grad_norm=1.0, seed=5, beta=0.1,
+                         desirable_weight=1.0, undesirable_weight=1.33)
 
 
 def examples(vocab_size: int, num_examples: int = 13) -> pd.DataFrame:
@@ -263,31 +288,14 @@ def examples(vocab_size: int, num_examples: int = 13) -> pd.DataFrame:
                           "ref_mismatched_logps": rng.uniform(-300, -200)} for _ in range(num_examples)])
 
 
-def one_process_epoch(update_from_table, template: dict):
-    """The one-process epoch of an offline algorithm (DPO, KTO) on a tokenized table, as its task runs it."""
-
-    def run(policy: CheckpointRef, df: pd.DataFrame, root, args: dict = template) -> CheckpointRef:
-        model, tokenizer = load_causal_lm(policy.path)
-        model.eval()
-        args = dict(args)
-        optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.pop("lr"), weight_decay=0.0)
-        restore_optimizer(optimizer, policy.path)
-        update_from_table(model, optimizer, df, tokenizer.pad_token_id, device="cpu", **args)
-        path, digest = save_checkpoint(model, tokenizer, optimizer, root)
-        return CheckpointRef(path=str(path), sha256=digest)
-
-    return run
-
-
 def kto_reference_point_was_positive(metrics: pd.DataFrame) -> None:
     assert (metrics["kl"] > 0).all()  # z0 > 0 in every step: the padded reference-point passes mattered
 
 
-# algorithm -> (tokenized table, one-process update, update args, a check of the 2-process metrics)
+# algorithm -> (tokenized table, update args, a check of the 2-process metrics)
 OFFLINE = {
-    "dpo": (pairs, update_from_pairs, DPO_ARGS,
-            lambda metrics: assert_counts_of_pairs(metrics["rewards/accuracies"])),
-    "kto": (examples, update_from_examples, KTO_ARGS, kto_reference_point_was_positive),
+    "dpo": (pairs, DPO_ARGS, lambda metrics: assert_counts_of_pairs(metrics["rewards/accuracies"])),
+    "kto": (examples, KTO_ARGS, kto_reference_point_was_positive),
 }
 
 
@@ -298,14 +306,13 @@ def test_offline_epochs_with_uneven_mini_batches_match_one_process(algorithm, st
     """DPO's and KTO's epochs under torchrun, 13 rows in mini-batches of 4, 3, 3, 3: a rank with fewer rows runs
     padding passes (KTO's reference-point passes too); two chained epochs give one process's weights and Adam."""
     policy, _, _ = policy_and_batch
-    table, update_from_table, args, check_metrics = OFFLINE[algorithm]
+    table, args, check_metrics = OFFLINE[algorithm]
     df = table(vocab_size=49152)
     path = tmp_path / f"{algorithm}.parquet"
     df.to_parquet(path)
     batch = ArtifactRef(path=str(path), sha256="-", rows=len(df))
-    singles, others, multis, result = chained_updates(one_process_epoch(update_from_table, args), algorithm, args,
-                                                      with_micro_batches_of_4(args), policy, batch, df, strategy,
-                                                      tmp_path / "single")
+    singles, others, multis, result = chained_updates(args, with_micro_batches(args, 4), policy, batch, df,
+                                                      strategy, tmp_path / "single")
     assert max_difference(weights(singles[-1]), weights(policy)) > 1e-3
     within = assert_chains_match(singles, others, multis, policy, f"{algorithm} {strategy}")
     assert float(load_file(f"{multis[-1].path}/{OPTIMIZER_FILE}")["0.step"]) == 8.0
@@ -315,8 +322,39 @@ def test_offline_epochs_with_uneven_mini_batches_match_one_process(algorithm, st
                        f"weights and Adam state equal one process within {within}", "n/a")
 
 
-RM_ARGS = dict(batch_size=4, micro_batch_size=1, max_length=32, center_coef=0.01, max_grad_norm=1.0, seed=5,
-               lr=1e-3, init_seed=2)
+LORA = LoraConfig(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"])
+
+
+@pytest.mark.parametrize("algorithm, save, strategy", [("grpo", "adapter", "ddp"), ("grpo", "adapter", "fsdp"),
+                                                       ("dpo", "merged", "ddp"), ("dpo", "merged", "fsdp")])
+def test_lora_two_processes_match_one(algorithm, save, strategy, policy_and_batch, tmp_path, reliability):
+    """LoRA under torchrun: a fresh adapter (drawn from the update's seed, so the same in every process) trained
+    for two chained updates, the second continuing the saved adapter, gives one process's adapter-only or merged
+    weights and Adam state."""
+    policy, batch, df = policy_and_batch
+    if algorithm == "dpo":
+        df = pairs(vocab_size=49152)
+        path = tmp_path / "pairs.parquet"
+        df.to_parquet(path)
+        batch = ArtifactRef(path=str(path), sha256="-", rows=len(df))
+    args, other_split = {"grpo": (GRPO_ARGS, with_micro_batches(GRPO_ARGS, 1)),
+                         "dpo": (DPO_ARGS, with_micro_batches(DPO_ARGS, 4))}[algorithm]
+    lora = LORA.model_copy(update={"save": save})
+    singles, others, multis, _ = chained_updates(args, other_split, policy, batch, df, strategy,
+                                                 tmp_path / "single", lora)
+    for checkpoint in singles + multis:
+        assert (adapter_folder(checkpoint.path) / ADAPTER_WEIGHTS_FILE).is_file()
+        assert (Path(checkpoint.path) / "model.safetensors").is_file() == (save == "merged")
+    assert max_difference(weights(singles[-1]), weights(singles[0])) > 1e-5  # the second update moved them
+    within = assert_chains_match(singles, others, multis, policy, f"{algorithm} LoRA {save} {strategy}")
+    reliability.record("2 CPU processes (torchrun, gloo)",
+                       f"{algorithm.upper()} with LoRA ({save}), {strategy.upper()}, 2 chained updates",
+                       f"{'merged weights' if save == 'merged' else 'adapter'} and Adam state equal one process "
+                       f"within {within}", "n/a")
+
+
+RM_ARGS = RewardModelUpdateArgs(epoch=0, batch_size=4, micro_batch_size=1, lr=1e-3, max_grad_norm=1.0, seed=5,
+                                max_length=32, center_coef=0.01)
 
 
 def text_pairs(num_pairs: int = 13) -> pd.DataFrame:
@@ -324,21 +362,6 @@ def text_pairs(num_pairs: int = 13) -> pd.DataFrame:
     words = ["good", "bad", "fine", "awful", "great", "slow", "kind", "rude", "warm", "cold"]
     return pd.DataFrame([{"prompt": f"Review place {i}.", "chosen": " ".join(rng.choices(words, k=rng.randint(1, 6))),
                           "rejected": " ".join(rng.choices(words, k=rng.randint(1, 6)))} for i in range(num_pairs)])
-
-
-def one_process_reward_model_epoch(model_ref: CheckpointRef, df: pd.DataFrame, root,
-                                   args: dict = RM_ARGS) -> CheckpointRef:
-    from rlhf_core import reward_model as rm
-
-    args = dict(args)
-    torch.manual_seed(args.pop("init_seed"))  # the causal LM backbone gets a new score head
-    model, tokenizer = rm.load_reward_model(model_ref.path)
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.pop("lr"), weight_decay=0.0)
-    restore_optimizer(optimizer, model_ref.path)
-    rm.train_reward_model_epoch(model, optimizer, tokenizer, df["prompt"].tolist(), df["chosen"].tolist(),
-                                df["rejected"].tolist(), None, **args)
-    path, digest = save_checkpoint(model, tokenizer, optimizer, root)
-    return CheckpointRef(path=str(path), sha256=digest)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -350,9 +373,8 @@ def test_reward_model_epochs_match_one_process(strategy, policy_and_batch, tmp_p
     path = tmp_path / "text-pairs.parquet"
     df.to_parquet(path)
     batch = ArtifactRef(path=str(path), sha256="-", rows=len(df))
-    singles, others, multis, result = chained_updates(one_process_reward_model_epoch, "reward_model", RM_ARGS,
-                                                      with_micro_batches_of_4(RM_ARGS), backbone, batch, df, strategy,
-                                                      tmp_path / "single")
+    singles, others, multis, result = chained_updates(RM_ARGS, with_micro_batches(RM_ARGS, 4), backbone, batch, df,
+                                                      strategy, tmp_path / "single")
     assert "score.weight" in weights(singles[0]) and "score.weight" not in weights(backbone)
     assert max_difference(weights(singles[-1]), weights(singles[0])) > 1e-3
     within = assert_chains_match(singles, others, multis, backbone, f"reward model {strategy}")
@@ -367,10 +389,9 @@ def test_nan_in_one_rank_stops_with_the_original_error(policy_and_batch):
     bad.loc[1, "advantages"] = float("nan")  # row 1: rank 1's share
     path = batch.path.replace("batch.parquet", "bad.parquet")
     bad.to_parquet(path)
-    runtime = RuntimeConfig(num_processes=2, distributed="ddp", num_threads=1)
     with pytest.raises(NonFiniteError, match="rank 1 failed.*loss"):
-        distributed_update("grpo", policy, ArtifactRef(path=path, sha256="-", rows=ROWS), runtime, False,
-                           UPDATE_ARGS, "update-metrics")
+        train_stage(policy, ArtifactRef(path=path, sha256="-", rows=ROWS), GRPO_ARGS, two_process_setup("ddp"),
+                    "update-metrics", "update")
 
 
 def test_decoder_layers_are_the_no_split_modules(tiny_model):
@@ -380,12 +401,12 @@ def test_decoder_layers_are_the_no_split_modules(tiny_model):
 
 
 def test_torchrun_command_uses_a_free_local_port(tmp_path):
-    command = torchrun_command(4, tmp_path / "spec.json")
+    command = torchrun_command(4, tmp_path / "job.json")
     assert "--standalone" in command and "--nproc_per_node=4" in command
-    assert command[-2:] == ["rlhf_core.distributed_worker", str(tmp_path / "spec.json")]
+    assert command[-2:] == ["rlhf_core.distributed_worker", str(tmp_path / "job.json")]
 
 
-def test_configs_refuse_what_cannot_run_distributed():
+def test_configs_refuse_only_what_cannot_split_evenly():
     from pydantic import ValidationError
 
     from rlhf_core.config import DPOConfig, GRPOConfig, KTOConfig, PPOConfig, RewardModelConfig
@@ -396,9 +417,8 @@ def test_configs_refuse_what_cannot_run_distributed():
         GRPOConfig(runtime={"num_processes": 2}, prompts_per_iteration=3, generation={"group_size": 3})
     PPOConfig(runtime={"num_processes": 2}, prompts_per_iteration=4, generation={"group_size": 2},
               optim={"mini_batches": 2})
-    with pytest.raises(ValidationError, match="value.critic='shared' only"):
-        PPOConfig(runtime={"num_processes": 2}, prompts_per_iteration=4, generation={"group_size": 2},
-                  value={"critic": "separate"})
+    PPOConfig(runtime={"num_processes": 2}, prompts_per_iteration=4, generation={"group_size": 2},
+              value={"critic": "separate"})
     PPOConfig(runtime={"num_processes": 2}, prompts_per_iteration=3, generation={"group_size": 3})  # padding passes
     DPOConfig(runtime={"num_processes": 2})
     for config in (RewardModelConfig, KTOConfig):
@@ -414,8 +434,9 @@ def test_scoring_passes_under_torchrun_match_one_process(strategy, tiny_model_di
 
     from rlhf_core.config import RewardSpec
     from rlhf_core.io import sha256_dir
-    from rlhf_core.models import load_tokenizer, tiny_llama_config
-    from tasks.scoring import scored_frame
+    from rlhf_core.models import load_tokenizer
+    from tiny_models import tiny_llama_config
+    from tasks.scoring import RewardSources, scored_frame
 
     tokenizer, _ = load_tokenizer(tokenizer_dir)
     torch.manual_seed(1)
@@ -430,9 +451,11 @@ def test_scoring_passes_under_torchrun_match_one_process(strategy, tiny_model_di
     refs = [None, CheckpointRef(path=str(reward_dir), sha256=sha256_dir(reward_dir))]
     reference = CheckpointRef(path=str(tiny_model_dir), sha256=sha256_dir(tiny_model_dir))
 
+    sources = RewardSources(specs=rewards, fingerprints=[None, None], models=refs)
+
     def score(runtime: RuntimeConfig, micro_batch_size: int = 2) -> pd.DataFrame:
-        return scored_frame(df.copy(), rewards, refs, [], reference, runtime, temperature=0.7,
-                            micro_batch_size=micro_batch_size, chunk_size=1024)
+        logprobs = LogprobPass(temperature=0.7, micro_batch_size=micro_batch_size, chunk_size=1024)
+        return scored_frame(df.copy(), sources, reference, logprobs, runtime)
 
     one, other_split = score(RuntimeConfig()), score(RuntimeConfig(), micro_batch_size=3)  # other padding
     two = score(RuntimeConfig(num_processes=2, distributed=strategy, num_threads=1))
@@ -500,15 +523,15 @@ def test_ppo_value_pass_under_torchrun_matches_one_process(strategy, policy_and_
     from tasks.ppo import compute_values
 
     policy, _, df = policy_and_batch
-    trained = one_process_ppo_update(policy, df.drop(columns="advantages").rename(
-        columns={"token_advantages": "advantages"}), tmp_path / "single")  # a non-zero value head
+    trained = one_process(policy, df.drop(columns="advantages").rename(columns={"token_advantages": "advantages"}),
+                          PPO_ARGS, tmp_path / "single")  # a non-zero value head
     path = tmp_path / "rollouts.parquet"
     df.head(7)[["prompt_ids", "response_ids"]].to_parquet(path)
     rollouts = ArtifactRef(path=str(path), sha256="-", rows=7)
 
     def values(runtime: RuntimeConfig, micro_batch_size: int = 2) -> pd.DataFrame:
-        return compute_values.fn(trained, rollouts, runtime, "shared", temperature=0.7,
-                                 micro_batch_size=micro_batch_size, chunk_size=1024).read()
+        logprobs = LogprobPass(temperature=0.7, micro_batch_size=micro_batch_size, chunk_size=1024)
+        return compute_values.fn(trained, rollouts, "shared", logprobs, runtime, False).read()
 
     one, other_split = values(RuntimeConfig()), values(RuntimeConfig(), micro_batch_size=3)
     two = values(RuntimeConfig(num_processes=2, distributed=strategy, num_threads=1))

@@ -12,8 +12,7 @@ import torch
 
 from rlhf_core.batch import collate, select_rows
 from rlhf_core.config import DPOConfig
-from rlhf_core.dpo import (batched_pair_logprobs, collate_pairs, dpo_loss, dpo_update, pair_logprobs,
-                           tokenize_pairs)
+from rlhf_core.dpo import batched_pair_logprobs, collate_pairs, dpo_loss, dpo_update, pair_logprobs, tokenize_pairs
 from rlhf_core.logprobs import response_logprobs
 from rlhf_core.models import load_causal_lm
 from rlhf_core.preference_losses import PREFERENCE_LOSSES, rpo_nll

@@ -10,10 +10,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from flows.online import resolve_run_seed
+from flows.inputs import resolve_run_seed
 from rlhf_core.config import EvaluationConfig, GRPOConfig
-from rlhf_core.evaluation import (comparison_summary, paired_outcomes, promotion_decision, sequence_kl,
-                                  win_rate)
+from rlhf_core.evaluation import comparison_summary, paired_outcomes, promotion_decision, sequence_kl, win_rate
 from rlhf_core.kl import kl_k1
 from tasks.evaluation import compare_models, summarize_pairs
 from tasks.refs import publish

@@ -7,14 +7,15 @@ from __future__ import annotations
 import mlflow
 import pandas as pd
 import pytest
+from flow_helpers import mlflow_run_of
 from safetensors.torch import load_file
+from test_distributed import assert_checkpoint_matches, max_difference, value_head, weights
 from transformers import AutoModelForSequenceClassification
 
-from flow_helpers import mlflow_run_of
 from rlhf_core.config import KLConfig, RuntimeConfig
-from rlhf_core.models import load_tokenizer, tiny_llama_config
+from rlhf_core.models import load_tokenizer
+from tiny_models import tiny_llama_config
 from tasks.refs import CheckpointRef
-from test_distributed import assert_checkpoint_matches, max_difference, value_head, weights
 
 pytestmark = pytest.mark.slow
 OTHER_SPLIT = "1 process, other micro-batches"  # the self-reference whose difference sets each bound
@@ -53,8 +54,9 @@ def assert_two_processes_match_one(finals: dict, start: CheckpointRef, what: str
 def test_grpo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir, tmp_path, monkeypatch):
     """FSDP; the scoring stage's reference pass runs under torchrun too. The second iteration samples from the
     2-process policy the same tokens as from the 1-process one."""
-    from flows.grpo import grpo
     from test_flow_grpo import tiny_config
+
+    from flows.grpo import grpo
 
     def logged_both_iterations(run) -> None:
         history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "policy/grad_norm")
@@ -82,8 +84,9 @@ def test_ppo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir
                                                  tokenizer_dir):
     """DDP; a reward function and a reward model, adaptive KL. The checkpoint carries the value head, and policy
     and head equal the one-process run's."""
-    from flows.ppo import ppo
     from test_flow_ppo import tiny_ppo_config
+
+    from flows.ppo import ppo
 
     tokenizer, _ = load_tokenizer(tokenizer_dir)
     reward_dir = tmp_path / "reward-model"
@@ -106,6 +109,7 @@ def test_offline_flow_with_two_processes_matches_one(algorithm, strategy, prefec
     over 2 ranks; the same trained policy and held-out accuracy as one process."""
     import test_flow_dpo
     import test_flow_kto
+
     from flows.dpo import dpo
     from flows.kto import kto
 
@@ -124,9 +128,10 @@ def test_offline_flow_with_two_processes_matches_one(algorithm, strategy, prefec
 def test_reward_model_flow_with_two_processes_matches_one(prefect_harness, tmp_path, monkeypatch):
     """The built-in MiniLM (a BERT encoder: FSDP shards its BertLayer blocks): the trained classifier and its
     held-out accuracy equal the one-process flow's."""
+    from test_flow_reward_model import small_config, write_graded_pairs
+
     from flows.reward_model import reward_model
     from rlhf_core.reward_model import minilm_path
-    from test_flow_reward_model import small_config, write_graded_pairs
 
     pairs_file = write_graded_pairs(tmp_path / "pairs.jsonl")
     finals, runs = with_one_and_two_processes(reward_model, lambda runtime, micro_batch_size: small_config(

@@ -10,11 +10,11 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from flow_helpers import failing_call, metric_steps, mlflow_run_of, task_states
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from flow_helpers import failing_call, metric_steps, mlflow_run_of, task_states
-import tasks.update
+import rlhf_core.training
 from flows.dpo import dpo
 from rlhf_core.config import DPOConfig, ModelConfig, PreferenceDataConfig, TrackingConfig
 from rlhf_core.io import sha256_dir
@@ -118,7 +118,7 @@ def test_crash_in_epoch_1_then_rerun_resumes_and_matches_uninterrupted_run(prefe
     uninterrupted = sha256_dir(dpo(config))
 
     monkeypatch.setenv("RLHF_HOME", str(tmp_path / "crashed"))
-    with failing_call(tasks.update, "save_checkpoint", call=2):  # epoch 1 dies before its checkpoint is written
+    with failing_call(rlhf_core.training, "save_trained", call=2):  # epoch 1 dies before its checkpoint is written
         crashed = dpo(config, return_state=True)
     assert crashed.is_failed()
     assert mlflow_run_of(crashed.state_details.flow_run_id).info.status == "FAILED"

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from flow_helpers import mlflow_run_of
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-from flow_helpers import mlflow_run_of
 from flows.evaluation import evaluate
 from flows.grpo import grpo
 from rlhf_core.config import (DataConfig, EvaluationConfig, GenerationConfig, GRPOConfig, ModelConfig, OptimConfig,

@@ -9,15 +9,15 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from flow_helpers import failing_call, mlflow_run_of, task_states
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterType, FlowRunFilter, FlowRunFilterId,
                                             TaskRunFilter, TaskRunFilterName)
 
-import tasks.update
+import rlhf_core.training
 from flows.grpo import grpo
-from flow_helpers import failing_call, mlflow_run_of, task_states
 from rlhf_core.config import (DataConfig, GenerationConfig, GRPOConfig, KLConfig, ModelConfig, OptimConfig,
-                               TrackingConfig)
+                              TrackingConfig)
 from rlhf_core.io import sha256_dir, sha256_file
 from tasks.models import resolve_model
 
@@ -100,7 +100,7 @@ def test_crash_in_update_then_rerun_resumes_and_matches_uninterrupted_run(prefec
 
     monkeypatch.setenv("RLHF_HOME", str(tmp_path / "crashed"))
     # iteration 1's update dies after training, before its checkpoint
-    with failing_call(tasks.update, "save_checkpoint", call=2):
+    with failing_call(rlhf_core.training, "save_trained", call=2):
         crashed = grpo(config, return_state=True)
     assert crashed.is_failed()
     assert mlflow_run_of(crashed.state_details.flow_run_id).info.status == "FAILED"

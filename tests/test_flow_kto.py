@@ -11,14 +11,14 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from flow_helpers import metric_steps, mlflow_run_of, task_states
 from pydantic import ValidationError
 
-from flow_helpers import metric_steps, mlflow_run_of, task_states
 from flows.kto import kto, summarize_held_out
 from rlhf_core.config import KTOConfig, ModelConfig, TrackingConfig, UnpairedDataConfig
 from rlhf_core.data import DatasetError
 from rlhf_core.io import sha256_dir
-from tasks.kto import load_unpaired_dataset
+from tasks.data import load_unpaired_dataset
 
 PLACES = ["hotel", "diner", "museum", "phone", "novel", "theme park"]
 

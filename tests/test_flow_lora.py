@@ -12,12 +12,14 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-import torch
-from safetensors.torch import load_file
-
 import test_flow_dpo
 import test_flow_kto
+import torch
 from flow_helpers import mlflow_run_of
+from safetensors.torch import load_file
+from test_flow_ppo import tiny_ppo_config
+from test_flow_reward_model import small_config as reward_model_config
+
 from flows.dpo import dpo
 from flows.grpo import grpo
 from flows.kto import kto
@@ -26,7 +28,7 @@ from flows.reward_model import reward_model
 from rlhf_core import kto as kto_core
 from rlhf_core.batch import collate, response_lists
 from rlhf_core.config import (DataConfig, DPOConfig, GenerationConfig, GRPOConfig, KLConfig, LoraConfig, ModelConfig,
-                               OptimConfig, PreferenceDataConfig, RewardSpec, RuntimeConfig, TrackingConfig)
+                              OptimConfig, PreferenceDataConfig, RewardSpec, RuntimeConfig, TrackingConfig)
 from rlhf_core.io import sha256_dir, sha256_file
 from rlhf_core.logprobs import batched_response_logprobs
 from rlhf_core.lora import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_WEIGHTS_FILE, adapter_disabled, has_adapter
@@ -34,8 +36,6 @@ from rlhf_core.models import load_causal_lm
 from rlhf_core.reward_model import load_reward_model, reward_scores
 from rlhf_core.value_head import VALUE_HEAD_FILE
 from tasks.models import resolve_model
-from test_flow_ppo import tiny_ppo_config
-from test_flow_reward_model import small_config as reward_model_config
 
 pytestmark = pytest.mark.slow
 examples_file = test_flow_kto.examples_file  # the KTO tests' fixture: 24 labelled review completions

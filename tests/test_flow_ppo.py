@@ -8,14 +8,15 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from flow_helpers import failing_call, metric_steps, mlflow_run_of, task_states
 from transformers import AutoModelForSequenceClassification
 
 import tasks.ppo
-from flow_helpers import failing_call, metric_steps, mlflow_run_of, task_states
 from flows.ppo import ppo
 from rlhf_core.config import PPOConfig
 from rlhf_core.io import sha256_dir
-from rlhf_core.models import load_tokenizer, tiny_llama_config
+from rlhf_core.models import load_tokenizer
+from tiny_models import tiny_llama_config
 from rlhf_core.value_head import VALUE_HEAD_FILE
 
 pytestmark = pytest.mark.slow

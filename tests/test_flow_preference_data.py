@@ -13,12 +13,12 @@ import httpx
 import mlflow
 import pandas as pd
 import pytest
+from flow_helpers import mlflow_run_of, task_states
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import StateType
 from prefect.flow_runs import resume_flow_run
 
-from flow_helpers import mlflow_run_of, task_states
 from flows.preference_data import preference_data
 from rlhf_core.config import (DataConfig, GenerationConfig, JudgeConfig, ModelConfig, PreferenceDatasetConfig,
                               RewardSpec, TrackingConfig)

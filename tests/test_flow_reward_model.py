@@ -10,10 +10,10 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-
-import tasks.reward_model
-import tasks.update
 from flow_helpers import failing_call, metric_steps, mlflow_run_of, task_states
+
+import rlhf_core.training
+import tasks.reward_model
 from flows.reward_model import reward_model
 from rlhf_core.config import PreferenceDataConfig, RewardModelConfig, TrackingConfig
 from rlhf_core.io import sha256_dir
@@ -111,7 +111,7 @@ def test_crash_in_epoch_1_then_rerun_resumes_and_matches_uninterrupted_run(prefe
     uninterrupted = sha256_dir(reward_model(config))
 
     monkeypatch.setenv("RLHF_HOME", str(tmp_path / "crashed"))
-    with failing_call(tasks.update, "save_checkpoint", call=2):  # epoch 1 dies after training, before its checkpoint
+    with failing_call(rlhf_core.training, "save_trained", call=2):  # epoch 1 dies after training, before its checkpoint
         crashed = reward_model(config, return_state=True)
     assert crashed.is_failed()
     assert mlflow_run_of(crashed.state_details.flow_run_id).info.status == "FAILED"

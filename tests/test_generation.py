@@ -2,12 +2,12 @@ import math
 
 import pytest
 import torch
+from tolerance import assert_close_to_reference, float32_floor
 from transformers import AutoTokenizer
 
 from rlhf_core.batch import collate
 from rlhf_core.generation import chat_prompt_ids, pad_sequences, sample_responses, sample_tokens, top_p_filter
 from rlhf_core.logprobs import response_logprobs
-from tolerance import assert_close_to_reference, float32_floor
 
 # probs 0.5, 0.3, 0.15, 0.05: mass before each token (sorted) is 0, 0.5, 0.8, 0.95
 PROBS = torch.tensor([[0.5, 0.3, 0.15, 0.05]])

@@ -5,6 +5,7 @@ a few steps on a tiny model separate desirable from undesirable completions."""
 from __future__ import annotations
 
 import math
+
 import pytest
 import torch
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from rlhf_core.models import (PAD_TOKEN, ModelLoadError, check_model_folder, ensure_distinct_pad_token,
-                              eos_token_ids, load_causal_lm, parse_dtype, resolve_model_path)
+from rlhf_core.models import (PAD_TOKEN, ModelLoadError, check_model_folder, ensure_distinct_pad_token, eos_token_ids,
+                              load_causal_lm, parse_dtype, resolve_model_path)
 
 
 def test_smollm2_pad_becomes_unk_without_new_token(tokenizer_dir):

@@ -7,13 +7,13 @@ from __future__ import annotations
 import mlflow
 import pytest
 import torch
+from flow_helpers import metric_steps
+from test_crash_resume import crash_config
 
 import rlhf_core.grpo
-from flow_helpers import metric_steps
 from flows.grpo import grpo
 from rlhf_core.io import sha256_dir
 from tasks.paths import use_tracking_uri
-from test_crash_resume import crash_config
 
 pytestmark = pytest.mark.slow
 

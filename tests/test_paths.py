@@ -57,7 +57,8 @@ def test_fallback_applies_only_when_the_registry_has_no_such_model(rlhf_home, ti
     for uri in ("models:/no-champion-yet@champion", "models:/no-champion-yet/3", "models:/nope@champion"):
         with pytest.raises(RegisteredModelMissing, match=uri):
             registered_version(uri)
-    ref = resolve_start_model(ModelConfig(name_or_path="models:/no-champion-yet@champion", fallback=str(tiny_model_dir)))
+    ref = resolve_start_model(ModelConfig(name_or_path="models:/no-champion-yet@champion",
+                                          fallback=str(tiny_model_dir)))
     assert ref.path == str(tiny_model_dir)
     with pytest.raises(RegisteredModelMissing):
         resolve_start_model(ModelConfig(name_or_path="models:/no-champion-yet@champion"))

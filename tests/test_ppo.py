@@ -5,10 +5,13 @@ from __future__ import annotations
 import torch
 
 from rlhf_core.batch import collate, select_rows
-from rlhf_core.checkpoint import save_checkpoint, trainable_parameters
+from rlhf_core.checkpoint import trainable_parameters
+from rlhf_core.config import LossConfig, OptimConfig, RuntimeConfig, ValueConfig
+from rlhf_core.config.training import PPOUpdateArgs, TrainingSetup
 from rlhf_core.logprobs import batched_response_logprobs
 from rlhf_core.models import load_causal_lm
 from rlhf_core.ppo import ppo_advantages, ppo_loss, ppo_update, rollout_logprobs_and_values
+from rlhf_core.training import TrainingState, actor_critic_groups, adamw, save_trained
 from rlhf_core.update import Normalizers
 from rlhf_core.value_head import VALUE_HEAD_FILE, ActorCritic
 
@@ -96,6 +99,16 @@ def test_ppo_gradient_accumulation_matches_the_full_batch(tiny_model_dir):
         torch.testing.assert_close(a, b, atol=1e-6 * max(1.0, float(a.abs().max())), rtol=1e-4)
 
 
+ARGS = PPOUpdateArgs(loss=LossConfig(), value=ValueConfig(), optim=OptimConfig(), temperature=1.0, max_new_tokens=8,
+                     seed=0)
+
+
+def save_actor_critic_checkpoint(actor_critic, tokenizer, optimizer, root):
+    """The checkpoint PPO's train stage writes for this actor-critic and optimizer -> (folder, sha256)."""
+    state = TrainingState(module=actor_critic, model=actor_critic, tokenizer=tokenizer, optimizer=optimizer)
+    return save_trained(state, TrainingSetup(runtime=RuntimeConfig()), root, "ppo")
+
+
 def test_ppo_update_steps_and_value_head_checkpoint_round_trip(tiny_model_dir, tmp_path):
     model, tokenizer = load_causal_lm(tiny_model_dir)
     actor_critic = ActorCritic(model).eval()
@@ -106,7 +119,7 @@ def test_ppo_update_steps_and_value_head_checkpoint_round_trip(tiny_model_dir, t
     assert len(history) == 4 and history[0]["policy/approx_kl"] < 1e-10 < history[-1]["policy/approx_kl"]
     assert actor_critic.value_head.weight.abs().sum() > 0  # the head learned
 
-    folder, _ = save_checkpoint(model, tokenizer, optimizer, tmp_path, write_extra=actor_critic.save_critic)
+    folder, _ = save_actor_critic_checkpoint(actor_critic, tokenizer, optimizer, tmp_path)
     assert (folder / VALUE_HEAD_FILE).is_file()
     reloaded_model, _ = load_causal_lm(folder)
     reloaded = ActorCritic(reloaded_model).eval()
@@ -132,7 +145,8 @@ def test_separate_critic_takes_the_value_loss_and_the_policy_does_not(tiny_model
     assert critic.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())  # the policy is untouched by the critic's loss
 
-    folder, _ = save_checkpoint(model, tokenizer, None, tmp_path, write_extra=actor_critic.save_critic)
+    folder, _ = save_actor_critic_checkpoint(actor_critic, tokenizer, adamw(actor_critic_groups(actor_critic, ARGS),
+                                                                            ARGS), tmp_path)
     assert (folder / "critic" / "model.safetensors").is_file() and (folder / VALUE_HEAD_FILE).is_file()
 
 

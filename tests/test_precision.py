@@ -6,13 +6,12 @@ import pytest
 import torch
 
 from rlhf_core.batch import collate
-from rlhf_core.config import GenerationConfig, RuntimeConfig
+from rlhf_core.config import DataConfig, GenerationConfig, RuntimeConfig
 from rlhf_core.logprobs import batched_response_logprobs
 from rlhf_core.models import load_causal_lm, use_mixed_precision
 from tasks.data import load_prompt_dataset, sample_prompts
 from tasks.models import resolve_model
 from tasks.rollouts import generate_rollouts
-from rlhf_core.config import DataConfig
 
 
 def batch_of(tokenizer):
@@ -49,7 +48,7 @@ def test_no_mixed_precision_changes_nothing(tiny_model_dir):
 
 
 def test_rollouts_in_bf16_weights_sample_valid_responses(rlhf_home, tiny_model_dir):
-    from flows.online import data_fingerprints
+    from flows.inputs import data_fingerprints
 
     data = DataConfig(path="data/arithmetic_train.jsonl")
     prompts = sample_prompts.fn(load_prompt_dataset.fn(data, data_fingerprints(data.path)[0]), 2, 0, 0)

@@ -3,24 +3,15 @@ import math
 import pytest
 import torch
 
-from rlhf_core.preference_losses import (
-    PREFERENCE_LOSSES,
-    hinge_loss,
-    implicit_rewards,
-    ipo_loss,
-    kto_loss,
-    kto_reference_point,
-    robust_loss,
-    rpo_nll,
-    sigmoid_loss,
-    simpo_loss,
-)
+from rlhf_core.preference_losses import (PREFERENCE_LOSSES, hinge_loss, implicit_rewards, ipo_loss, kto_loss,
+                                         kto_reference_point, robust_loss, rpo_nll, sigmoid_loss, simpo_loss)
 
 
 def _loss(name, chosen, rejected, ref_chosen, ref_rejected, *, beta=0.1, label_smoothing=0.0, simpo_gamma=0.0):
-    """Run PREFERENCE_LOSSES[name] on plain lists (one entry per pair)."""
-    tensors = [torch.tensor(x) for x in (chosen, rejected, ref_chosen, ref_rejected)]
-    return PREFERENCE_LOSSES[name](*tensors, beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma)
+    """Run PREFERENCE_LOSSES[name] on plain lists or tensors (one entry per pair), with the options it takes."""
+    tensors = [torch.as_tensor(x) for x in (chosen, rejected, ref_chosen, ref_rejected)]
+    entry, given = PREFERENCE_LOSSES[name], dict(label_smoothing=label_smoothing, simpo_gamma=simpo_gamma)
+    return entry.loss(*tensors, beta=beta, **{option: given[option] for option in entry.options})
 
 
 def softplus(x: float) -> float:
@@ -34,9 +25,13 @@ PAIRS = dict(chosen=[-1.0, 0.0], rejected=[-3.0, -20.0], ref_chosen=[-2.0, 0.0],
 
 def test_registry_keys():
     assert set(PREFERENCE_LOSSES) == {"sigmoid", "robust", "hinge", "ipo", "simpo"}
-    assert PREFERENCE_LOSSES["sigmoid"] is sigmoid_loss and PREFERENCE_LOSSES["robust"] is robust_loss
-    assert PREFERENCE_LOSSES["hinge"] is hinge_loss and PREFERENCE_LOSSES["ipo"] is ipo_loss
-    assert PREFERENCE_LOSSES["simpo"] is simpo_loss
+    assert PREFERENCE_LOSSES["sigmoid"].loss is sigmoid_loss and PREFERENCE_LOSSES["robust"].loss is robust_loss
+    assert PREFERENCE_LOSSES["hinge"].loss is hinge_loss and PREFERENCE_LOSSES["ipo"].loss is ipo_loss
+    assert PREFERENCE_LOSSES["simpo"].loss is simpo_loss
+    # what each declares: only SimPO is reference-free and length-normalised, and only it takes simpo_gamma
+    assert [n for n, loss in PREFERENCE_LOSSES.items() if not loss.needs_reference] == ["simpo"]
+    assert [n for n, loss in PREFERENCE_LOSSES.items() if loss.length_normalized] == ["simpo"]
+    assert [n for n, loss in PREFERENCE_LOSSES.items() if "simpo_gamma" in loss.options] == ["simpo"]
 
 
 # ---------------------------------------------------------------- hand values
@@ -122,7 +117,7 @@ def test_gradient_raises_chosen_and_lowers_rejected(name):
     chosen = torch.tensor([-2.0, -5.0], requires_grad=True)
     rejected = torch.tensor([-3.0, -6.0], requires_grad=True)
     ref = torch.tensor([-2.0, -5.0]), torch.tensor([-2.0, -5.0])
-    loss = PREFERENCE_LOSSES[name](chosen, rejected, *ref, beta=0.1, label_smoothing=0.0, simpo_gamma=0.5)
+    loss = _loss(name, chosen, rejected, *ref, simpo_gamma=0.5)
     grad_chosen, grad_rejected = torch.autograd.grad(loss.sum(), (chosen, rejected))
     assert (grad_chosen < 0).all() and (grad_rejected > 0).all()
 
@@ -131,15 +126,14 @@ def test_sigmoid_gradient_hand_value():
     # d/dc -log sigma(beta h) = -beta sigma(-beta h); at beta h = 0.2 that is -0.1 / (1 + e^0.2)
     chosen = torch.tensor([-1.0], requires_grad=True)
     loss = sigmoid_loss(chosen, torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]),
-                        beta=0.1, label_smoothing=0.0, simpo_gamma=0.0)
+                        beta=0.1, label_smoothing=0.0)
     (grad,) = torch.autograd.grad(loss.sum(), chosen)
     torch.testing.assert_close(grad, torch.tensor([-0.1 / (1 + math.exp(0.2))]))
 
 
 def test_hinge_gradient_is_zero_past_the_margin():
     chosen = torch.tensor([0.0], requires_grad=True)  # logits = 20, beta * logits = 2 > 1
-    loss = hinge_loss(chosen, torch.tensor([-20.0]), torch.zeros(1), torch.zeros(1),
-                      beta=0.1, label_smoothing=0.0, simpo_gamma=0.0)
+    loss = hinge_loss(chosen, torch.tensor([-20.0]), torch.zeros(1), torch.zeros(1), beta=0.1)
     (grad,) = torch.autograd.grad(loss.sum(), chosen)
     assert grad.item() == 0.0
 
@@ -147,9 +141,9 @@ def test_hinge_gradient_is_zero_past_the_margin():
 @pytest.mark.parametrize("name", ["sigmoid", "robust", "hinge", "ipo", "simpo"])
 def test_shapes(name):
     b = torch.zeros(3)
-    assert PREFERENCE_LOSSES[name](b, b, b, b, beta=0.1, label_smoothing=0.1, simpo_gamma=0.5).shape == (3,)
+    assert _loss(name, b, b, b, b, label_smoothing=0.1, simpo_gamma=0.5).shape == (3,)
     with pytest.raises(AssertionError):
-        PREFERENCE_LOSSES[name](b, torch.zeros(2), b, b, beta=0.1, label_smoothing=0.1, simpo_gamma=0.5)
+        _loss(name, b, torch.zeros(2), b, b, label_smoothing=0.1, simpo_gamma=0.5)
 
 
 # ---------------------------------------------------------------- implicit rewards and RPO
@@ -187,7 +181,8 @@ def sigmoid(x: float) -> float:
 
 def test_kto_hand_values():
     loss, _ = _kto(torch.tensor(0.5))
-    # desirable: 1 - sigma(0.1 * (2 - 0.5)) = 1 - sigma(0.15); undesirable: 1 - sigma(0.1 * (0.5 - (-2))) = 1 - sigma(0.25)
+    # desirable: 1 - sigma(0.1 * (2 - 0.5)) = 1 - sigma(0.15)
+    # undesirable: 1 - sigma(0.1 * (0.5 - (-2))) = 1 - sigma(0.25)
     torch.testing.assert_close(loss, torch.tensor([1 - sigmoid(0.15), 1 - sigmoid(0.25)]))
 
 

@@ -74,8 +74,8 @@ def test_gae_with_gamma_and_lambda_one_is_reward_to_go_minus_value(rows, width, 
 @given(st.lists(st.tuples(FLOATS, FLOATS, FLOATS, FLOATS), min_size=1, max_size=10), st.floats(0.0625, 2, width=32))
 def test_sigmoid_dpo_loss_difference_when_chosen_and_rejected_swap_is_the_scaled_margin(rows, beta):
     chosen, rejected, ref_chosen, ref_rejected = (torch.tensor(c) for c in zip(*rows))
-    loss = PREFERENCE_LOSSES["sigmoid"]
-    kwargs = dict(beta=beta, label_smoothing=0.0, simpo_gamma=0.0)
+    loss = PREFERENCE_LOSSES["sigmoid"].loss
+    kwargs = dict(beta=beta, label_smoothing=0.0)
     forward = loss(chosen, rejected, ref_chosen, ref_rejected, **kwargs)
     swapped = loss(rejected, chosen, ref_rejected, ref_chosen, **kwargs)
     margin = (chosen - ref_chosen) - (rejected - ref_rejected)

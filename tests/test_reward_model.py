@@ -13,14 +13,14 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoTokenizer
 
+from rlhf_core.batch import select_rows
 from rlhf_core.checkpoint import OPTIMIZER_FILE, trainable_parameters
 from rlhf_core.config import PreferenceDataConfig, RewardModelConfig, RuntimeConfig, UnpairedDataConfig
 from rlhf_core.data import DatasetError
 from rlhf_core.models import PAD_TOKEN, ModelLoadError
 from rlhf_core.reward_model import (DEFAULT_REWARD_BACKBONE, bradley_terry_loss, collate_text_pairs, encode_pairs,
-                                   ensure_pad_token, load_reward_model, pair_metrics, resolve_reward_backbone,
-                                   reward_model_loss, reward_scores, sequence_rewards, train_reward_model_epoch)
-from rlhf_core.batch import select_rows
+                                    ensure_pad_token, load_reward_model, pair_metrics, resolve_reward_backbone,
+                                    reward_model_loss, reward_scores, sequence_rewards, train_reward_model_epoch)
 from rlhf_core.update import NonFiniteError, Normalizers
 
 PROMPTS = ["Write a one-sentence review of a quiet seaside hotel.", "Review a new phone.", "Review a cheap diner."]
@@ -250,7 +250,7 @@ def write_jsonl(path, rows):
 
 
 def test_load_preference_dataset_maps_columns_and_holds_out_pairs(tmp_path, rlhf_home):
-    from tasks.reward_model import load_preference_dataset
+    from tasks.data import load_preference_dataset
 
     rows = [{"q": f"p{i}", "good": f"c{i}", "bad": f"r{i}", "gap": i / 10} for i in range(10)]
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
@@ -273,8 +273,7 @@ def test_load_preference_dataset_maps_columns_and_holds_out_pairs(tmp_path, rlhf
 def test_shipped_preference_sets_are_valid_and_disjoint(rlhf_home):
     """The shipped pairs (reward model, DPO) and unpaired examples (KTO) load with the default configs; no held-out
     prompt is trained on; they were made from the shipped prompt files."""
-    from tasks.kto import load_unpaired_dataset
-    from tasks.reward_model import load_preference_dataset
+    from tasks.data import load_preference_dataset, load_unpaired_dataset
 
     pairs = load_preference_dataset.fn(PreferenceDataConfig(), ["shipped"], seed=0)
     unpaired = load_unpaired_dataset.fn(UnpairedDataConfig(), ["shipped"], seed=0)
@@ -289,18 +288,26 @@ def test_shipped_preference_sets_are_valid_and_disjoint(rlhf_home):
 
 def test_train_epochs_then_evaluate(tmp_path, rlhf_home, tiny_model_dir, monkeypatch):
     import tasks.reward_model as t
+    from tasks.data import load_preference_dataset
 
     prompts, chosen, rejected = separable_pairs(6)
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": p, "chosen": c, "rejected": r}
                                                  for p, c, r in zip(prompts, chosen, rejected)])
-    splits = t.load_preference_dataset.fn(PreferenceDataConfig(path=str(path), eval_path=str(path)), ["x"], 0)
+    splits = load_preference_dataset.fn(PreferenceDataConfig(path=str(path), eval_path=str(path)), ["x"], 0)
     backbone = t.resolve_reward_backbone.fn(str(tiny_model_dir))
-    restored, real_restore = [], t.restore_optimizer
-    monkeypatch.setattr(t, "restore_optimizer", lambda opt, path: restored.append(real_restore(opt, path)))
-    args = dict(batch_size=4, micro_batch_size=2, lr=3e-3, max_length=64, center_coef=0.0, max_grad_norm=1.0, seed=0,
-                runtime=RuntimeConfig())
-    first = t.train_reward_model_epoch.fn(backbone, splits.train, 0, **args)
-    second = t.train_reward_model_epoch.fn(first.checkpoint, splits.train, 1, **args)
+    import rlhf_core.training as training
+    from rlhf_core.config.training import RewardModelUpdateArgs, TrainingSetup
+
+    restored, real_restore = [], training.restore_optimizer
+    monkeypatch.setattr(training, "restore_optimizer", lambda opt, path: restored.append(real_restore(opt, path)))
+
+    def args(epoch: int) -> RewardModelUpdateArgs:
+        return RewardModelUpdateArgs(epoch=epoch, batch_size=4, micro_batch_size=2, lr=3e-3, max_length=64,
+                                     center_coef=0.0, max_grad_norm=1.0, seed=0)
+
+    setup = TrainingSetup(runtime=RuntimeConfig())
+    first = t.train_reward_model_epoch.fn(backbone, splits.train, args(0), setup)
+    second = t.train_reward_model_epoch.fn(first.checkpoint, splits.train, args(1), setup)
     assert restored == [False, True]  # epoch 1 continues epoch 0's Adam moments
     assert (tmp_path / "rlhf-home" / "checkpoints").is_dir() and first.checkpoint.sha256 != second.checkpoint.sha256
     assert (Path(second.checkpoint.path) / OPTIMIZER_FILE).is_file()

@@ -8,13 +8,8 @@ import uuid
 import numpy as np
 import pytest
 
-from rlhf_core.rewards import (
-    REWARD_FUNCTIONS,
-    RewardError,
-    compute_rewards,
-    resolve_reward_function,
-    reward_source_fingerprint,
-)
+from rlhf_core.rewards import (REWARD_FUNCTIONS, RewardError, compute_rewards, resolve_reward_function,
+                               reward_source_fingerprint)
 
 
 @pytest.fixture

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from flow_helpers import metric_steps, mlflow_run_of, task_states
+from test_crash_resume import REPO, crash_config
+from test_flow_grpo import STAGES
+from test_service import free_port
 
 import flows.grpo
-from flow_helpers import metric_steps, mlflow_run_of, task_states
 from flows import service
 from flows.grpo import grpo
 from rlhf_core.io import sha256_dir
 from tasks.paths import use_tracking_uri
-from test_crash_resume import REPO, crash_config
-from test_flow_grpo import STAGES
-from test_service import free_port
 
 pytestmark = pytest.mark.slow
 

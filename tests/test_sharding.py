@@ -15,10 +15,11 @@ from test_flow_grpo import tiny_config
 import tasks.sharded_stages
 from flows.grpo import grpo
 from rlhf_core.config import GenerationConfig, KLConfig, OptimConfig, RewardSpec, RuntimeConfig
+from rlhf_core.config.training import LogprobPass
 from rlhf_core.io import sha256_dir
 from tasks.refs import CheckpointRef, publish
 from tasks.rollouts import generate_rollouts
-from tasks.scoring import score_rollouts
+from tasks.scoring import RewardSources, score_rollouts
 from tasks.sharded_stages import generation_stage, scoring_stage
 from tasks.sharding import RUNNER_EXTRAS, ShardingError, check_data_home, merge_shards, shard_bounds
 
@@ -99,9 +100,10 @@ def test_generation_sharded_over_a_local_ray_cluster_equals_single_process(prefe
 @flow
 def score_both_ways(policy, rollouts, runtime: RuntimeConfig):
     rewards = [RewardSpec(function="response_length", weight=0.5)]
-    args = (rollouts, rewards, ["fp"], [None], [], policy)
-    single = score_rollouts(*args, RuntimeConfig(), 1.0, 4, 1024)
-    return single, scoring_stage(*args, runtime, 1.0, 4, 1024)
+    args = (rollouts, RewardSources(specs=rewards, fingerprints=["fp"], models=[None]), policy,
+            LogprobPass(temperature=1.0, micro_batch_size=4, chunk_size=1024))
+    single = score_rollouts(*args, RuntimeConfig())
+    return single, scoring_stage(*args, runtime)
 
 
 def test_scoring_sharded_equals_unsharded(prefect_harness, inputs):

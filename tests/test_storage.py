@@ -49,13 +49,13 @@ def test_grpo_flow_with_parquet_on_object_storage_matches_local_and_resumes(pref
                                                                             tmp_path, monkeypatch):
     """Every stage writes and reads its Parquet through the URI; the trained policy is the one of a run with local
     files; MLflow gets the tables; a rerun finds every stage in the cache and reads its outputs from the bucket."""
+    import mlflow
     from flow_helpers import mlflow_run_of, task_states
+    from test_flow_grpo import tiny_config
+
     from flows.grpo import grpo
     from rlhf_core.config import KLConfig
     from rlhf_core.io import sha256_dir
-    from test_flow_grpo import tiny_config
-
-    import mlflow
 
     config = tiny_config(tiny_model_dir, kl=KLConfig(coef=0.05))
     monkeypatch.setenv("RLHF_HOME", str(tmp_path / "local"))

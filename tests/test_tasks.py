@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from rlhf_core.config import DataConfig, GenerationConfig, KLConfig, LossConfig, OptimConfig, RewardSpec, RuntimeConfig
+from rlhf_core.config.training import GRPOUpdateArgs, LogprobPass, TrainingSetup
 from rlhf_core.data import DatasetError
 from tasks.advantages import compute_advantages
 from tasks.data import epoch_order, load_prompt_dataset, sample_prompts
+from tasks.grpo import update_policy
 from tasks.models import resolve_model
-from tasks.refs import ArtifactRef, publish
+from tasks.refs import ArtifactRef, CheckpointRef, publish
 from tasks.rollouts import generate_rollouts, row_seed
-from tasks.scoring import reward_column, score_rollouts
-from tasks.refs import CheckpointRef
-from tasks.update import prune_checkpoints, update_policy
+from tasks.scoring import RewardSources, reward_column, score_rollouts
+from tasks.train import prune_checkpoints
 
 
 def write_jsonl(path, rows):
@@ -98,8 +99,9 @@ def test_score_rollouts_adds_weighted_rewards_and_reference_logprobs(rollouts, t
     rollouts = publish(df, "rollouts")
     specs = [RewardSpec(function="arithmetic_answer", weight=2.0), RewardSpec(function="response_length", weight=1.0)]
     reference = resolve_model.fn(str(tiny_model_dir))
-    scored = score_rollouts.fn(rollouts, specs, ["fp1", "fp2"], [None, None], ["answer"], reference, RuntimeConfig(),
-                               1.0, 4, 64)
+    sources = RewardSources(specs=specs, fingerprints=["fp1", "fp2"], models=[None, None], extra_columns=["answer"])
+    scored = score_rollouts.fn(rollouts, sources, reference, LogprobPass(temperature=1.0, micro_batch_size=4,
+                                                                          chunk_size=64), RuntimeConfig())
     out = scored.read()
     correct, length = out[reward_column("arithmetic_answer")], out[reward_column("response_length")]
     assert correct[0] == 1.0
@@ -121,9 +123,10 @@ def test_compute_advantages_normalises_within_groups(rlhf_home):
 def test_update_policy_writes_a_new_checkpoint_and_metrics(rollouts, tiny_model_dir, rlhf_home):
     df = rollouts.read().assign(advantages=np.linspace(-1, 1, 12), rewards=0.0)
     policy = resolve_model.fn(str(tiny_model_dir))
-    result = update_policy.fn(policy, publish(df, "advantages"), LossConfig(), KLConfig(),
-                              OptimConfig(lr=1e-3, micro_batch_size=5, mini_batches=2), RuntimeConfig(),
-                              1.0, 6, seed=0)
+    args = GRPOUpdateArgs(loss=LossConfig(), kl=KLConfig(), optim=OptimConfig(lr=1e-3, micro_batch_size=5,
+                                                                              mini_batches=2),
+                          temperature=1.0, max_new_tokens=6, seed=0)
+    result = update_policy.fn(policy, publish(df, "advantages"), args, TrainingSetup(runtime=RuntimeConfig()))
     assert result.checkpoint.sha256 != policy.sha256
     assert result.checkpoint.path.startswith(str(rlhf_home / "checkpoints"))
     metrics = result.metrics.read()
@@ -159,22 +162,28 @@ def test_model_cache_shares_readers_and_hands_trainers_their_own_copy(tiny_model
     fresh, _ = load_model(ref, runtime)
     assert fresh is not trainer  # the next reader gets the checkpoint's weights again
     assert not torch.equal(fresh.get_input_embeddings().weight, trainer.get_input_embeddings().weight)
-    actor_critic, _ = load_actor_critic(ref, runtime, critic="separate", for_training=True)
+    actor_critic, _ = load_actor_critic(ref, runtime, critic="separate")
     assert actor_critic.critic is not actor_critic.policy
 
 
 def test_consecutive_updates_reuse_the_model_and_optimizer_in_memory(rollouts, tiny_model_dir, rlhf_home):
     from tasks.runtime import MODELS
 
-    scored = score_rollouts.fn(rollouts, [RewardSpec(function="response_length")], [None], [None], [], None,
-                               RuntimeConfig(), 1.0, 4, 1024)
+    sources = RewardSources(specs=[RewardSpec(function="response_length")], fingerprints=[None], models=[None])
+    scored = score_rollouts.fn(rollouts, sources, None, LogprobPass(temperature=1.0, micro_batch_size=4,
+                                                                     chunk_size=1024), RuntimeConfig())
     batch = compute_advantages.fn(scored, "grpo")
     policy = resolve_model.fn(str(tiny_model_dir))
-    args = (LossConfig(), KLConfig(), OptimConfig(lr=1e-3, micro_batch_size=4), RuntimeConfig(), 1.0, 6)
-    first = update_policy.fn(policy, batch, *args, seed=0)
+    setup = TrainingSetup(runtime=RuntimeConfig())
+
+    def args(seed: int) -> GRPOUpdateArgs:
+        return GRPOUpdateArgs(loss=LossConfig(), kl=KLConfig(), optim=OptimConfig(lr=1e-3, micro_batch_size=4),
+                              temperature=1.0, max_new_tokens=6, seed=seed)
+
+    first = update_policy.fn(policy, batch, args(0), setup)
     (key,) = MODELS.entries
     assert key[0] == first.checkpoint.sha256 and MODELS.entries[key][2] is not None  # model + optimizer kept
-    in_memory = update_policy.fn(first.checkpoint, batch, *args, seed=1)
+    in_memory = update_policy.fn(first.checkpoint, batch, args(1), setup)
     MODELS.entries.clear()
-    from_disk = update_policy.fn(first.checkpoint, batch, *args, seed=1)
+    from_disk = update_policy.fn(first.checkpoint, batch, args(1), setup)
     assert in_memory.checkpoint.sha256 == from_disk.checkpoint.sha256  # bit for bit the same training

@@ -8,9 +8,10 @@ import pytest
 
 import tasks.preference_data
 from rlhf_core.config import RewardSpec, RuntimeConfig
-from tasks.preference_data import (build_preference_data, export_preference_data, judge_by_human,
-                                   judge_with_rewards, review_form)
+from tasks.preference_data import (build_preference_data, export_preference_data, judge_by_human, judge_with_rewards,
+                                   review_form)
 from tasks.refs import publish
+from tasks.scoring import RewardSources
 
 
 @pytest.fixture
@@ -25,15 +26,16 @@ def rollouts(rlhf_home):
 
 def test_judge_with_rewards_adds_the_weighted_score_and_each_source(rollouts):
     rewards = [RewardSpec(function="response_length", weight=2.0), RewardSpec(function="answer_format")]
-    judged = judge_with_rewards.fn(rollouts, rewards, ["x", "y"], [None, None], [], RuntimeConfig(), 8).read()
+    sources = RewardSources(specs=rewards, fingerprints=["x", "y"], models=[None, None])
+    judged = judge_with_rewards.fn(rollouts, sources, RuntimeConfig(), 8).read()
     assert judged["reward[response_length]"].tolist()[:3] == [-0.03, -0.01, -0.02]  # -words / 100
     assert judged["score"].tolist() == pytest.approx(2 * judged["reward[response_length]"]
                                                      + judged["reward[answer_format]"])
 
 
 def test_build_and_export(rollouts, tmp_path, monkeypatch):
-    judged = judge_with_rewards.fn(rollouts, [RewardSpec(function="response_length")], ["x"], [None], [],
-                                   RuntimeConfig(), 8)
+    sources = RewardSources(specs=[RewardSpec(function="response_length")], fingerprints=["x"], models=[None])
+    judged = judge_with_rewards.fn(rollouts, sources, RuntimeConfig(), 8)
     data = build_preference_data.fn(judged, "best_worst", 0.015, "response_length")
     pairs = data.pairs.read()
     assert pairs[["chosen", "rejected"]].values.tolist() == [["one", "one two three"], ["a", "a b c d"]]

@@ -51,7 +51,8 @@ def run(loss_fn, model=None, optimizer=None, batch=None, **overrides):
     model = model or linear_model()
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.1)
     settings = dict(epochs=1, mini_batches=1, micro_batch_size=B, max_grad_norm=1e9, seed=0)
-    history = run_update(model, optimizer, toy_batch() if batch is None else batch, loss_fn, **{**settings, **overrides})
+    history = run_update(model, optimizer, toy_batch() if batch is None else batch, loss_fn,
+                         **{**settings, **overrides})
     return model, history
 
 

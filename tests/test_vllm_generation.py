@@ -254,7 +254,8 @@ class FakeEngine:
         self.calls.append(("generate", (prompts, params)))
         return [SimpleNamespace(outputs=[SimpleNamespace(
             token_ids=[p["prompt_token_ids"][0], EOS], finish_reason="stop",
-            logprobs=[{p["prompt_token_ids"][0]: SimpleNamespace(logprob=-1.0)}, {EOS: SimpleNamespace(logprob=-2.0)}])])
+            logprobs=[{p["prompt_token_ids"][0]: SimpleNamespace(logprob=-1.0)},
+                      {EOS: SimpleNamespace(logprob=-2.0)}])])
             for p in prompts]
 
 
@@ -312,8 +313,8 @@ def test_rollout_stage_dispatches_to_vllm_with_the_rows_seeds(rlhf_home, tmp_pat
     import pandas as pd
 
     import tasks.rollouts
-    from tasks.refs import publish
     from tasks.models import resolve_model
+    from tasks.refs import publish
 
     monkeypatch.setattr(vg, "vllm_problem", lambda: None)
     calls = []
@@ -356,13 +357,14 @@ def test_grpo_with_vllm_backend_samples_from_each_updated_policy(prefect_harness
                                                                  fresh_engines):
     import mlflow
     import pandas as pd
-
     from flow_helpers import mlflow_run_of
+    from test_flow_grpo import tiny_config
+
     from flows.grpo import grpo
     from rlhf_core.batch import collate
     from rlhf_core.logprobs import batched_response_logprobs
-    from rlhf_core.models import load_causal_lm, save_tiny_model
-    from test_flow_grpo import tiny_config
+    from rlhf_core.models import load_causal_lm
+    from tiny_models import save_tiny_model
 
     # head_dim 64: vLLM's float32-capable attention (Triton) needs head sizes >= 32
     start = save_tiny_model(tmp_path / "start", tokenizer_dir, seed=0, hidden_size=256, intermediate_size=512,

@@ -168,17 +168,14 @@ def check_online_config(config):
     names = [r.name for r in config.rewards]
     if len(set(names)) != len(names):
         raise ValueError(f"rewards: a source is listed twice: {names}")
-    check_lora(config.model.lora, config.runtime)
     check_generation_backend(config.generation, config.runtime, config.model.lora)
     if config.model.lora is not None and getattr(getattr(config, "value", None), "critic", "shared") == "separate":
         raise ValueError("model.lora trains the policy's adapter only: use value.critic='shared' (the value head "
                          "then trains in full beside the adapter)")
-    if config.runtime.num_processes > 1 and getattr(getattr(config, "value", None), "critic", "shared") == "separate":
-        raise ValueError("runtime.num_processes > 1 runs PPO with value.critic='shared' only (the torchrun update "
-                         "wraps one actor-critic module); set value.critic to 'shared' or num_processes to 1")
     if config.loss.tis_cap is not None:
         if type(config).__name__ != "GRPOConfig":
-            raise ValueError("loss.tis_cap (truncated importance sampling) is implemented for GRPO only; set it to null")
+            raise ValueError("loss.tis_cap (truncated importance sampling) is implemented for GRPO only; set it to "
+                             "null")
         if config.generation.temperature == 0:
             raise ValueError("loss.tis_cap needs sampling (generation.temperature > 0): greedy decoding has no "
                              "sampling distribution to correct")
@@ -188,12 +185,6 @@ def check_online_config(config):
         raise ValueError(f"optim.mini_batches={config.optim.mini_batches} exceeds the {batch} responses per "
                          "iteration (prompts_per_iteration * generation.group_size)")
     return config
-
-
-def check_lora(lora: LoraConfig | None, runtime: RuntimeConfig) -> None:
-    """LoRA runs in the single-process update only (the torchrun workers load full models)."""
-    if lora is not None and runtime.num_processes > 1:
-        raise ValueError(f"model.lora is not supported with runtime.num_processes={runtime.num_processes} yet")
 
 
 def check_generation_backend(generation: GenerationConfig, runtime: RuntimeConfig,

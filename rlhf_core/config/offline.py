@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rlhf_core.config.common import (DataConfig, GenerationConfig, LoraConfig, ModelConfig, RewardSpec,
-                                     RuntimeConfig, TrackingConfig, _Config, check_lengths, check_lora,
-                                     check_processes)
+from rlhf_core.config.common import (DataConfig, GenerationConfig, LoraConfig, ModelConfig, RewardSpec, RuntimeConfig,
+                                     TrackingConfig, _Config, check_lengths, check_processes)
 from rlhf_core.models import DEFAULT_MODEL
+from rlhf_core.preference_losses import PREFERENCE_LOSSES
 from rlhf_core.reward_model import DEFAULT_REWARD_BACKBONE
 
 
@@ -56,7 +56,6 @@ class RewardModelConfig(_Config):
 
     @model_validator(mode="after")
     def _one_process(self) -> "RewardModelConfig":
-        check_lora(self.lora, self.runtime)
         check_processes(self.runtime, "reward-model")
         return self
 
@@ -68,12 +67,14 @@ class DPOConfig(_Config):
     model: ModelConfig = ModelConfig()
     data: PreferenceDataConfig = PreferenceDataConfig()
     loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "simpo"] = Field(
-        "sigmoid", description="sigmoid: DPO; robust: cDPO with label noise; hinge: SLiC; ipo: IPO; simpo: SimPO "
-                               "(length-normalised, no reference model)")
+        "sigmoid", description="sigmoid: DPO (cDPO with label_smoothing > 0); robust: rDPO (Chowdhury et al. "
+                               "2024), unbiased under a label-flip rate label_smoothing; hinge: SLiC; ipo: IPO; "
+                               "simpo: SimPO (length-normalised, no reference model)")
     beta: float = Field(0.1, gt=0.0, description="inverse temperature of the implicit reward beta * log(pi / ref)")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="assumed share of flipped labels (robust, "
                                                                     "sigmoid)")
-    simpo_gamma: float = Field(0.5, ge=0.0, description="SimPO's target reward margin (gamma / beta in TRL terms)")
+    simpo_gamma: float = Field(0.5, ge=0.0, description=(
+        "SimPO's target reward margin gamma (Meng et al. eq. 6): the same number as TRL's CPOConfig.simpo_gamma"))
     rpo_alpha: float | None = Field(None, ge=0.0, description="weight of the chosen response's NLL per token "
                                                               "(RPO); None: off")
     max_length: int | None = Field(512, ge=2, description="tokens per prompt + response; longer pairs lose the "
@@ -96,12 +97,10 @@ class DPOConfig(_Config):
     def _no_unused_fields(self) -> "DPOConfig":
         if self.data.margin_column is not None:  # an option that does nothing must not look like it works
             raise ValueError("data.margin_column is used by the reward model only; DPO's losses take no margin")
-        if self.loss_type == "hinge" and self.label_smoothing > 0:
-            raise ValueError("label_smoothing applies to the sigmoid, robust and simpo losses, not hinge")
-        if self.loss_type == "ipo" and self.label_smoothing > 0:
-            raise ValueError("label_smoothing applies to the sigmoid, robust and simpo losses, not ipo")
+        if self.label_smoothing > 0 and "label_smoothing" not in PREFERENCE_LOSSES[self.loss_type].options:
+            takers = sorted(name for name, loss in PREFERENCE_LOSSES.items() if "label_smoothing" in loss.options)
+            raise ValueError(f"label_smoothing applies to the {', '.join(takers)} losses, not {self.loss_type}")
         check_lengths(self.max_length, self.max_prompt_length)
-        check_lora(self.model.lora, self.runtime)
         check_processes(self.runtime, "DPO")
         return self
 
@@ -238,6 +237,5 @@ class KTOConfig(_Config):
     @model_validator(mode="after")
     def _consistent(self) -> "KTOConfig":
         check_lengths(self.max_length, self.max_prompt_length)
-        check_lora(self.model.lora, self.runtime)
         check_processes(self.runtime, "KTO")
         return self

@@ -16,21 +16,23 @@ from tasks.data import load_prompt_dataset
 from tasks.models import resolve_model, resolve_start_model
 from tasks.paths import resolve_data_path
 from tasks.refs import ArtifactRef, CheckpointRef
+from tasks.scoring import RewardSources
 from tasks.sharding import check_task_runner
 
 
 class OnlineInputs(NamedTuple):
-    reward_fingerprints: list[str | None]  # source hashes of reward functions (None for reward models)
-    reward_models: list[CheckpointRef | None]  # resolved reward models (None for functions)
+    rewards: RewardSources  # the reward specs, their functions' hashes and their resolved models
     dataset: ArtifactRef  # the validated prompts
     policy: CheckpointRef  # the initial policy
 
 
-def resolve_rewards(rewards: list[RewardSpec]) -> tuple[list[str | None], list[CheckpointRef | None]]:
-    """(source hashes of the reward functions, resolved reward models), None where a spec is the other kind:
-    every function imports and every model resolves, or this raises naming it."""
-    return ([reward_source_fingerprint(r.function) if r.function else None for r in rewards],
-            [resolve_model(r.model) if r.model else None for r in rewards])
+def resolve_rewards(rewards: list[RewardSpec], extra_columns: list[str]) -> RewardSources:
+    """The reward sources with their functions' source hashes and their resolved reward models: every function
+    imports and every model resolves, or this raises naming it."""
+    return RewardSources(specs=rewards,
+                         fingerprints=[reward_source_fingerprint(r.function) if r.function else None for r in rewards],
+                         models=[resolve_model(r.model) if r.model else None for r in rewards],
+                         extra_columns=extra_columns)
 
 
 def data_fingerprints(*paths: str | None) -> list[str]:
@@ -58,8 +60,8 @@ def resolve_online_inputs(config) -> OnlineInputs:
     """Every reward function imports, every reward model and the policy resolve, the dataset is valid and every
     prompt leaves room for the responses in the policy's context. A sharded run's task runner is installed."""
     check_task_runner(config.runtime)
-    reward_fingerprints, reward_models = resolve_rewards(config.rewards)
-    inputs = OnlineInputs(reward_fingerprints, reward_models, dataset=resolve_prompts(config.data),
+    inputs = OnlineInputs(resolve_rewards(config.rewards, config.data.extra_columns),
+                          dataset=resolve_prompts(config.data),
                           policy=resolve_start_model(config.model))
     check_prompts_fit(inputs.dataset, inputs.policy, config.data, config.generation.max_new_tokens)
     return inputs
