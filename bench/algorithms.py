@@ -26,6 +26,7 @@ from rlhf_core.models import use_mixed_precision
 from rlhf_core.ppo import ppo_advantages, ppo_update, rollout_logprobs_and_values
 from rlhf_core.reward_model import reward_model_loss, sequence_rewards
 from rlhf_core.update import run_update
+from rlhf_core.training import adamw
 from rlhf_core.value_head import ActorCritic
 
 UPDATE = dict(max_grad_norm=1.0, seed=0)
@@ -66,7 +67,7 @@ class Setup:
         self.responses = token_rows(2 * workload.prompts, workload.response_len, vocab, seed=2)
 
     def optimizer(self, module: torch.nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(module.parameters(), lr=1e-6)
+        return adamw([{"params": list(module.parameters())}], lr=1e-6)
 
     def generate(self, stages: Stages, model) -> dict[str, torch.Tensor]:
         """GRPO/PPO rollouts: every prompt `samples` times, exactly `response_len` new tokens (no EOS id)."""

@@ -23,6 +23,7 @@ from rlhf_core.advantages import OUTCOME_ADVANTAGES
 from rlhf_core.batch import collate, length_sorted
 from rlhf_core.grpo import grpo_loss
 from rlhf_core.logprobs import batched_response_logprobs
+from rlhf_core.training import adamw
 from rlhf_core.update import run_update
 
 LOSS = dict(clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.05, kl_estimator="k3", aggregation="token-mean",
@@ -63,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     w = WORKLOADS[args.workload]
     policy = causal_lm(w, args.device).train()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    optimizer = adamw([{"params": list(policy.parameters())}], lr=1e-6)
     batch = ragged_batch(w, args.device)
     batch["ref_logprobs"] = batched_response_logprobs(causal_lm(w, args.device, seed=1), batch,
                                                       micro_batch_size=w.micro_batch_size)

@@ -35,6 +35,7 @@ from rlhf_core.grpo import grpo_update
 from rlhf_core.logprobs import batched_response_logprobs
 from rlhf_core.lora import adapter_disabled, add_lora
 from rlhf_core.models import enable_gradient_checkpointing
+from rlhf_core.training import adamw
 
 CONFIGS = {"full": (False, False), "full+gc": (False, True), "lora": (True, False), "lora+gc": (True, True)}
 
@@ -58,7 +59,7 @@ def run_one(name: str, workload: str, steps: int) -> dict:
             param.requires_grad_(False)
     if checkpointing:
         enable_gradient_checkpointing(policy)
-    optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=1e-6)
+    optimizer = adamw([{"params": trainable_parameters(policy)}], lr=1e-6)
     rows = w.prompts * w.samples
     batch = collate(token_rows(rows, w.prompt_len, policy.config.vocab_size, 1),
                     token_rows(rows, w.response_len, policy.config.vocab_size, 2), PAD_ID)

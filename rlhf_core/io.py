@@ -145,43 +145,42 @@ def write_parquet(df: pd.DataFrame, directory: str | Path) -> tuple[Path | str, 
     return final, digest
 
 
-def write_dir(write: Callable[[Path], None], directory: str | Path) -> tuple[Path, str]:
-    """Call `write(tmp_dir)`, then rename the folder to `<directory>/<sha256[:16]>` atomically."""
-    directory = Path(directory)
+def _write_folder(write: Callable[[Path], None], directory: Path, name_of: Callable[[Path], str]) -> Path:
+    """Call `write(tmp_dir)` in `directory`, then rename the folder to `name_of(tmp_dir)` atomically; a folder
+    already there under that name is kept (the same content, or the same thing written by another writer)."""
     directory.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(directory)
     tmp = _temp_name(directory)
     try:
         tmp.mkdir()
         write(tmp)
-        kill_point("write-dir")
-        digest = sha256_dir(tmp)
-        final = directory / digest[:16]
-        if final.exists():
-            shutil.rmtree(tmp)
-        else:
+        final = directory / name_of(tmp)
+        if not final.exists():
             os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return final, digest
+    return final
+
+
+def write_dir(write: Callable[[Path], None], directory: str | Path) -> tuple[Path, str]:
+    """Call `write(tmp_dir)`, then rename the folder to `<directory>/<sha256[:16]>` atomically."""
+    digest = ""
+
+    def content_name(tmp: Path) -> str:
+        nonlocal digest
+        kill_point("write-dir")
+        digest = sha256_dir(tmp)
+        return digest[:16]
+
+    return _write_folder(write, Path(directory), content_name), digest
 
 
 def write_folder_atomically(write: Callable[[Path], None], folder: str | Path) -> Path:
     """Call `write(tmp_dir)` beside `folder`, then rename it to `folder`; a folder already there (another
     writer's, of the same thing) is kept: for folders under a chosen name (a converted or downloaded model)."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale_temps(folder.parent)
-    tmp = _temp_name(folder.parent)
-    try:
-        write(tmp)
-        if not folder.exists():
-            os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return _write_folder(write, folder.parent, lambda tmp: folder.name)
 
 
 def write_atomically(write: Callable[[Path], None], path: str | Path) -> Path:

@@ -118,18 +118,14 @@ def update_ppo(model, optimizer, rollouts, tokenizer, args: PPOUpdateArgs, devic
 
 
 def update_dpo(model, optimizer, pairs, tokenizer, args: DPOUpdateArgs, device: str, on_step) -> History:
-    return dpo.update_from_pairs(model, optimizer, pairs, tokenizer.pad_token_id, device=device,
-                                 batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                                 max_grad_norm=args.max_grad_norm, seed=args.shuffle_seed, loss_type=args.loss_type,
-                                 beta=args.beta, label_smoothing=args.label_smoothing, simpo_gamma=args.simpo_gamma,
-                                 rpo_alpha=args.rpo_alpha, on_step=on_step)
+    return dpo.update_from_pairs(model, optimizer, pairs, tokenizer.pad_token_id, device=device, **args.loop,
+                                 loss_type=args.loss_type, beta=args.beta, label_smoothing=args.label_smoothing,
+                                 simpo_gamma=args.simpo_gamma, rpo_alpha=args.rpo_alpha, on_step=on_step)
 
 
 def update_kto(model, optimizer, examples, tokenizer, args: KTOUpdateArgs, device: str, on_step) -> History:
-    return kto.update_from_examples(model, optimizer, examples, tokenizer.pad_token_id, device=device,
-                                    batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                                    max_grad_norm=args.max_grad_norm, seed=args.shuffle_seed, beta=args.beta,
-                                    desirable_weight=args.desirable_weight,
+    return kto.update_from_examples(model, optimizer, examples, tokenizer.pad_token_id, device=device, **args.loop,
+                                    beta=args.beta, desirable_weight=args.desirable_weight,
                                     undesirable_weight=args.undesirable_weight, on_step=on_step)
 
 
@@ -137,10 +133,8 @@ def update_reward_model(model, optimizer, pairs, tokenizer, args: RewardModelUpd
                         on_step) -> History:
     margin = torch.tensor(pairs["margin"].to_numpy(), dtype=torch.float32) if "margin" in pairs else None
     return rm.train_reward_model_epoch(model, optimizer, tokenizer, pairs["prompt"].tolist(),
-                                       pairs["chosen"].tolist(), pairs["rejected"].tolist(), margin,
-                                       batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                                       max_length=args.max_length, center_coef=args.center_coef,
-                                       max_grad_norm=args.max_grad_norm, seed=args.shuffle_seed, on_step=on_step)
+                                       pairs["chosen"].tolist(), pairs["rejected"].tolist(), margin, **args.loop,
+                                       max_length=args.max_length, center_coef=args.center_coef, on_step=on_step)
 
 
 @dataclass(frozen=True)
@@ -204,9 +198,9 @@ def prepare_training(model, lora, runtime: RuntimeConfig, modules_to_save: list[
     return fresh
 
 
-def adamw(parameter_groups: list[dict], args: UpdateArgs) -> torch.optim.AdamW:
-    """Every algorithm's optimizer; a group's own `lr` (PPO's value head) overrides args.lr."""
-    return torch.optim.AdamW(parameter_groups, lr=args.lr, weight_decay=args.weight_decay)
+def adamw(parameter_groups: list[dict], lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """Every algorithm's optimizer (and the benchmarks'); a group's own `lr` (PPO's value head) overrides `lr`."""
+    return torch.optim.AdamW(parameter_groups, lr=lr, weight_decay=weight_decay)
 
 
 def restore_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Path) -> None:
@@ -235,7 +229,7 @@ def start_training(checkpoint: Path, args: UpdateArgs, setup: TrainingSetup, dev
     heads = spec.module.heads(inner) if setup.lora is not None else None
     fresh_adapter = prepare_training(inner, setup.lora, setup.runtime, heads, seed=args.seed)
     model = wrap_for_training(module, setup.runtime.distributed, device) if is_distributed() else module
-    optimizer = adamw(spec.parameter_groups(model, args), args)
+    optimizer = adamw(spec.parameter_groups(model, args), args.lr, args.weight_decay)
     if not fresh_adapter:  # a fresh adapter's parameters are not the ones the saved state belongs to
         restore_optimizer_state(model, optimizer, checkpoint)
     return TrainingState(module=module, model=model, tokenizer=tokenizer, optimizer=optimizer)

@@ -11,7 +11,7 @@ import pytest
 from flow_helpers import failing_call, metric_steps, mlflow_run_of, task_states
 from transformers import AutoModelForSequenceClassification
 
-import tasks.ppo
+import rlhf_core.ppo
 from flows.ppo import ppo
 from rlhf_core.config import PPOConfig
 from rlhf_core.io import sha256_dir
@@ -82,7 +82,7 @@ def test_ppo_crash_in_update_then_rerun_resumes_and_matches(prefect_harness, tmp
     uninterrupted = sha256_dir(ppo(config))
 
     monkeypatch.setenv("RLHF_HOME", str(tmp_path / "crashed"))
-    with failing_call(tasks.ppo, "update_from_rollouts", call=2):
+    with failing_call(rlhf_core.ppo, "update_from_rollouts", call=2):
         assert ppo(config, return_state=True).is_failed()
 
     resumed = ppo(config, return_state=True)

@@ -145,8 +145,8 @@ def test_separate_critic_takes_the_value_loss_and_the_policy_does_not(tiny_model
     assert critic.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())  # the policy is untouched by the critic's loss
 
-    folder, _ = save_actor_critic_checkpoint(actor_critic, tokenizer, adamw(actor_critic_groups(actor_critic, ARGS),
-                                                                            ARGS), tmp_path)
+    optimizer = adamw(actor_critic_groups(actor_critic, ARGS), ARGS.lr)
+    folder, _ = save_actor_critic_checkpoint(actor_critic, tokenizer, optimizer, tmp_path)
     assert (folder / "critic" / "model.safetensors").is_file() and (folder / VALUE_HEAD_FILE).is_file()
 
 

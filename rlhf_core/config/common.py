@@ -163,28 +163,18 @@ class TrackingConfig(_Config):
     log_rollouts: bool = Field(True, description="log each iteration's Parquet files as MLflow artifacts")
 
 
-def check_online_config(config):
-    """Checks shared by the online flows (GRPO, PPO)."""
+def check_online_config(config, flow: str) -> None:
+    """Checks shared by the online flows (GRPO, PPO); each config's own checks are in its validator."""
     names = [r.name for r in config.rewards]
     if len(set(names)) != len(names):
         raise ValueError(f"rewards: a source is listed twice: {names}")
     check_generation_backend(config.generation, config.runtime, config.model.lora)
-    if config.model.lora is not None and getattr(getattr(config, "value", None), "critic", "shared") == "separate":
-        raise ValueError("model.lora trains the policy's adapter only: use value.critic='shared' (the value head "
-                         "then trains in full beside the adapter)")
-    if config.loss.tis_cap is not None:
-        if type(config).__name__ != "GRPOConfig":
-            raise ValueError("loss.tis_cap (truncated importance sampling) is implemented for GRPO only; set it to "
-                             "null")
-        if config.generation.temperature == 0:
-            raise ValueError("loss.tis_cap needs sampling (generation.temperature > 0): greedy decoding has no "
-                             "sampling distribution to correct")
     batch = config.prompts_per_iteration * config.generation.group_size
-    check_processes(config.runtime, type(config).__name__.removesuffix("Config"), batch)
+    check_processes(config.runtime, flow, batch)
     if config.optim.mini_batches > batch:
         raise ValueError(f"optim.mini_batches={config.optim.mini_batches} exceeds the {batch} responses per "
                          "iteration (prompts_per_iteration * generation.group_size)")
-    return config
+
 
 
 def check_generation_backend(generation: GenerationConfig, runtime: RuntimeConfig,

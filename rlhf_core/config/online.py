@@ -33,7 +33,11 @@ class GRPOConfig(_Config):
 
     @model_validator(mode="after")
     def _consistent(self) -> "GRPOConfig":
-        return check_online_config(self)
+        check_online_config(self, "GRPO")
+        if self.loss.tis_cap is not None and self.generation.temperature == 0:
+            raise ValueError("loss.tis_cap needs sampling (generation.temperature > 0): greedy decoding has no "
+                             "sampling distribution to correct")
+        return self
 
 
 class PPOKLConfig(_Config):
@@ -91,4 +95,11 @@ class PPOConfig(_Config):
 
     @model_validator(mode="after")
     def _consistent(self) -> "PPOConfig":
-        return check_online_config(self)
+        check_online_config(self, "PPO")
+        if self.model.lora is not None and self.value.critic == "separate":
+            raise ValueError("model.lora trains the policy's adapter only: use value.critic='shared' (the value "
+                             "head then trains in full beside the adapter)")
+        if self.loss.tis_cap is not None:
+            raise ValueError("loss.tis_cap (truncated importance sampling) is implemented for GRPO only; set it to "
+                             "null")
+        return self

@@ -59,6 +59,11 @@ class _OnlineArgs(_Args):
     def optimizer_steps(self, rows: int) -> int:
         return self.optim.epochs * self.optim.mini_batches
 
+    @classmethod
+    def _online_fields(cls, config: GRPOConfig | PPOConfig, iteration: int) -> dict:
+        return dict(loss=config.loss, optim=config.optim, temperature=config.generation.temperature or 1.0,
+                    max_new_tokens=config.generation.max_new_tokens, seed=config.seed + iteration)
+
 
 class GRPOUpdateArgs(_OnlineArgs):
     algorithm: Literal["grpo"] = "grpo"
@@ -66,9 +71,7 @@ class GRPOUpdateArgs(_OnlineArgs):
 
     @classmethod
     def from_config(cls, config: GRPOConfig, iteration: int) -> "GRPOUpdateArgs":
-        return cls(loss=config.loss, kl=config.kl, optim=config.optim,
-                   temperature=config.generation.temperature or 1.0,
-                   max_new_tokens=config.generation.max_new_tokens, seed=config.seed + iteration)
+        return cls(**cls._online_fields(config, iteration), kl=config.kl)
 
 
 class PPOUpdateArgs(_OnlineArgs):
@@ -77,9 +80,7 @@ class PPOUpdateArgs(_OnlineArgs):
 
     @classmethod
     def from_config(cls, config: PPOConfig, iteration: int) -> "PPOUpdateArgs":
-        return cls(loss=config.loss, value=config.value, optim=config.optim,
-                   temperature=config.generation.temperature or 1.0,
-                   max_new_tokens=config.generation.max_new_tokens, seed=config.seed + iteration)
+        return cls(**cls._online_fields(config, iteration), value=config.value)
 
 
 class _EpochArgs(_Args):
@@ -99,6 +100,12 @@ class _EpochArgs(_Args):
 
     def optimizer_steps(self, rows: int) -> int:
         return ceil_div(rows, self.batch_size)
+
+    @property
+    def loop(self) -> dict:
+        """The epoch loop's settings, as the offline update functions take them."""
+        return dict(batch_size=self.batch_size, micro_batch_size=self.micro_batch_size,
+                    max_grad_norm=self.max_grad_norm, seed=self.shuffle_seed)
 
     @classmethod
     def _epoch_fields(cls, config, epoch: int) -> dict:
