@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 from torch import Tensor
 
@@ -21,8 +22,8 @@ class SequenceTable:
     logps: Callable[..., dict[str, Tensor]]
     names: tuple[str, ...]
 
-    def reference_columns(self, logps: dict[str, Tensor]) -> dict[str, list[float]]:
-        """The reference stage's columns: `ref_<name>` for each name."""
+    def reference_columns(self, logps: dict[str, Tensor]) -> dict[str, np.ndarray]:
+        """The reference stage's columns: `ref_<name>` for each name, [B] each."""
         return {f"ref_{name}": logps[name].cpu().numpy() for name in self.names}
 
 
