@@ -38,18 +38,18 @@ def dpo(config: DPOConfig = DPOConfig()) -> str:
                                for split in (pairs.train, pairs.eval))
     if PREFERENCE_LOSSES[config.loss_type].needs_reference:  # the reference is the starting policy, frozen
         reference = reference_checkpoint(policy, policy, config.model.lora)
-        train_pairs = compute_reference_logprobs(reference, train_pairs, config.micro_batch_size, runtime, trust)
-        eval_pairs = compute_reference_logprobs(reference, eval_pairs, config.micro_batch_size, runtime, trust)
+        train_pairs = compute_reference_logprobs(reference, train_pairs, config.optim.micro_batch_size, runtime, trust)
+        eval_pairs = compute_reference_logprobs(reference, eval_pairs, config.optim.micro_batch_size, runtime, trust)
     checkpoints = []
 
     with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker:
-        for epoch in range(config.epochs):
+        for epoch in range(config.optim.epochs):
             clock = StageClock()
             with clock("train"):
                 update = train_dpo_epoch(policy, train_pairs, DPOUpdateArgs.from_config(config, epoch), setup)
             with clock("eval"):
                 scores = evaluate_dpo(update.checkpoint, eval_pairs, config.loss_type, config.beta,
-                                      config.micro_batch_size, runtime, trust)
+                                      config.optim.micro_batch_size, runtime, trust)
             policy = update.checkpoint
             metrics = log_offline_epoch(tracker, epoch, update, scores, clock, config.tracking,
                                         summarize_held_out(scores.read()))

@@ -38,17 +38,17 @@ def kto(config: KTOConfig = KTOConfig()) -> str:
     tokens = [tokenize_unpaired(policy, split, config.max_length, config.max_prompt_length, config.seed)
               for split in (examples.train, examples.eval)]  # also fixes each row's mismatched completion
     reference = reference_checkpoint(policy, policy, config.model.lora)  # the starting policy, frozen
-    train_examples, eval_examples = (
-        compute_kto_reference_logprobs(reference, split, config.micro_batch_size, runtime, trust) for split in tokens)
+    train_examples, eval_examples = (compute_kto_reference_logprobs(reference, split, config.optim.micro_batch_size,
+                                                                    runtime, trust) for split in tokens)
     checkpoints = []
 
     with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker:
-        for epoch in range(config.epochs):
+        for epoch in range(config.optim.epochs):
             clock = StageClock()
             with clock("train"):
                 update = train_kto_epoch(policy, train_examples, KTOUpdateArgs.from_config(config, epoch), setup)
             with clock("eval"):
-                scores = evaluate_kto(update.checkpoint, eval_examples, config.beta, config.micro_batch_size,
+                scores = evaluate_kto(update.checkpoint, eval_examples, config.beta, config.optim.micro_batch_size,
                                       runtime, trust)
             policy = update.checkpoint
             metrics = log_offline_epoch(tracker, epoch, update, scores, clock, config.tracking,

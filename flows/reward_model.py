@@ -20,6 +20,7 @@ from rlhf_core.config import RewardModelConfig, TrackingConfig
 from rlhf_core.config.training import RewardModelUpdateArgs, TrainingSetup
 from rlhf_core.reward_model import bradley_terry_loss
 from tasks.data import load_preference_dataset
+from tasks.models import resolve_start_model
 from tasks.refs import ArtifactRef, UpdateResult
 from tasks.reward_model import evaluate_reward_model, resolve_reward_backbone, train_reward_model_epoch
 from tasks.train import prune_checkpoints
@@ -30,20 +31,21 @@ def reward_model(config: RewardModelConfig = RewardModelConfig()) -> str:
     """Train a Bradley-Terry reward model; returns the final checkpoint's folder."""
     data = config.data
     pairs = load_preference_dataset(data, data_fingerprints(data.path, data.eval_path), config.seed)
-    model = resolve_reward_backbone(config.model)  # checked before any work: the dataset is valid, the model loads
-    trust = config.trust_remote_code
-    setup = TrainingSetup(runtime=config.runtime, trust_remote_code=trust, lora=config.lora)
+    # checked before any work: the dataset is valid, the model loads
+    model = resolve_start_model(config.model, resolve_reward_backbone)
+    trust = config.model.trust_remote_code
+    setup = TrainingSetup.of(config.model, config.runtime)
     checkpoints = []
 
     with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker:
-        for epoch in range(config.epochs):
+        for epoch in range(config.optim.epochs):
             clock = StageClock()
             with clock("train"):
                 update = train_reward_model_epoch(model, pairs.train, RewardModelUpdateArgs.from_config(config, epoch),
                                                   setup)
             with clock("eval"):
-                scores = evaluate_reward_model(update.checkpoint, pairs.eval, config.batch_size, config.max_length,
-                                               config.runtime, trust)
+                scores = evaluate_reward_model(update.checkpoint, pairs.eval, config.optim.batch_size,
+                                               config.max_length, config.runtime, trust)
             model = update.checkpoint
             metrics = log_reward_model_epoch(tracker, epoch, update, scores, clock, config.tracking)
             checkpoints.append(model)

@@ -169,7 +169,6 @@ def run_scoring(job: ScoreJob) -> None:
     rank 0 writes them to SCORES_FILE: `ref_logprobs` [B, T] aligned with `collate`'s response columns,
     `reward.<i>` [B] for job.reward_models[i]."""
     device = start_rank(job.runtime)
-    torch.manual_seed(0)  # a reward backbone without a score head gets the same new head on every rank
     df = pd.read_parquet(job.table)
     scores = {f"reward.{i}": reward_model_scores(path, job, device, df) for i, path in enumerate(job.reward_models)}
     if job.reference:

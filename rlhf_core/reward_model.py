@@ -70,17 +70,19 @@ def ensure_pad_token(tokenizer) -> bool:
 
 
 def load_reward_model(path: Path, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False,
-                      with_adapter: bool = False):
+                      with_adapter: bool = False, head_seed: int = 0):
     """(sequence classifier with one output, tokenizer) from a local folder, in eval mode. A backbone without a
-    score head gets a new one, initialised from torch's global generator (seed it for reproducible runs).
+    score head gets a new one drawn from `head_seed` (torch's global generator is left as it was).
     An adapter-only LoRA folder loads as its base + adapter; with_adapter: a merged one too (see lora.py)."""
     check_model_folder(Path(path))
     tokenizer = AutoTokenizer.from_pretrained(path)
     added = ensure_pad_token(tokenizer)
     tokenizer.padding_side = "right"
     weights = (adapter_folder(path) or path) if with_adapter else path
-    model = AutoModelForSequenceClassification.from_pretrained(weights, num_labels=1, dtype=parse_dtype(dtype),
-                                                               trust_remote_code=trust_remote_code)
+    with torch.random.fork_rng(devices=[]):  # the same new head in every process, epoch and resumed run
+        torch.manual_seed(head_seed)
+        model = AutoModelForSequenceClassification.from_pretrained(weights, num_labels=1, dtype=parse_dtype(dtype),
+                                                                   trust_remote_code=trust_remote_code)
     if added:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id  # causal LMs find the last real token by it

@@ -80,9 +80,8 @@ ACTOR_CRITIC = TrainableModule(  # PPO's policy + value head (+ a separate criti
 
 
 def load_reward_model(checkpoint: Path, args: RewardModelUpdateArgs, setup: TrainingSetup, device: str, load):
-    torch.manual_seed(args.seed)  # a backbone's new score head: the same one in every epoch and on every rank
     return rm.load_reward_model(checkpoint, device, setup.runtime.dtype, setup.trust_remote_code,
-                                with_adapter=setup.lora is not None)
+                                with_adapter=setup.lora is not None, head_seed=args.seed)
 
 
 REWARD_MODEL = TrainableModule(  # the sequence classifier itself: its forward is the whole pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import task
@@ -63,9 +64,11 @@ def resolve_model(name_or_path: str) -> CheckpointRef:
     return CheckpointRef(path=str(path), sha256=sha256_dir(path))
 
 
-def resolve_start_model(model: ModelConfig) -> CheckpointRef:
+def resolve_start_model(model: ModelConfig,
+                        resolve: Callable[[str], CheckpointRef] = resolve_model) -> CheckpointRef:
     """The model a flow starts from: `model.name_or_path`, or `model.fallback` when that is a registry URI the
-    registry does not have yet (the first scheduled run before any `champion` exists)."""
+    registry does not have yet (the first scheduled run before any `champion` exists). `resolve` turns the name
+    into a folder (the reward model's resolves its own built-in backbones)."""
     name = model.name_or_path
     if model.fallback and name.startswith(REGISTRY_PREFIX):
         try:
@@ -73,4 +76,4 @@ def resolve_start_model(model: ModelConfig) -> CheckpointRef:
         except RegisteredModelMissing:
             print(f"{name} is not in the registry yet: starting from model.fallback {model.fallback!r}")
             name = model.fallback
-    return resolve_model(name)
+    return resolve(name)

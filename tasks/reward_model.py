@@ -5,7 +5,6 @@ One task per epoch, keyed on the previous checkpoint's content hash: a run that 
 
 from __future__ import annotations
 
-import torch
 from prefect import task
 
 from rlhf_core import reward_model as rm
@@ -30,9 +29,8 @@ def resolve_reward_backbone(name_or_path: str) -> CheckpointRef:
     return CheckpointRef(path=str(path), sha256=sha256_dir(path))
 
 
-def load_reward_checkpoint(checkpoint: CheckpointRef, runtime: RuntimeConfig, trust_remote_code: bool, seed: int = 0):
+def load_reward_checkpoint(checkpoint: CheckpointRef, runtime: RuntimeConfig, trust_remote_code: bool):
     apply_runtime(runtime)
-    torch.manual_seed(seed)  # a backbone's new score head is drawn from it: same seed, same run
     return rm.load_reward_model(checkpoint.path, runtime.device, runtime.dtype, trust_remote_code)
 
 

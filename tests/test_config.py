@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from flows.cli import main, parse_config
 from rlhf_core.advantages import OUTCOME_ADVANTAGES
 from rlhf_core.config import (AdvantageConfig, GenerationConfig, GRPOConfig, KLConfig, LossConfig, OptimConfig,
-                              RewardSpec, RuntimeConfig)
+                              PPOConfig, RewardModelConfig, RewardSpec, RuntimeConfig)
 from rlhf_core.kl import KL_ESTIMATORS
 from rlhf_core.policy_losses import AGGREGATION_MODES
 
@@ -114,6 +114,22 @@ def test_parse_config_merges_file_and_flags_flags_win(config_file):
     assert config.iterations == 3 and config.optim.lr == 2e-5 and config.kl.coef == 0.05  # from the file
     assert config.generation.temperature == GenerationConfig().temperature  # default
     assert isinstance(config, GRPOConfig)
+
+
+def test_a_section_given_in_part_keeps_the_flows_own_defaults(tmp_path):
+    """PPO's optim defaults to epochs=2, mini_batches=2 and its data to no extra columns; the reward model's optim
+    to lr=3e-4: setting one field of the section, in code, in a file or on the command line, keeps the others."""
+    assert (PPOConfig().optim.epochs, OptimConfig().epochs) == (2, 1)  # the two defaults differ
+    ppo = PPOConfig(optim={"lr": 2e-5}, data={"path": "mine.jsonl"}, model={"lora": {"rank": 4}})
+    assert (ppo.optim.lr, ppo.optim.epochs, ppo.optim.mini_batches) == (2e-5, 2, 2)
+    assert ppo.data.extra_columns == [] and ppo.model.lora.rank == 4
+    assert PPOConfig(optim=OptimConfig(lr=2e-5)).optim.epochs == 1  # a whole section object is taken as given
+    path = tmp_path / "rm.yaml"
+    path.write_text("optim: {epochs: 3}\n")
+    for config in (parse_config(RewardModelConfig, ["--config", str(path)])[0],
+                   parse_config(RewardModelConfig, ["--optim.epochs", "3"])[0]):
+        assert (config.optim.epochs, config.optim.lr, config.optim.batch_size) == (3, 3e-4, 16)
+        assert config.model.name_or_path == RewardModelConfig().model.name_or_path
 
 
 def test_parse_config_json_file_and_dry_run_flag(tmp_path):

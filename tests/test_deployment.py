@@ -42,7 +42,7 @@ def test_prefect_yaml_deploys_grpo_with_a_validated_form(prefect_harness, reliab
         ppo = client.read_deployment_by_name("ppo/ppo")
         assert ppo.parameter_openapi_schema["definitions"]["ValueConfig"]["properties"]["critic"]["enum"] == [
             "shared", "separate"]
-        assert client.read_deployment_by_name("reward-model/reward-model").parameters["config"]["epochs"] == 2
+        assert client.read_deployment_by_name("reward-model/reward-model").parameters["config"]["optim"]["epochs"] == 2
         human = client.read_deployment_by_name("preference-data/preference-data-human")
         assert human.parameters["config"]["judge"]["kind"] == "human"
         assert human.parameter_openapi_schema["definitions"]["JudgeConfig"]["properties"]["kind"]["enum"] == [

@@ -14,7 +14,8 @@ from tolerance import (FACTOR, assert_bound_is_meaningful, assert_close_to_refer
                        norm_of_difference, relative_difference, relative_update_difference)
 
 from rlhf_core.checkpoint import OPTIMIZER_FILE
-from rlhf_core.config import KLConfig, LoraConfig, LossConfig, OptimConfig, RuntimeConfig, ValueConfig
+from rlhf_core.config import (KLConfig, LoraConfig, LossConfig, OfflineOptimConfig, OptimConfig, RuntimeConfig,
+                              ValueConfig)
 from rlhf_core.config.training import (DPOUpdateArgs, GRPOUpdateArgs, KTOUpdateArgs, LogprobPass, PPOUpdateArgs,
                                        RewardModelUpdateArgs, TrainingSetup, UpdateArgs)
 from rlhf_core.distributed import decoder_layers
@@ -36,13 +37,13 @@ GRPO_ARGS = GRPOUpdateArgs(loss=LossConfig(), kl=KLConfig(coef=0.05), optim=OPTI
                            max_new_tokens=8, seed=3)
 PPO_ARGS = PPOUpdateArgs(loss=LossConfig(), value=ValueConfig(vf_coef=0.5, head_lr=1e-2), optim=OPTIM,
                          temperature=1.0, max_new_tokens=8, seed=3)
+# the offline epochs: 4 rows per step, one per micro-batch
+EPOCH_OPTIM = OfflineOptimConfig(lr=1e-3, batch_size=4, micro_batch_size=1, max_grad_norm=1.0)
 
 
 def with_micro_batches(args: UpdateArgs, size: int) -> UpdateArgs:
     """The self-reference: the same update with another micro-batch split (another float32 summation order)."""
-    if hasattr(args, "optim"):
-        return args.model_copy(update={"optim": args.optim.model_copy(update={"micro_batch_size": size})})
-    return args.model_copy(update={"micro_batch_size": size})
+    return args.model_copy(update={"optim": args.optim.model_copy(update={"micro_batch_size": size})})
 
 
 def rollouts(vocab_size: int, seed: int = 0) -> pd.DataFrame:
@@ -247,7 +248,7 @@ def test_ppo_separate_critic_two_processes_match_one(strategy, policy_and_batch,
 
 # 13 pairs in mini-batches of 4 -> 4 mini-batches of 4, 3, 3, 3 pairs; micro-batches of 1: rank 1 holds one
 # pair of a 3-pair mini-batch and runs one padding pass while rank 0 runs its second pair
-DPO_ARGS = DPOUpdateArgs(epoch=0, batch_size=4, micro_batch_size=1, lr=1e-3, max_grad_norm=1.0, seed=5,
+DPO_ARGS = DPOUpdateArgs(epoch=0, optim=EPOCH_OPTIM, seed=5,
                          loss_type="sigmoid", beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, rpo_alpha=None)
 
 
@@ -271,7 +272,7 @@ def pairs(vocab_size: int, num_pairs: int = 13, seed: int = 0) -> pd.DataFrame:
                          for _ in range(num_pairs)])
 
 
-KTO_ARGS = KTOUpdateArgs(epoch=0, batch_size=4, micro_batch_size=1, lr=1e-3, max_grad_norm=1.0, seed=5, beta=0.1,
+KTO_ARGS = KTOUpdateArgs(epoch=0, optim=EPOCH_OPTIM, seed=5, beta=0.1,
                          desirable_weight=1.0, undesirable_weight=1.33)
 
 
@@ -353,7 +354,7 @@ def test_lora_two_processes_match_one(algorithm, save, strategy, policy_and_batc
                        f"within {within}", "n/a")
 
 
-RM_ARGS = RewardModelUpdateArgs(epoch=0, batch_size=4, micro_batch_size=1, lr=1e-3, max_grad_norm=1.0, seed=5,
+RM_ARGS = RewardModelUpdateArgs(epoch=0, optim=EPOCH_OPTIM, seed=5,
                                 max_length=32, center_coef=0.01)
 
 

@@ -117,8 +117,8 @@ def test_offline_flow_with_two_processes_matches_one(algorithm, strategy, prefec
                               "kto": (kto, test_flow_kto, test_flow_kto.write_review_examples(
                                   tmp_path / "unpaired.jsonl"))}[algorithm]
     finals, runs = with_one_and_two_processes(run_flow, lambda runtime, micro_batch_size: module.small_config(
-        data, tiny_model_dir, runtime=runtime, micro_batch_size=micro_batch_size), (2, 1), strategy, tmp_path,
-        monkeypatch)
+        data, tiny_model_dir, runtime=runtime, optim={"micro_batch_size": micro_batch_size}), (2, 1), strategy,
+        tmp_path, monkeypatch)
     assert max_difference(weights(finals[1]), load_file(f"{tiny_model_dir}/model.safetensors")) > 1e-3
     assert_two_processes_match_one(finals, CheckpointRef(path=str(tiny_model_dir), sha256="-"),
                                    f"{algorithm} flow")
@@ -135,7 +135,8 @@ def test_reward_model_flow_with_two_processes_matches_one(prefect_harness, tmp_p
 
     pairs_file = write_graded_pairs(tmp_path / "pairs.jsonl")
     finals, runs = with_one_and_two_processes(reward_model, lambda runtime, micro_batch_size: small_config(
-        pairs_file, runtime=runtime, micro_batch_size=micro_batch_size), (16, 4), "fsdp", tmp_path, monkeypatch)
+        pairs_file, runtime=runtime, optim={"micro_batch_size": micro_batch_size}), (16, 4), "fsdp", tmp_path,
+        monkeypatch)
     backbone = CheckpointRef(path=str(minilm_path()), sha256="-")
     assert_two_processes_match_one(finals, backbone, "reward-model flow")
     assert runs[1].data.metrics["reward_model/eval_accuracy"] == runs[2].data.metrics["reward_model/eval_accuracy"]

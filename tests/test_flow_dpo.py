@@ -37,9 +37,10 @@ def pairs_file(tmp_path) -> Path:
     return write_review_pairs(tmp_path / "pairs.jsonl")
 
 
-def small_config(pairs_file, model_dir, **overrides) -> DPOConfig:
-    values = dict(model=ModelConfig(name_or_path=str(model_dir)), epochs=2, batch_size=4, micro_batch_size=2,
-                  lr=1e-3, keep_checkpoints=1,
+def small_config(pairs_file, model_dir, optim: dict | None = None, **overrides) -> DPOConfig:
+    """2 epochs of 4-pair steps; `optim` overrides some of its settings."""
+    values = dict(model=ModelConfig(name_or_path=str(model_dir)), keep_checkpoints=1,
+                  optim={"epochs": 2, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-3, **(optim or {})},
                   data=PreferenceDataConfig(path=str(pairs_file), eval_path=None, eval_fraction=0.25),
                   tracking=TrackingConfig(experiment="dpo-e2e", registered_model="tiny-dpo"))
     return DPOConfig(**{**values, **overrides})
@@ -92,7 +93,7 @@ def test_dpo_flow_end_to_end_then_rerun_reuses_reference_logprobs(prefect_harnes
     assert "models:/tiny-dpo/" in summary
 
     # Another learning rate on the same data and model: the reference stage is a cache hit, training reruns
-    rerun = dpo(small_config(pairs_file, tiny_model_dir, lr=5e-4), return_state=True)
+    rerun = dpo(small_config(pairs_file, tiny_model_dir, optim={"lr": 5e-4}), return_state=True)
     rerun.result()
     states = task_states(rerun.state_details.flow_run_id)
     assert [s for name, s in states if name == "tokenize-pairs"] == ["Cached", "Cached"]
@@ -101,7 +102,7 @@ def test_dpo_flow_end_to_end_then_rerun_reuses_reference_logprobs(prefect_harnes
 
 
 def test_max_length_cuts_the_prompt_start_then_the_responses(prefect_harness, rlhf_home, pairs_file, tiny_model_dir):
-    dpo(small_config(pairs_file, tiny_model_dir, epochs=1, max_length=24, max_prompt_length=16))
+    dpo(small_config(pairs_file, tiny_model_dir, optim={"epochs": 1}, max_length=24, max_prompt_length=16))
     for path in (rlhf_home / "artifacts" / "dpo-tokens").glob("*.parquet"):
         tokens = pd.read_parquet(path)
         for prompt, chosen, rejected in zip(tokens["prompt_ids"], tokens["chosen_ids"], tokens["rejected_ids"]):

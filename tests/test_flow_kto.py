@@ -42,9 +42,10 @@ def examples_file(tmp_path) -> Path:
     return write_review_examples(tmp_path / "unpaired.jsonl")
 
 
-def small_config(examples_file, model_dir, **overrides) -> KTOConfig:
-    values = dict(model=ModelConfig(name_or_path=str(model_dir)), epochs=2, batch_size=4, micro_batch_size=2,
-                  lr=1e-3, keep_checkpoints=1,
+def small_config(examples_file, model_dir, optim: dict | None = None, **overrides) -> KTOConfig:
+    """2 epochs of 4-example steps; `optim` overrides some of its settings."""
+    values = dict(model=ModelConfig(name_or_path=str(model_dir)), keep_checkpoints=1,
+                  optim={"epochs": 2, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-3, **(optim or {})},
                   data=UnpairedDataConfig(path=str(examples_file), eval_path=None, eval_fraction=0.25),
                   tracking=TrackingConfig(experiment="kto-e2e", registered_model="tiny-kto"))
     return KTOConfig(**{**values, **overrides})
@@ -62,7 +63,7 @@ def test_config_rules():
             if not field.description] == []
     for bad, location in [({"max_length": 64, "max_prompt_length": 64}, "max_prompt_length=64"),
                           ({"desirable_weight": 0.0}, "desirable_weight"), ({"beta": -0.1}, "beta"),
-                          ({"batch_size": 0}, "batch_size"), ({"data": {"labels": "x"}}, "labels")]:
+                          ({"optim": {"batch_size": 0}}, "optim.batch_size"), ({"data": {"labels": "x"}}, "labels")]:
         with pytest.raises(ValidationError, match=location):
             KTOConfig(**bad)
     assert KTOConfig(max_length=None, max_prompt_length=4096).max_length is None
@@ -151,7 +152,7 @@ def test_kto_flow_end_to_end_then_rerun_reuses_tokens_and_reference_logprobs(pre
     assert newest.tags["iteration"] == "1" and newest.tags["checkpoint_sha256"] == sha256_dir(final_checkpoint)
 
     # Another learning rate on the same data and model: tokens and reference are cache hits, training reruns
-    rerun = kto(small_config(examples_file, tiny_model_dir, lr=5e-4), return_state=True)
+    rerun = kto(small_config(examples_file, tiny_model_dir, optim={"lr": 5e-4}), return_state=True)
     rerun.result()
     states = task_states(rerun.state_details.flow_run_id)
     assert [s for name, s in states if name == "tokenize-unpaired"] == ["Cached", "Cached"]

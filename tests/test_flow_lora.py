@@ -99,7 +99,7 @@ def test_dpo_lora_registers_merged_checkpoints(prefect_harness, rlhf_home, pairs
     config = DPOConfig(
         model=ModelConfig(name_or_path=str(tiny_model_dir),
                           lora=LoraConfig(rank=4, alpha=8.0, target_modules="all-linear", save="merged")),
-        epochs=2, batch_size=4, micro_batch_size=2, lr=1e-2, keep_checkpoints=1,
+        optim={"epochs": 2, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2}, keep_checkpoints=1,
         data=PreferenceDataConfig(path=str(pairs_file), eval_path=None, eval_fraction=0.25),
         tracking=TrackingConfig(experiment="lora-dpo-e2e", registered_model="tiny-lora-dpo"))
     state = dpo(config, return_state=True)
@@ -197,7 +197,7 @@ def example_logps(model, df: pd.DataFrame, pad_id: int) -> dict[str, list[float]
 
 def test_kto_lora_registers_merged_checkpoints(prefect_harness, rlhf_home, examples_file, tiny_model_dir):
     base_hash = sha256_dir(tiny_model_dir)
-    config = test_flow_kto.small_config(examples_file, tiny_model_dir, lr=1e-2, model=ModelConfig(
+    config = test_flow_kto.small_config(examples_file, tiny_model_dir, optim={"lr": 1e-2}, model=ModelConfig(
         name_or_path=str(tiny_model_dir), lora=LoraConfig(rank=4, alpha=8.0, save="merged")),
         tracking=TrackingConfig(experiment="lora-kto-e2e", registered_model="tiny-lora-kto"))
     state = kto(config, return_state=True)
@@ -237,8 +237,8 @@ def test_kto_lora_registers_merged_checkpoints(prefect_harness, rlhf_home, examp
 def test_reward_model_lora_registers_adapter_with_score_head(prefect_harness, rlhf_home, pairs_file, tiny_model_dir):
     base_hash = sha256_dir(tiny_model_dir)
     config = reward_model_config(
-        pairs_file, model=str(tiny_model_dir), lr=1e-2, runtime=RuntimeConfig(gradient_checkpointing=True),
-        lora=LoraConfig(rank=4, alpha=8.0, save="adapter"),
+        pairs_file, optim={"lr": 1e-2}, runtime=RuntimeConfig(gradient_checkpointing=True),
+        model=ModelConfig(name_or_path=str(tiny_model_dir), lora=LoraConfig(rank=4, alpha=8.0, save="adapter")),
         tracking=TrackingConfig(experiment="lora-rm-e2e", registered_model="tiny-lora-rm"))
     state = reward_model(config, return_state=True)
     final = Path(state.result())

@@ -41,8 +41,9 @@ def pairs_file(tmp_path) -> Path:
     return write_graded_pairs(tmp_path / "pairs.jsonl")
 
 
-def small_config(pairs_file, **overrides) -> RewardModelConfig:
-    values = dict(epochs=2, batch_size=8, seed=0,
+def small_config(pairs_file, optim: dict | None = None, **overrides) -> RewardModelConfig:
+    """2 epochs of 8-pair steps; `optim` overrides some of its settings."""
+    values = dict(optim={"epochs": 2, "batch_size": 8, **(optim or {})}, seed=0,
                   data=PreferenceDataConfig(path=str(pairs_file), eval_path=None, eval_fraction=0.25),
                   tracking=TrackingConfig(experiment="rm-e2e", registered_model="tiny-rm"))
     return RewardModelConfig(**{**values, **overrides})
@@ -61,7 +62,7 @@ def test_reward_model_flow_end_to_end(prefect_harness, rlhf_home, pairs_file, ti
     assert [p.name for p in (rlhf_home / "checkpoints").iterdir()] == [Path(final_checkpoint).name]  # pruned
 
     # MLflow: params, one point per epoch, the eval Parquet, a registered version per epoch
-    assert run.info.status == "FINISHED" and run.data.params["lr"] == "0.0003"
+    assert run.info.status == "FINISHED" and run.data.params["optim.lr"] == "0.0003"
     for key in ["loss/train", "loss/eval", "reward_model/train_accuracy", "reward_model/eval_accuracy",
                 "reward_model/eval_margin", "reward_model/grad_norm", "time/train_s", "time/eval_s",
                 "time/tracking_s"]:
@@ -106,7 +107,7 @@ def test_reward_model_flow_end_to_end(prefect_harness, rlhf_home, pairs_file, ti
 
 def test_crash_in_epoch_1_then_rerun_resumes_and_matches_uninterrupted_run(prefect_harness, tmp_path, monkeypatch,
                                                                           pairs_file, tiny_model_dir):
-    config = small_config(pairs_file, model=str(tiny_model_dir), lr=1e-3)
+    config = small_config(pairs_file, model={"name_or_path": str(tiny_model_dir)}, optim={"lr": 1e-3})
     monkeypatch.setenv("RLHF_HOME", str(tmp_path / "uninterrupted"))
     uninterrupted = sha256_dir(reward_model(config))
 

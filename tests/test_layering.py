@@ -31,3 +31,19 @@ def test_tasks_never_import_flows():
     loaded = imported_packages(tasks)
     assert "prefect" in loaded and "tasks" in loaded
     assert "flows" not in loaded
+
+
+# The math and the algorithms' update loops: pure torch, so they can be read, tested and reused without loading
+# transformers, pandas or the orchestration (rlhf_core stays flat: one concept per file, see README "Layout").
+TORCH_ONLY = ["advantages", "kl", "gae", "policy_losses", "preference_losses", "value_losses", "token_rewards",
+              "kl_control", "logprobs", "batch", "update", "metrics", "grpo", "dpo", "kto", "evaluation", "verifiable"]
+
+
+def test_the_math_imports_with_torch_alone():
+    code = ("import importlib, sys\n"
+            f"for m in {TORCH_ONLY!r}: importlib.import_module('rlhf_core.' + m)\n"
+            "print(' '.join(sorted({n.split('.')[0] for n in sys.modules})))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                check=True).stdout.split())
+    assert "torch" in loaded
+    assert loaded & {"transformers", "pandas", "safetensors", "peft", "prefect", "mlflow"} == set()

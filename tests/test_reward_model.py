@@ -15,7 +15,8 @@ from transformers import AutoTokenizer
 
 from rlhf_core.batch import select_rows
 from rlhf_core.checkpoint import OPTIMIZER_FILE, trainable_parameters
-from rlhf_core.config import PreferenceDataConfig, RewardModelConfig, RuntimeConfig, UnpairedDataConfig
+from rlhf_core.config import (OfflineOptimConfig, PreferenceDataConfig, RewardModelConfig, RuntimeConfig,
+                              UnpairedDataConfig)
 from rlhf_core.data import DatasetError
 from rlhf_core.models import PAD_TOKEN, ModelLoadError
 from rlhf_core.reward_model import (DEFAULT_REWARD_BACKBONE, bradley_terry_loss, collate_text_pairs, encode_pairs,
@@ -102,6 +103,18 @@ def test_one_forward_for_chosen_and_rejected_equals_two(backbone, request):
     chosen = reward_scores(model, tokenizer, PROMPTS, CHOSEN, batch_size=1, max_length=128)
     rejected = reward_scores(model, tokenizer, PROMPTS, REJECTED, batch_size=1, max_length=128)
     torch.testing.assert_close(together, torch.cat([chosen, rejected]), atol=1e-5, rtol=1e-5)
+
+
+def test_new_score_head_comes_from_its_seed_and_leaves_the_global_generator_alone(tiny_model_dir):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first, _ = load_reward_model(tiny_model_dir, head_seed=7)
+    assert torch.equal(torch.get_rng_state(), before)  # nothing else in the process sees a reseeded generator
+    torch.manual_seed(456)  # another global state: the same head
+    again, _ = load_reward_model(tiny_model_dir, head_seed=7)
+    other, _ = load_reward_model(tiny_model_dir, head_seed=8)
+    assert torch.equal(first.score.weight, again.score.weight)
+    assert not torch.equal(first.score.weight, other.score.weight)
 
 
 def test_minilm_encodes_text_pairs_and_truncates_the_prompt_first(minilm):
@@ -222,8 +235,8 @@ def test_loss_and_gradient_do_not_depend_on_the_micro_batch_split(tiny_model_dir
 
 
 @pytest.mark.parametrize("values, field", [
-    ({"lr": 0.0}, "lr"),
-    ({"batch_size": 0}, "batch_size"),
+    ({"optim": {"lr": 0.0}}, "optim.lr"),
+    ({"optim": {"batch_size": 0}}, "optim.batch_size"),
     ({"center_coef": -0.1}, "center_coef"),
     ({"data": {"eval_fraction": 1.0}}, "data.eval_fraction"),
     ({"data": {"chosen": "x"}}, "data.chosen"),  # unknown key: a typo is an error
@@ -237,7 +250,8 @@ def test_invalid_reward_model_config_is_rejected_by_name(values, field):
 
 def test_reward_model_config_defaults():
     config = RewardModelConfig()
-    assert config.model == DEFAULT_REWARD_BACKBONE and config.data.path == "data/preferences/train/pairs.parquet"
+    assert config.model.name_or_path == DEFAULT_REWARD_BACKBONE
+    assert config.data.path == "data/preferences/train/pairs.parquet"
     assert (config.tracking.experiment, config.tracking.registered_model) == ("reward-model", "reward-model")
 
 
@@ -302,8 +316,8 @@ def test_train_epochs_then_evaluate(tmp_path, rlhf_home, tiny_model_dir, monkeyp
     monkeypatch.setattr(training, "restore_optimizer", lambda opt, path: restored.append(real_restore(opt, path)))
 
     def args(epoch: int) -> RewardModelUpdateArgs:
-        return RewardModelUpdateArgs(epoch=epoch, batch_size=4, micro_batch_size=2, lr=3e-3, max_length=64,
-                                     center_coef=0.0, max_grad_norm=1.0, seed=0)
+        return RewardModelUpdateArgs(epoch=epoch, seed=0, max_length=64, center_coef=0.0, optim=OfflineOptimConfig(
+            batch_size=4, micro_batch_size=2, lr=3e-3, max_grad_norm=1.0))
 
     setup = TrainingSetup(runtime=RuntimeConfig())
     first = t.train_reward_model_epoch.fn(backbone, splits.train, args(0), setup)

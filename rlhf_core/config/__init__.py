@@ -6,8 +6,8 @@ typo is rejected before any work starts. Core functions never receive these obje
 """
 
 from rlhf_core.config.common import (AdvantageConfig, DataConfig, GenerationConfig, KLConfig, LoraConfig, LossConfig,
-                                     ModelConfig, OptimConfig, RewardSpec, RuntimeConfig, TrackingConfig, check_lengths,
-                                     check_online_config)
+                                     ModelConfig, OfflineOptimConfig, OptimConfig, RewardSpec, RuntimeConfig,
+                                     TrackingConfig, check_lengths, check_online_config)
 from rlhf_core.config.evaluation import EvaluationConfig, EvaluationTrackingConfig
 from rlhf_core.config.offline import (DPOConfig, JudgeConfig, KTOConfig, PreferenceDataConfig, PreferenceDatasetConfig,
                                       RewardModelConfig, UnpairedDataConfig)
@@ -15,8 +15,8 @@ from rlhf_core.config.online import GAEConfig, GRPOConfig, PPOConfig, PPOKLConfi
 
 __all__ = [
     "AdvantageConfig", "DataConfig", "GenerationConfig", "KLConfig", "LoraConfig", "LossConfig", "ModelConfig",
-    "OptimConfig",
-    "RewardSpec", "RuntimeConfig", "TrackingConfig", "check_lengths", "check_online_config",
+    "OfflineOptimConfig", "OptimConfig", "RewardSpec", "RuntimeConfig", "TrackingConfig", "check_lengths",
+    "check_online_config",
     "DPOConfig", "JudgeConfig", "KTOConfig", "PreferenceDataConfig", "PreferenceDatasetConfig", "RewardModelConfig",
     "UnpairedDataConfig", "EvaluationConfig", "EvaluationTrackingConfig", "GAEConfig", "GRPOConfig", "PPOConfig",
     "PPOKLConfig", "ScoreConfig", "ValueConfig",

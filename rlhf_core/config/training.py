@@ -12,7 +12,8 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from rlhf_core.batch import ceil_div
-from rlhf_core.config.common import KLConfig, LoraConfig, LossConfig, ModelConfig, OptimConfig, RuntimeConfig
+from rlhf_core.config.common import (KLConfig, LoraConfig, LossConfig, ModelConfig, OfflineOptimConfig, OptimConfig,
+                                     RuntimeConfig)
 from rlhf_core.config.offline import DPOConfig, KTOConfig, RewardModelConfig
 from rlhf_core.config.online import GRPOConfig, PPOConfig, ValueConfig
 
@@ -39,14 +40,8 @@ class TrainingSetup(_Args):
         return self.lora is not None and self.lora.save == "merged"
 
 
-class _OnlineArgs(_Args):
-    """An online iteration's update: optim.epochs x optim.mini_batches steps on one scored rollout batch."""
-
-    loss: LossConfig
-    optim: OptimConfig
-    temperature: float = Field(gt=0.0, description="the sampling temperature the log-probs are computed at")
-    max_new_tokens: int
-    seed: int
+class _UpdateArgs(_Args):
+    """Update arguments with an `optim` section (the AdamW settings every algorithm has)."""
 
     @property
     def lr(self) -> float:
@@ -55,6 +50,16 @@ class _OnlineArgs(_Args):
     @property
     def weight_decay(self) -> float:
         return self.optim.weight_decay
+
+
+class _OnlineArgs(_UpdateArgs):
+    """An online iteration's update: optim.epochs x optim.mini_batches steps on one scored rollout batch."""
+
+    loss: LossConfig
+    optim: OptimConfig
+    temperature: float = Field(gt=0.0, description="the sampling temperature the log-probs are computed at")
+    max_new_tokens: int
+    seed: int
 
     def optimizer_steps(self, rows: int) -> int:
         return self.optim.epochs * self.optim.mini_batches
@@ -83,34 +88,29 @@ class PPOUpdateArgs(_OnlineArgs):
         return cls(**cls._online_fields(config, iteration), value=config.value)
 
 
-class _EpochArgs(_Args):
-    """An offline epoch: one shuffled pass over a table, `batch_size` rows per optimizer step."""
+class _EpochArgs(_UpdateArgs):
+    """An offline epoch: one shuffled pass over a table, `optim.batch_size` rows per optimizer step."""
 
     epoch: int = Field(ge=0)
-    batch_size: int
-    micro_batch_size: int
-    lr: float
-    max_grad_norm: float
+    optim: OfflineOptimConfig
     seed: int = Field(description="the run's seed; each epoch shuffles with seed + epoch")
-    weight_decay: float = 0.0
 
     @property
     def shuffle_seed(self) -> int:
         return self.seed + self.epoch
 
     def optimizer_steps(self, rows: int) -> int:
-        return ceil_div(rows, self.batch_size)
+        return ceil_div(rows, self.optim.batch_size)
 
     @property
     def loop(self) -> dict:
         """The epoch loop's settings, as the offline update functions take them."""
-        return dict(batch_size=self.batch_size, micro_batch_size=self.micro_batch_size,
-                    max_grad_norm=self.max_grad_norm, seed=self.shuffle_seed)
+        return dict(batch_size=self.optim.batch_size, micro_batch_size=self.optim.micro_batch_size,
+                    max_grad_norm=self.optim.max_grad_norm, seed=self.shuffle_seed)
 
     @classmethod
-    def _epoch_fields(cls, config, epoch: int) -> dict:
-        return dict(epoch=epoch, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
-                    lr=config.lr, max_grad_norm=config.max_grad_norm, seed=config.seed)
+    def _epoch_fields(cls, config: DPOConfig | KTOConfig | RewardModelConfig, epoch: int) -> dict:
+        return dict(epoch=epoch, optim=config.optim, seed=config.seed)
 
 
 class DPOUpdateArgs(_EpochArgs):
