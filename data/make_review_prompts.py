@@ -4,7 +4,7 @@
 descriptors, in a seeded order. `review_prompts_eval.jsonl` holds 40 of them, fixed once (the held-out prompts of
 the first preference set) so that held-out numbers stay comparable across versions; `review_prompts.jsonl` holds
 the other 260 in the same order. PPO trains on the 260; the preference-data flow turned each file into the
-shipped preference set (README.md, "Preference data"), so no held-out prompt is ever trained on.
+shipped preference set (docs/algorithms/preference-data.md), so no held-out prompt is ever trained on.
 """
 
 import json

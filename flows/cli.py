@@ -1,84 +1,180 @@
-"""`rlhf <flow> [--config FILE.yaml|.json] [--section.field VALUE ...] [--dry-run]`
+"""`rlhf <flow> [--config FILE] [--section.field VALUE ...] [--dry-run] [--debug]`, `rlhf up|down`, `rlhf --help`.
 
-The config file gives the base values, flags override them (`--generation.group-size 4 --optim.lr 2e-5`), and
-the result is validated by the flow's pydantic model before anything is loaded: a bad value exits with status
-2 and a message naming the field. `--dry-run` prints the validated config and exits.
+The config file gives the base values, flags override them (`--generation.group-size 4 --optim.lr 2e-5`), and the
+flow's pydantic model validates the result (flows/arguments.py). Then, before the orchestration engine starts, the
+flow's inputs are checked (flows/preflight.py: data files, models, reward functions, servers), so that a user's
+mistake shows in seconds. A mistake of the user's (`UserInputError`) ends the command with one line naming the
+file, row, field or flag, as the last line, and exit status 2; `--debug` or RLHF_DEBUG=1 adds the traceback.
 """
 
 from __future__ import annotations
 
-import json
+import atexit
+import contextlib
+import io
+import logging
+import os
+import signal
 import sys
-from pathlib import Path
+import textwrap
+import traceback
+from typing import NamedTuple
 
 import yaml
-from pydantic import ValidationError
-from pydantic_settings import CliApp
+from pydantic import BaseModel
 
+from flows.arguments import OPTIONS, ConfigInputError, parse_arguments
 from rlhf_core.config import (DPOConfig, EvaluationConfig, GRPOConfig, KTOConfig, PPOConfig, PreferenceDatasetConfig,
                               RewardModelConfig)
-
-FLOWS = {"grpo": (GRPOConfig, "flows.grpo", "grpo"), "ppo": (PPOConfig, "flows.ppo", "ppo"),
-         "reward-model": (RewardModelConfig, "flows.reward_model", "reward_model"),
-         "preference-data": (PreferenceDatasetConfig, "flows.preference_data", "preference_data"),
-         "dpo": (DPOConfig, "flows.dpo", "dpo"), "kto": (KTOConfig, "flows.kto", "kto"),
-         "evaluate": (EvaluationConfig, "flows.evaluation", "evaluate")}
-USAGE = (f"usage: rlhf {{{','.join(FLOWS)}}} [--config FILE] [--section.field VALUE ...] [--dry-run]\n"
-         "       rlhf up|down [--host 127.0.0.1] [--prefect-port 4200] [--mlflow-port 5000]")
+from rlhf_core.config.fields import config_fields, first_line
+from rlhf_core.errors import UserInputError
 
 
-def read_config_file(path: str) -> dict:
-    text = Path(path).read_text()
-    values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of config fields, got {type(values).__name__}")
-    return values
+
+class Flow(NamedTuple):
+    config: type[BaseModel]
+    module: str
+    function: str
+    summary: str
 
 
-def parse_config(config_cls, args: list[str]):
-    """(config, dry_run) from `--config FILE`, `--dry-run` and field flags."""
-    args = list(args)
-    file_values = {}
-    if "--config" in args:
-        index = args.index("--config")
-        if index + 1 == len(args):
-            raise ValueError("--config needs a file path")
-        file_values = read_config_file(args[index + 1])
-        del args[index:index + 2]
-    dry_run = "--dry-run" in args
-    args = [a for a in args if a != "--dry-run"]
-    return CliApp.run(config_cls, cli_args=args, cli_exit_on_error=False, **file_values), dry_run
+FLOWS = {
+    "grpo": Flow(GRPOConfig, "flows.grpo", "grpo", "online RL: G samples per prompt, group-normalised rewards"),
+    "ppo": Flow(PPOConfig, "flows.ppo", "ppo", "online RL: actor-critic, KL-penalised rewards, GAE"),
+    "reward-model": Flow(RewardModelConfig, "flows.reward_model", "reward_model",
+                         "train a Bradley-Terry reward model on preference pairs"),
+    "preference-data": Flow(PreferenceDatasetConfig, "flows.preference_data", "preference_data",
+                            "sample responses, judge them (rewards or a human), write pairs"),
+    "dpo": Flow(DPOConfig, "flows.dpo", "dpo", "offline: DPO and its variants on preference pairs"),
+    "kto": Flow(KTOConfig, "flows.kto", "kto", "offline: KTO on desirable/undesirable examples"),
+    "evaluate": Flow(EvaluationConfig, "flows.evaluation", "evaluate",
+                     "candidate vs champion on held-out prompts; promote the winner"),
+}
+SERVICE_COMMANDS = {"up": "start the Prefect server, a process worker and the MLflow server on this machine",
+                    "down": "stop them"}
+USAGE = (f"usage: rlhf {{{','.join(FLOWS)}}} [--config FILE] [--section.field VALUE ...] [--dry-run] [--debug]\n"
+         "       rlhf up|down [--host 127.0.0.1] [--prefect-port 4200] [--mlflow-port 5000]\n"
+         "       rlhf --help | rlhf <flow> --help")
+
+
+def overview() -> str:
+    """`rlhf --help`: the commands, one line each."""
+    width = max(map(len, [*FLOWS, *SERVICE_COMMANDS])) + 2
+    lines = [USAGE, "", "Post-train a causal LM with human/AI feedback; each command runs one Prefect flow, tracked "
+             "in MLflow.", "", "flows:"]
+    lines += [f"  {name:<{width}}{flow.summary}" for name, flow in FLOWS.items()]
+    lines += ["", "service:"] + [f"  {name:<{width}}{text}" for name, text in SERVICE_COMMANDS.items()]
+    lines += ["", "`rlhf <flow> --help` lists the flow's options and every config field with its default.",
+              "Data and runs go to $RLHF_HOME (default ~/.rlhf); rerunning a command resumes it from its cache."]
+    return "\n".join(lines)
+
+
+def flow_help(name: str) -> str:
+    """`rlhf <flow> --help`: the options, then every field as a flag with its type, default and description."""
+    config_cls = FLOWS[name].config
+    lines = [f"usage: rlhf {name} [--config FILE] [--section.field VALUE ...] [--dry-run] [--debug]", "",
+             first_line(config_cls.__doc__), "", "options:"]
+    lines += [f"  {option:<12}{text}" for option, text in OPTIONS.items()]
+    lines += ["", "fields (`--optim.lr 2e-5`, or `optim: {lr: 2e-5}` in the --config file; values are YAML: "
+              "`null`, `[a, b]`, `{k: v}`):"]
+    for field in config_fields(config_cls, config_cls()):
+        flag = "--" + field.name.replace("_", "-")
+        if field.is_section:
+            lines += ["", *textwrap.wrap(f"{flag}: {field.description}", 110, initial_indent="  ",
+                                         subsequent_indent="    ")]
+            continue
+        lines.append(f"  {flag}  {field.type} = {field.default}")
+        lines += textwrap.wrap(field.description, 110, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+class _WithoutUserErrorTraceback(logging.Filter):
+    """A user's mistake is logged by the run as its message alone (its traceback shows the flow's code, not what
+    to fix); every other exception keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserInputError):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def run_flow(name: str, config):
+    """Calls the flow in this process (Prefect starts a temporary server for it unless PREFECT_API_URL names one)."""
+    import importlib
+
+    flow = getattr(importlib.import_module(FLOWS[name].module), FLOWS[name].function)
+    for logger in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(logger).addFilter(_WithoutUserErrorTraceback())
+    return flow(config)  # the final checkpoint's folder; for preference-data, the dataset's folder
+
+
+class LastLine:
+    """The command's result line. Deferred (the console script): printed when the interpreter exits, after
+    Prefect's own exit handlers (the temporary server's "Stopping temporary server", queued logs and events), so
+    that it is the last line. atexit runs handlers last-registered-first: this one is registered before the flow
+    starts anything."""
+
+    def __init__(self, deferred: bool):
+        self.pending: list[tuple[str, object]] = []
+        if deferred:
+            atexit.register(self.flush)
+        self.deferred = deferred
+
+    def __call__(self, text: str, stream) -> None:
+        self.pending.append((text, stream))
+        if not self.deferred:
+            self.flush()
+
+    def flush(self) -> None:
+        while self.pending:
+            text, stream = self.pending.pop(0)
+            print(text, file=stream, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("up", "down"):
+    console = argv is None  # the console script, not a call from Python
+    if console:  # `rlhf grpo --help | head` ends quietly, like any command
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        argv = sys.argv[1:]
+    if argv and argv[0] in SERVICE_COMMANDS:
         from flows.service import main as service_main
 
         return service_main(argv)
-    if not argv or argv[0] not in FLOWS:
-        print(USAGE, file=sys.stderr)
-        return 2
-    config_cls, module, function = FLOWS[argv[0]]
-    try:
-        config, dry_run = parse_config(config_cls, argv[1:])
-    except (ValidationError, ValueError, OSError, yaml.YAMLError) as e:
-        print(f"invalid configuration: {e}", file=sys.stderr)
-        return 2
-    if dry_run:
-        print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    if argv[:1] in (["--help"], ["-h"], ["help"]):
+        print(overview())
         return 0
-    import importlib
-
-    flow = getattr(importlib.import_module(module), function)
+    if not argv or argv[0] not in FLOWS:
+        unknown = f"rlhf: unknown command {argv[0]!r}\n" if argv else ""
+        print(f"{unknown}{USAGE}", file=sys.stderr)
+        return 2
+    name = argv[0]
+    last_line = LastLine(deferred=console)
+    debug = "--debug" in argv or os.environ.get("RLHF_DEBUG", "") not in ("", "0")
     try:
-        output = flow(config)  # the final checkpoint's folder; for preference-data, the dataset's folder
+        args = parse_arguments(FLOWS[name].config, argv[1:])
+        if args.help:
+            print(flow_help(name))
+            return 0
+        sys.path.insert(0, os.getcwd())  # reward modules in the current directory import, as with `python -m`
+        from flows.preflight import check_before_start
+
+        with contextlib.redirect_stdout(sys.stdout if args.dry_run else io.StringIO()):
+            check_before_start(args.config)  # its notices (rows dropped...) are the run's to print, once
+        if args.dry_run:
+            print(yaml.safe_dump(args.config.model_dump(mode="json"), sort_keys=False))
+            return 0
+        output = run_flow(name, args.config)
+    except UserInputError as error:
+        if debug:
+            traceback.print_exc()
+        kind = "invalid configuration: " if isinstance(error, ConfigInputError) else ""
+        last_line(f"rlhf {name}: {kind}{error}", sys.stderr)
+        return 2
     except Exception as error:
-        # One line to find at the end of the log; the traceback is above it. At exit Prefect may keep trying to
-        # deliver queued events for minutes if its server is gone: interrupting it then loses nothing of ours.
-        print(f"rlhf {argv[0]} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-        raise
-    print(f"output: {output}")
+        traceback.print_exc()  # not the user's to fix: the traceback is the report
+        last_line(f"rlhf {name} failed: {type(error).__name__}: {error}", sys.stderr)
+        return 1
+    last_line(f"output: {output}", sys.stdout)
     return 0
 
 

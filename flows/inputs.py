@@ -70,10 +70,13 @@ def resolve_online_inputs(config) -> OnlineInputs:
 def check_prompts_fit(dataset: ArtifactRef, policy: CheckpointRef, data: DataConfig, max_new_tokens: int) -> None:
     """Each prompt, rendered with the chat template as the rollout stage will, plus max_new_tokens fits in the
     policy's context; else a DatasetError names the row."""
-    path = Path(policy.path)
-    tokenizer, _ = load_tokenizer(path)
-    context = getattr(model_config(path), "max_position_embeddings", None)
+    check_prompt_list_fits(dataset.read()["prompt"].tolist(), Path(policy.path), data, max_new_tokens)
+
+
+def check_prompt_list_fits(prompts: list[str], model_path: Path, data: DataConfig, max_new_tokens: int) -> None:
+    tokenizer, _ = load_tokenizer(model_path)
+    context = getattr(model_config(model_path), "max_position_embeddings", None)
     if context is None:  # architectures without a fixed context have nothing to check
         return
-    lengths = [len(ids) for ids in chat_prompt_ids(tokenizer, dataset.read()["prompt"].tolist(), data.system_prompt)]
+    lengths = [len(ids) for ids in chat_prompt_ids(tokenizer, prompts, data.system_prompt)]
     check_prompt_lengths(resolve_data_path(data.path), lengths, max_new_tokens, context)

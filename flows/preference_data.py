@@ -1,10 +1,10 @@
 """The preference-data flow: sample G responses per prompt -> judge them (rewards, or a person in the Prefect UI)
 -> pairs and unpaired labels -> Parquet files a DPO, reward-model or KTO run can read.
 
-Any policy, any G, any judge (the shipped data/preferences set: VADER, G = 4; see README.md). Every
-stage but the human judge is a cached task keyed on content, so a rerun with the same config replays them; the
-human's answers are kept per batch (tasks/preference_data.py), so a rerun asks nobody twice. One MLflow run holds
-the params, the dataset's counts and both Parquet files.
+Any policy, any G, any judge (the shipped data/preferences set: VADER, G = 4; see
+docs/algorithms/preference-data.md). Every stage but the human judge is a cached task keyed on content, so a rerun
+with the same config replays them; the human's answers are kept per batch (tasks/preference_data.py), so a rerun
+asks nobody twice. One MLflow run holds the params, the dataset's counts and both Parquet files.
 
 The result is a folder holding pairs.parquet and unpaired.parquet: `output_dir` when set, else
 `$RLHF_HOME/preference-data/<hash of both files>`.

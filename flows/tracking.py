@@ -23,6 +23,7 @@ from mlflow.entities import Metric, Param
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from pydantic import BaseModel
 
+from flows.metrics_catalog import unknown_metrics
 from rlhf_core.checkpoint import OPTIMIZER_FILE
 from rlhf_core.faults import kill_point
 from rlhf_core.io import copy_file
@@ -78,6 +79,11 @@ class Tracker:
         self.log_json(config.model_dump(mode="json"), "config.json")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """The one place metrics are logged. With RLHF_CHECK_METRIC_NAMES=1 (every test run), a key that
+        flows/metrics_catalog.py does not document is an error instead of a silently undocumented metric."""
+        if os.environ.get("RLHF_CHECK_METRIC_NAMES") == "1" and (unknown := unknown_metrics(metrics)):
+            raise ValueError(f"metric keys {unknown} are not in flows/metrics_catalog.py: add each with a "
+                             "description (then run `python scripts/docs_reference.py`)")
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 

@@ -15,11 +15,13 @@ from typing import Any
 
 import pandas as pd
 
+from rlhf_core.errors import UserInputError
+
 SUPPORTED_FORMATS = ".jsonl, .json, .parquet, or a directory written by datasets.Dataset.save_to_disk"
 _CHUNK = 1 << 20  # 1 MiB: hashing streams, so a 50 GB file needs no memory
 
 
-class DatasetError(ValueError):
+class DatasetError(UserInputError):
     """A user dataset that cannot be used; the message names the file, the line or row, and the field."""
 
 
@@ -119,10 +121,13 @@ def load_table(
     required: Mapping[str, type],
     columns: Mapping[str, str] | None = None,
     optional: Mapping[str, type] | None = None,
+    duplicates: str = "error",
 ) -> pd.DataFrame:
     """Load a dataset and validate it; returns the required and present optional columns under their canonical
     names with a fresh RangeIndex. `columns` maps canonical name -> name in the file ({"prompt": "question"}).
-    Raises DatasetError naming the file, the line/row and the field for the first problem found."""
+    `duplicates`: what to do with a row equal to an earlier one in every field: "error", "drop" (kept once, the
+    count and the first few printed) or "keep". Raises DatasetError naming the file, the line/row and the field
+    for the first problem found."""
     path = Path(path)
     columns, optional = dict(columns or {}), dict(optional or {})
     if both := set(required) & set(optional):
@@ -136,6 +141,16 @@ def load_table(
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise DatasetError(f"{path} {where(i)}: expected a JSON object, got {type(record).__name__}")
+    if duplicates != "keep" and (repeats := _repeated_rows(records)):
+        later, earlier = repeats[0]
+        if duplicates == "error":
+            raise DatasetError(f"{path} {where(later)}: the same row as {where(earlier)} (every field equal); a "
+                               "repeated example would weigh twice: remove it, or set the data's `duplicates: drop`")
+        examples = ", ".join(f"{where(a)} = {where(b)}" for a, b in repeats[:3])
+        print(f"{path}: dropped {len(repeats)} repeated row(s) of {len(records)} ({examples}"
+              f"{', ...' if len(repeats) > 3 else ''}); `duplicates: error` refuses them, `keep` keeps them")
+        kept = sorted(set(range(len(records))) - {a for a, _ in repeats})
+        records, where = [records[i] for i in kept], (lambda i, _where=where: _where(kept[i]))
     present = dict.fromkeys(key for record in records for key in record)  # ordered union of keys
 
     out: dict[str, list] = {}
@@ -156,24 +171,22 @@ def load_table(
         if expected is float:  # ints were accepted; store one dtype so the column is float64
             values = [math.nan if _is_missing(v) else float(v) for v in values]
         out[name] = values
-    if duplicate := _first_duplicate(records):
-        later, earlier = duplicate
-        raise DatasetError(f"{path} {where(later)}: the same row as {where(earlier)} (every field equal); a "
-                           "repeated example would weigh twice: remove one")
     return pd.DataFrame(out, index=pd.RangeIndex(len(records)))
 
 
-def _first_duplicate(rows: list[dict]) -> tuple[int, int] | None:
-    """(index of the first row equal to an earlier one in every field, index of that earlier row), or None.
+def _repeated_rows(rows: list[dict]) -> list[tuple[int, int]]:
+    """(index of a row equal to an earlier one in every field, index of its first occurrence), in file order.
     Rows that differ only in fields a flow does not use (a preference file read for its prompts) are not
-    duplicates: the file is what the user wrote, and its rows are distinct."""
+    repeats: the file is what the user wrote, and its rows are distinct."""
     seen: dict[str, int] = {}
+    repeats = []
     for i, row in enumerate(rows):
         key = json.dumps(row, sort_keys=True, default=str)
         if key in seen:
-            return i, seen[key]
-        seen[key] = i
-    return None
+            repeats.append((i, seen[key]))
+        else:
+            seen[key] = i
+    return repeats
 
 
 def check_prompt_lengths(path: str | Path, prompt_lengths: list[int], max_new_tokens: int, context: int) -> None:

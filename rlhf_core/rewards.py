@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from rlhf_core.errors import UserInputError
 from rlhf_core.registry import lookup, register
 from rlhf_core.verifiable import extract_final_number
 
@@ -74,25 +75,33 @@ def vader_sentiment(prompts: list[str], responses: list[str], **columns: list) -
 
 
 def resolve_reward_function(name: str) -> Callable:
-    """A built-in by name, or the callable at "package.module:function"; ValueError saying what is wrong."""
+    """A built-in by name, or the callable at "package.module:function"; UserInputError saying what is wrong."""
     if ":" not in name:
         try:
             return lookup(REWARD_FUNCTIONS, name, "reward function")
         except ValueError as e:
-            raise ValueError(f"{e}, or an import path 'package.module:function'") from None
+            raise UserInputError(f"{e}, or an import path 'package.module:function'") from None
     module_name, _, attribute = name.partition(":")
     if not (_IDENTIFIER_PATH.fullmatch(module_name) and _IDENTIFIER_PATH.fullmatch(attribute)):
-        raise ValueError(f"reward function {name!r}: malformed import path; expected 'package.module:function'")
+        raise UserInputError(f"reward function {name!r}: malformed import path; expected 'package.module:function'")
     try:
         obj = importlib.import_module(module_name)
-    except Exception as e:  # any error in the user's module (SyntaxError, ImportError, ...) lands here
-        raise ValueError(f"reward function {name!r}: cannot import {module_name!r}: {type(e).__name__}: {e}") from e
+    except ModuleNotFoundError as e:
+        if e.name is None or not f"{module_name}.".startswith(f"{e.name}."):  # the module imports something missing
+            raise UserInputError(f"reward function {name!r}: cannot import {module_name!r}: {type(e).__name__}: "
+                                 f"{e}") from e
+        raise UserInputError(f"reward function {name!r}: no module named {e.name!r} (searched the current directory "
+                             "and the installed packages; put the file in the directory you run from, or "
+                             "install it)") from e
+    except Exception as e:  # any other error in the user's module (SyntaxError, ImportError, ...) lands here
+        raise UserInputError(f"reward function {name!r}: cannot import {module_name!r}: {type(e).__name__}: "
+                             f"{e}") from e
     for part in attribute.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"reward function {name!r}: {module_name!r} has no attribute {attribute!r}")
+            raise UserInputError(f"reward function {name!r}: {module_name!r} has no attribute {attribute!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ValueError(f"reward function {name!r}: {attribute!r} is a {type(obj).__name__}, not callable")
+        raise UserInputError(f"reward function {name!r}: {attribute!r} is a {type(obj).__name__}, not callable")
     return obj
 
 

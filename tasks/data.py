@@ -15,14 +15,19 @@ from tasks.paths import resolve_data_path
 from tasks.refs import ArtifactRef, publish
 
 
+def read_prompts(data: DataConfig) -> pd.DataFrame:
+    """The user's prompts, validated: columns prompt_id, prompt and the extra columns."""
+    df = load_table(resolve_data_path(data.path), required={"prompt": str, **{c: object for c in data.extra_columns}},
+                    columns={"prompt": data.prompt_column}, duplicates=data.duplicates)
+    df.insert(0, "prompt_id", np.arange(len(df), dtype=np.int64))
+    return df
+
+
 @task(name="load-prompt-dataset", **STAGE_TASK_OPTIONS)
 def load_prompt_dataset(data: DataConfig, dataset_sha256: str) -> ArtifactRef:
-    """The user's prompts, validated, as Parquet with columns prompt_id, prompt and the extra columns.
-    `dataset_sha256` is the file's content hash: it keys the cache, so an edited file is re-read."""
-    df = load_table(resolve_data_path(data.path), required={"prompt": str, **{c: object for c in data.extra_columns}},
-                    columns={"prompt": data.prompt_column})
-    df.insert(0, "prompt_id", np.arange(len(df), dtype=np.int64))
-    return publish(df, "datasets")
+    """`read_prompts` as Parquet. `dataset_sha256` is the file's content hash: it keys the cache, so an edited
+    file is re-read."""
+    return publish(read_prompts(data), "datasets")
 
 
 def epoch_order(num_rows: int, count: int, start: int, seed: int) -> np.ndarray:
@@ -53,14 +58,12 @@ def _read_pairs(data: PreferenceDataConfig, path: str) -> pd.DataFrame:
     required = {"prompt": str, "chosen": str, "rejected": str} | ({"margin": float} if data.margin_column else {})
     columns = {"prompt": data.prompt_column, "chosen": data.chosen_column, "rejected": data.rejected_column,
                **({"margin": data.margin_column} if data.margin_column else {})}
-    df = load_table(resolve_data_path(path), required=required, columns=columns)
+    df = load_table(resolve_data_path(path), required=required, columns=columns, duplicates=data.duplicates)
     return df.assign(pair_id=np.arange(len(df), dtype=np.int64))[["pair_id", *required]]
 
 
-@task(name="load-preference-dataset", **STAGE_TASK_OPTIONS)
-def load_preference_dataset(data: PreferenceDataConfig, dataset_sha256s: list[str], seed: int) -> PreferenceSplits:
-    """Validated pairs; without `eval_path`, a seeded `eval_fraction` of them is held out.
-    `dataset_sha256s` are the files' content hashes: they key the cache, so an edited file is re-read."""
+def split_pairs(data: PreferenceDataConfig, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, held out) validated pairs; without `eval_path`, a seeded `eval_fraction` of them is held out."""
     train = _read_pairs(data, data.path)
     if data.eval_path is not None:
         held_out = _read_pairs(data, data.eval_path)
@@ -68,14 +71,21 @@ def load_preference_dataset(data: PreferenceDataConfig, dataset_sha256s: list[st
         order = np.random.default_rng(seed).permutation(len(train))
         count = max(1, round(data.eval_fraction * len(train)))
         held_out, train = train.iloc[np.sort(order[:count])], train.iloc[np.sort(order[count:])]
-    return PreferenceSplits(train=publish(train.reset_index(drop=True), "preferences"),
-                            eval=publish(held_out.reset_index(drop=True), "preferences"))
+    return train.reset_index(drop=True), held_out.reset_index(drop=True)
+
+
+@task(name="load-preference-dataset", **STAGE_TASK_OPTIONS)
+def load_preference_dataset(data: PreferenceDataConfig, dataset_sha256s: list[str], seed: int) -> PreferenceSplits:
+    """`split_pairs` as Parquet. `dataset_sha256s` are the files' content hashes: they key the cache, so an edited
+    file is re-read."""
+    train, held_out = split_pairs(data, seed)
+    return PreferenceSplits(train=publish(train, "preferences"), eval=publish(held_out, "preferences"))
 
 
 def _read_examples(data: UnpairedDataConfig, path: str) -> pd.DataFrame:
     required = {"prompt": str, "completion": str, "label": bool}  # bool only: see UnpairedDataConfig
     columns = {"prompt": data.prompt_column, "completion": data.completion_column, "label": data.label_column}
-    df = load_table(resolve_data_path(path), required=required, columns=columns)
+    df = load_table(resolve_data_path(path), required=required, columns=columns, duplicates=data.duplicates)
     return df.assign(example_id=np.arange(len(df), dtype=np.int64))[["example_id", *required]]
 
 
@@ -99,10 +109,9 @@ def hold_out_prompts(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.D
     return df[~mask].reset_index(drop=True), df[mask].reset_index(drop=True)
 
 
-@task(name="load-unpaired-dataset", **STAGE_TASK_OPTIONS)
-def load_unpaired_dataset(data: UnpairedDataConfig, dataset_sha256s: list[str], seed: int) -> PreferenceSplits:
-    """Validated examples; without `eval_path`, a seeded `eval_fraction` of the prompts is held out.
-    `dataset_sha256s` are the files' content hashes: they key the cache, so an edited file is re-read."""
+def split_examples(data: UnpairedDataConfig, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, held out) validated examples; without `eval_path`, a seeded `eval_fraction` of the prompts is held
+    out."""
     train = _read_examples(data, data.path)
     if data.eval_path is not None:
         held_out, train_source, eval_source = _read_examples(data, data.eval_path), data.path, data.eval_path
@@ -112,4 +121,12 @@ def load_unpaired_dataset(data: UnpairedDataConfig, dataset_sha256s: list[str], 
         eval_source = f"{data.path} (its held-out prompts)"
     _check_split(train, train_source, needs_both_labels=True)
     _check_split(held_out, eval_source, needs_both_labels=False)  # one label: accuracy is NaN, the rest holds
+    return train, held_out
+
+
+@task(name="load-unpaired-dataset", **STAGE_TASK_OPTIONS)
+def load_unpaired_dataset(data: UnpairedDataConfig, dataset_sha256s: list[str], seed: int) -> PreferenceSplits:
+    """`split_examples` as Parquet. `dataset_sha256s` are the files' content hashes: they key the cache, so an
+    edited file is re-read."""
+    train, held_out = split_examples(data, seed)
     return PreferenceSplits(train=publish(train, "unpaired"), eval=publish(held_out, "unpaired"))

@@ -39,12 +39,18 @@ def models_dir() -> Path:
 _URIS_WE_SET: set[str] = set()
 
 
+def user_tracking_uri() -> str | None:
+    """MLFLOW_TRACKING_URI as the user set it, or None. mlflow.set_tracking_uri copies its argument into that
+    variable, so a value we set ourselves (the SQLite fallback) is no user choice; the user's own value is never
+    added to that set, so it is kept however often it is resolved."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return uri if uri and uri not in _URIS_WE_SET else None
+
+
 def tracking_uri() -> str:
     """The user's MLFLOW_TRACKING_URI if set, else a SQLite store in the data folder: absolute, never MLflow's
     default `./mlflow.db` in whatever the current directory happens to be."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    # mlflow.set_tracking_uri copies its argument into this variable: a value we set ourselves is no user choice
-    if uri and uri not in _URIS_WE_SET:
+    if uri := user_tracking_uri():
         return uri
     (rlhf_home() / "mlflow").mkdir(parents=True, exist_ok=True)  # SQLite does not create folders
     return f"sqlite:///{rlhf_home() / 'mlflow' / 'mlflow.db'}"
@@ -54,8 +60,10 @@ def use_tracking_uri() -> str:
     """Point MLflow (tracking and registry) at `tracking_uri()`; returns it."""
     import mlflow  # only the orchestration layers call this; rlhf_core never imports mlflow
 
-    uri = tracking_uri()
-    _URIS_WE_SET.add(uri)
+    uri = user_tracking_uri()
+    if uri is None:
+        uri = tracking_uri()
+        _URIS_WE_SET.add(uri)
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:///") and uri not in _STORES_READY:
         _create_sqlite_store(uri)

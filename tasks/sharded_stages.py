@@ -60,7 +60,7 @@ def scoring_stage(rollouts: ArtifactRef, sources: RewardSources, reference: Chec
                   runner: ShardRunner | None = None) -> ArtifactRef:
     """The scored table of `score_rollouts`, from runtime.shards shards cut between micro-batches (the reward
     models' batches: their scores are unchanged; the reference log-probs' length-sorted micro-batches are formed
-    within each shard, which can move fp32 rounding, see README "Sharded generation and scoring")."""
+    within each shard, which can move fp32 rounding, see docs/scaling.md)."""
     bounds = shard_bounds(parquet_rows(rollouts), runtime.shards, logprobs.micro_batch_size)
     if len(bounds) == 1:
         return score_rollouts(rollouts, sources, reference, logprobs, runtime, trust_remote_code)

@@ -21,6 +21,7 @@ from prefect.futures import wait
 
 from rlhf_core.batch import ceil_div
 from rlhf_core.config import RuntimeConfig
+from rlhf_core.errors import UserInputError
 from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.paths import rlhf_home
 from tasks.refs import ArtifactRef, publish
@@ -31,6 +32,10 @@ RUNNER_EXTRAS = {"dask": ("prefect_dask", "prefect-dask==0.3.7"), "ray": ("prefe
 
 class ShardingError(ValueError):
     """A sharding setting that cannot work, or shards that do not add up to the stage's table."""
+
+
+class RunnerSetupError(ShardingError, UserInputError):
+    """A task runner this machine cannot provide as configured (a missing extra, workers on another data folder)."""
 
 
 def shard_bounds(n_rows: int, shards: int, align: int) -> list[tuple[int, int]]:
@@ -75,7 +80,7 @@ def check_task_runner(runtime: RuntimeConfig) -> None:
         return
     module, requirement = RUNNER_EXTRAS[runtime.task_runner]
     if importlib.util.find_spec(module) is None:
-        raise ShardingError(
+        raise RunnerSetupError(
             f"runtime.task_runner: {runtime.task_runner} needs the optional package {requirement}, which is not "
             f"installed: pip install 'rlhf-pipeline[{runtime.task_runner}]' (or pip install {requirement}); "
             "or set runtime.task_runner: thread")
@@ -90,7 +95,7 @@ def shard_runtime(runtime: RuntimeConfig) -> RuntimeConfig:
 def check_data_home(expected: str) -> None:
     """Run inside a shard task: a worker must write where the flow reads (and find the flow's cache records)."""
     if str(rlhf_home()) != expected:
-        raise ShardingError(
+        raise RunnerSetupError(
             f"this worker's data folder is {rlhf_home()}, the flow's is {expected}: every Dask/Ray worker needs the "
             "same RLHF_HOME, on shared storage when the workers run on other machines")
 

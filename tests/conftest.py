@@ -14,6 +14,7 @@ os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads cost more than they give
+os.environ.setdefault("RLHF_CHECK_METRIC_NAMES", "1")  # every logged metric must be in flows/metrics_catalog.py
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -93,7 +94,8 @@ def _no_models_in_memory_across_tests():
 class ReliabilityLog:
     """The faults injected and bad inputs tried by the reliability tests, and what happened. A test records a row
     only after asserting the outcome, so the report lists what the suite verified. With RLHF_RELIABILITY_REPORT
-    set, the session writes them as a markdown table there (`make reliability-report` puts it in README.md)."""
+    set, the session writes them as a markdown table there (`make reliability-report` puts it in
+    docs/reliability.md)."""
 
     def __init__(self):
         self.rows: list[tuple[str, str, str, str]] = []

@@ -72,8 +72,8 @@ def assert_nothing_left(home: Path) -> None:
 @pytest.mark.parametrize("case, make_path, message", DATA_CASES, ids=[c[0] for c in DATA_CASES])
 def test_bad_dataset_fails_before_any_work(prefect_harness, rlhf_home, tmp_path, tiny_model_dir, reliability,
                                            case, make_path, message):
-    config = tiny_config(tiny_model_dir, data=DataConfig(path=make_path(tmp_path), extra_columns=[]),
-                         rewards=[RewardSpec(function="response_length")])
+    data = DataConfig(path=make_path(tmp_path), extra_columns=[], duplicates="error")
+    config = tiny_config(tiny_model_dir, data=data, rewards=[RewardSpec(function="response_length")])
     with pytest.raises(Exception, match=message):
         grpo(config)
     assert_nothing_left(rlhf_home)

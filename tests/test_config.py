@@ -7,7 +7,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from flows.cli import main, parse_config
+from flows.arguments import parse_arguments
+from flows.cli import main
 from rlhf_core.advantages import OUTCOME_ADVANTAGES
 from rlhf_core.config import (AdvantageConfig, GenerationConfig, GRPOConfig, KLConfig, LossConfig, OptimConfig,
                               PPOConfig, RewardModelConfig, RewardSpec, RuntimeConfig)
@@ -107,8 +108,9 @@ def config_file(tmp_path):
 
 
 def test_parse_config_merges_file_and_flags_flags_win(config_file):
-    config, dry_run = parse_config(GRPOConfig, ["--config", str(config_file), "--generation.group-size", "4"])
-    assert dry_run is False
+    args = parse_arguments(GRPOConfig, ["--config", str(config_file), "--generation.group-size", "4"])
+    config = args.config
+    assert args.dry_run is False
     assert config.generation.group_size == 4  # the flag wins over the file's 2
     assert config.generation.max_new_tokens == 16  # ...and the file's sibling value survives (deep merge)
     assert config.iterations == 3 and config.optim.lr == 2e-5 and config.kl.coef == 0.05  # from the file
@@ -126,8 +128,8 @@ def test_a_section_given_in_part_keeps_the_flows_own_defaults(tmp_path):
     assert PPOConfig(optim=OptimConfig(lr=2e-5)).optim.epochs == 1  # a whole section object is taken as given
     path = tmp_path / "rm.yaml"
     path.write_text("optim: {epochs: 3}\n")
-    for config in (parse_config(RewardModelConfig, ["--config", str(path)])[0],
-                   parse_config(RewardModelConfig, ["--optim.epochs", "3"])[0]):
+    for config in (parse_arguments(RewardModelConfig, ["--config", str(path)]).config,
+                   parse_arguments(RewardModelConfig, ["--optim.epochs", "3"]).config):
         assert (config.optim.epochs, config.optim.lr, config.optim.batch_size) == (3, 3e-4, 16)
         assert config.model.name_or_path == RewardModelConfig().model.name_or_path
 
@@ -135,15 +137,16 @@ def test_a_section_given_in_part_keeps_the_flows_own_defaults(tmp_path):
 def test_parse_config_json_file_and_dry_run_flag(tmp_path):
     path = tmp_path / "grpo.json"
     path.write_text('{"seed": 7, "loss": {"aggregation": "seq-mean-token-mean"}}')
-    config, dry_run = parse_config(GRPOConfig, ["--dry-run", "--config", str(path), "--kl.coef", "0.1"])
-    assert dry_run is True
+    args = parse_arguments(GRPOConfig, ["--dry-run", "--config", str(path), "--kl.coef", "0.1"])
+    config = args.config
+    assert args.dry_run is True
     assert (config.seed, config.loss.aggregation, config.kl.coef) == (7, "seq-mean-token-mean", 0.1)
 
 
 def test_main_dry_run_prints_round_trippable_yaml(config_file, capsys):
     assert main(["grpo", "--config", str(config_file), "--dry-run"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    expected, _ = parse_config(GRPOConfig, ["--config", str(config_file)])
+    expected = parse_arguments(GRPOConfig, ["--config", str(config_file)]).config
     assert GRPOConfig(**printed) == expected
     assert printed["generation"]["group_size"] == 2 and printed["optim"]["lr"] == 2e-5
 
@@ -178,7 +181,7 @@ def test_main_bad_arguments_exit_2(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "invalid configuration" in err
-    assert argv[-1] != "--config" or "--config needs a file path" in err
+    assert argv[-1] != "--config" or "--config needs a value (a file path)" in err
 
 
 @pytest.mark.parametrize("argv", [["sft"], [], ["--dry-run"]])

@@ -294,6 +294,23 @@ def test_rows_equal_only_in_fields_not_loaded_are_not_duplicates(tmp_path):
         load_table(path, {"prompt": str})  # every field equal, whatever their order
 
 
+def test_repeated_rows_dropped_with_a_count_or_kept_on_request(tmp_path, capsys, reliability):
+    path = tmp_path / "d.jsonl"
+    rows = ["a", "b", "a", "c", "b", "a"]
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in rows))
+    dropped = load_table(path, {"prompt": str}, duplicates="drop")
+    assert dropped["prompt"].tolist() == ["a", "b", "c"] and list(dropped.index) == [0, 1, 2]
+    out = capsys.readouterr().out
+    assert "dropped 3 repeated row(s) of 6 (line 3 = line 1, line 5 = line 2, line 6 = line 1)" in out
+    assert load_table(path, {"prompt": str}, duplicates="keep")["prompt"].tolist() == rows
+    # a later error still names the line in the file, not the position after dropping
+    path.write_text('{"prompt": "a"}\n{"prompt": "a"}\n{"prompt": 5}\n')
+    with pytest.raises(DatasetError, match="line 3: field 'prompt'"):
+        load_table(path, {"prompt": str}, duplicates="drop")
+    reliability.record("bad input", "a public data set with a few repeated rows (data.duplicates: drop, the default)",
+                       "loads, each repeated row dropped once, the count and the first lines printed")
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(content=st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode)))
 def test_any_bytes_in_a_jsonl_file_load_or_raise_a_dataset_error_naming_the_file(tmp_path_factory, reliability,

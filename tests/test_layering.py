@@ -34,7 +34,7 @@ def test_tasks_never_import_flows():
 
 
 # The math and the algorithms' update loops: pure torch, so they can be read, tested and reused without loading
-# transformers, pandas or the orchestration (rlhf_core stays flat: one concept per file, see README "Layout").
+# transformers, pandas or the orchestration (rlhf_core stays flat: one concept per file, see docs/layout.md).
 TORCH_ONLY = ["advantages", "kl", "gae", "policy_losses", "preference_losses", "value_losses", "token_rewards",
               "kl_control", "logprobs", "batch", "update", "metrics", "grpo", "dpo", "kto", "evaluation", "verifiable"]
 

@@ -8,6 +8,7 @@ import uuid
 import numpy as np
 import pytest
 
+from rlhf_core.errors import UserInputError
 from rlhf_core.rewards import (REWARD_FUNCTIONS, RewardError, compute_rewards, resolve_reward_function,
                                reward_source_fingerprint)
 
@@ -149,8 +150,14 @@ def test_module_that_fails_to_import(user_module):
 
 
 def test_module_that_does_not_exist():
-    with pytest.raises(ValueError, match="cannot import 'no_such_module_xyz': ModuleNotFoundError"):
+    with pytest.raises(UserInputError, match="no module named 'no_such_module_xyz' .*current directory"):
         resolve_reward_function("no_such_module_xyz:fn")
+
+
+def test_module_whose_own_import_is_missing(user_module):
+    name = user_module("import no_such_dependency_xyz\n")
+    with pytest.raises(UserInputError, match=f"cannot import '{name}': ModuleNotFoundError: .*no_such_dependency_xyz"):
+        resolve_reward_function(f"{name}:fn")
 
 
 def test_missing_attribute(user_module):

@@ -116,7 +116,7 @@ def test_scoring_sharded_equals_unsharded(prefect_harness, inputs):
     for column in EXACT_COLUMNS + ["rewards", "reward[response_length]"]:
         assert sharded[column].map(repr).tolist() == single[column].map(repr).tolist(), column
     # Reference log-probs: micro-batches are length-sorted within each shard, so a row may share its micro-batch
-    # with other rows than unsharded: only fp32 rounding may move (README states 1e-5; measured 0 here).
+    # with other rows than unsharded: only fp32 rounding may move (docs/scaling.md states 1e-5; measured 0 here).
     for a, b in zip(sharded["ref_logprobs"], single["ref_logprobs"]):
         assert len(a) == len(b) and np.allclose(a, b, rtol=0, atol=1e-5)
     states = task_states(state.state_details.flow_run_id)

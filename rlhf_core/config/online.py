@@ -6,15 +6,16 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rlhf_core.config.common import (SEED_DESCRIPTION, AdvantageConfig, DataConfig, GenerationConfig, KLConfig,
-                                     LossConfig, ModelConfig, OptimConfig, RewardSpec, RunSeed, RuntimeConfig,
-                                     TrackingConfig, _Config, check_online_config)
+from rlhf_core.config.common import (REWARDS_DESCRIPTION, SEED_DESCRIPTION, AdvantageConfig, DataConfig,
+                                     GenerationConfig, KLConfig, LossConfig, ModelConfig, OptimConfig, RewardSpec,
+                                     RunSeed, RuntimeConfig, TrackingConfig, _Config, check_online_config)
 
 
 class GRPOConfig(_Config):
     """GRPO: sample G responses per prompt, reward them, normalise rewards within each group, update."""
 
-    iterations: int = Field(12, ge=1, le=100_000)
+    iterations: int = Field(12, ge=1, le=100_000, description=(
+        "iterations of sample -> generate -> score -> advantages -> update"))
     prompts_per_iteration: int = Field(8, ge=1, le=100_000, description="P: prompts per iteration (B = P * G)")
     seed: RunSeed = Field(0, description=SEED_DESCRIPTION)
     keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (with optimizer state); the MLflow "
@@ -24,7 +25,7 @@ class GRPOConfig(_Config):
     data: DataConfig = DataConfig()
     generation: GenerationConfig = GenerationConfig()
     rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(function="arithmetic_answer")],
-                                      min_length=1)
+                                      min_length=1, description=REWARDS_DESCRIPTION)
     kl: KLConfig = KLConfig()
     advantage: AdvantageConfig = AdvantageConfig()
     loss: LossConfig = LossConfig()
@@ -45,20 +46,27 @@ class GRPOConfig(_Config):
 
 
 class PPOKLConfig(_Config):
+    """The KL penalty to the reference in PPO's per-token reward, fixed or adaptive."""
+
     coef: float = Field(0.05, ge=0.0, description="beta: (initial) weight of the KL penalty in the per-token reward")
-    estimator: Literal["k1", "k2", "k3"] = "k1"
+    estimator: Literal["k1", "k2", "k3"] = Field("k1", description=(
+        "KL estimator per token in the per-token reward: k1, k2 or k3"))
     target: float | None = Field(None, gt=0.0, description="KL target of the adaptive controller (Ziegler et al. "
                                                             "2019); None keeps beta fixed")
     horizon: int = Field(10000, ge=1, description="adaptive controller horizon, in sequences")
 
 
 class GAEConfig(_Config):
-    gamma: float = Field(1.0, ge=0.0, le=1.0)
-    lam: float = Field(0.95, ge=0.0, le=1.0)
+    """Generalised advantage estimation (Schulman et al. 2016) over the per-token rewards and values."""
+
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="discount per token (1.0: none)")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE's lambda: 1 = Monte-Carlo returns, 0 = one-step TD")
     whiten_advantages: bool = Field(True, description="normalise advantages over the batch (mean 0, std 1)")
 
 
 class ValueConfig(_Config):
+    """The critic: shared or separate backbone, value-loss weight and clip, value-head learning rate."""
+
     critic: Literal["shared", "separate"] = Field("shared", description="shared: a value head on the policy's "
                                                   "backbone; separate: a copy of the backbone for the critic")
     vf_coef: float = Field(0.1, ge=0.0, description="weight of the value loss in the total loss")
@@ -69,6 +77,8 @@ class ValueConfig(_Config):
 
 
 class ScoreConfig(_Config):
+    """Shaping of the sequence score put on the response's last token."""
+
     missing_eos_penalty: float | None = Field(None, ge=0.0, description="subtracted from responses without EOS")
     clip: float | None = Field(None, gt=0.0, description="clip scores to [-clip, clip]")
     normalize: bool = Field(False, description="standardise scores over the batch")
@@ -78,8 +88,10 @@ class PPOConfig(_Config):
     """PPO: actor-critic sharing the backbone, KL-penalised per-token rewards, GAE, clipped policy and value
     losses, several epochs of mini-batches per rollout batch."""
 
-    iterations: int = Field(12, ge=1, le=100_000)
-    prompts_per_iteration: int = Field(16, ge=1, le=100_000)
+    iterations: int = Field(12, ge=1, le=100_000, description=(
+        "iterations of sample -> generate -> values -> score -> GAE -> update"))
+    prompts_per_iteration: int = Field(16, ge=1, le=100_000, description=(
+        "prompts per iteration (B = prompts_per_iteration * generation.group_size)"))
     seed: RunSeed = Field(0, description=SEED_DESCRIPTION)
     keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (with optimizer state and value "
                                                        "head); the MLflow registry keeps every checkpoint's weights")
@@ -88,7 +100,7 @@ class PPOConfig(_Config):
     data: DataConfig = DataConfig(path="data/review_prompts.jsonl", extra_columns=[])
     generation: GenerationConfig = GenerationConfig(group_size=1, max_new_tokens=32, temperature=0.7)
     rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(model="models:/reward-model@newest")],
-                                      min_length=1)
+                                      min_length=1, description=REWARDS_DESCRIPTION)
     kl: PPOKLConfig = PPOKLConfig()
     gae: GAEConfig = GAEConfig()
     value: ValueConfig = ValueConfig()
