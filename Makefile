@@ -27,7 +27,8 @@ docs: setup
 # they verified to build/reliability.md; the table in docs/reliability.md is replaced by it.
 RELIABILITY_TESTS := tests/test_crash_resume.py tests/test_bad_input.py tests/test_numerical_faults.py \
 	tests/test_service_failures.py tests/test_concurrency.py tests/test_security.py tests/test_deployment.py \
-	tests/test_config.py tests/test_data.py tests/test_cli.py
+	tests/test_config.py tests/test_data.py tests/test_cli.py tests/test_early_errors.py tests/test_io.py \
+	tests/test_update.py tests/test_tracking_uri.py tests/test_human_pause.py
 
 reliability-report: setup
 	@mkdir -p build

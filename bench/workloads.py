@@ -36,6 +36,10 @@ WORKLOADS = {
     "smol": Workload("smol", SMOL),
     "small": Workload("small", {**SMOL, "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
                                 "num_key_value_heads": 2, "intermediate_size": 688}),
+    # seconds per step on a CPU: for checking a script end to end (bench/gpu_check.py --dry), not for numbers
+    "tiny": Workload("tiny", {**SMOL, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                              "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 512},
+                     prompts=2, samples=2, prompt_len=8, response_len=8, micro_batch_size=2),
 }
 PAD_ID = 0
 

@@ -209,7 +209,8 @@ def validation_message(error: ValidationError, args: Arguments) -> str:
                 item["input"], (dict, list)):
             message += f" (got {item['input']!r:.60})"
         if flag:
-            problems.append(f"{flag}: {message}")
+            inner = dotted.removeprefix(flag.removeprefix("--").replace("-", "_")).lstrip(".")
+            problems.append(f"{flag}{f' ({inner})' if inner else ''}: {message}")
         else:
             where = ": ".join(str(part) for part in (args.config_file, dotted) if part)
             problems.append(f"{where}: {message}" if where else message)

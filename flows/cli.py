@@ -9,7 +9,6 @@ file, row, field or flag, as the last line, and exit status 2; `--debug` or RLHF
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import io
 import logging
@@ -27,6 +26,8 @@ from flows.arguments import OPTIONS, ConfigInputError, parse_arguments
 from rlhf_core.config import (DPOConfig, EvaluationConfig, GRPOConfig, KTOConfig, PPOConfig, PreferenceDatasetConfig,
                               RewardModelConfig)
 from rlhf_core.config.fields import config_fields, first_line
+from rlhf_core.config.pipeline import PipelineConfig
+from rlhf_core.config.sft import SFTConfig
 from rlhf_core.errors import UserInputError
 
 
@@ -39,6 +40,7 @@ class Flow(NamedTuple):
 
 
 FLOWS = {
+    "sft": Flow(SFTConfig, "flows.sft", "sft", "supervised fine-tuning on conversations (the assistant's tokens)"),
     "grpo": Flow(GRPOConfig, "flows.grpo", "grpo", "online RL: G samples per prompt, group-normalised rewards"),
     "ppo": Flow(PPOConfig, "flows.ppo", "ppo", "online RL: actor-critic, KL-penalised rewards, GAE"),
     "reward-model": Flow(RewardModelConfig, "flows.reward_model", "reward_model",
@@ -49,6 +51,8 @@ FLOWS = {
     "kto": Flow(KTOConfig, "flows.kto", "kto", "offline: KTO on desirable/undesirable examples"),
     "evaluate": Flow(EvaluationConfig, "flows.evaluation", "evaluate",
                      "candidate vs champion on held-out prompts; promote the winner"),
+    "pipeline": Flow(PipelineConfig, "flows.pipeline", "pipeline",
+                     "SFT -> preference data -> reward model -> PPO/GRPO/DPO -> evaluation, one flow"),
 }
 SERVICE_COMMANDS = {"up": "start the Prefect server, a process worker and the MLflow server on this machine",
                     "down": "stop them"}
@@ -108,27 +112,12 @@ def run_flow(name: str, config):
     return flow(config)  # the final checkpoint's folder; for preference-data, the dataset's folder
 
 
-class LastLine:
-    """The command's result line. Deferred (the console script): printed when the interpreter exits, after
-    Prefect's own exit handlers (the temporary server's "Stopping temporary server", queued logs and events), so
-    that it is the last line. atexit runs handlers last-registered-first: this one is registered before the flow
-    starts anything."""
+class _WithoutServerShutdownLine(logging.Filter):
+    """Prefect's "Stopping temporary server" (logged at exit, after the command's result) would otherwise be the
+    last line; the CLI prints its own result line as the last one instead."""
 
-    def __init__(self, deferred: bool):
-        self.pending: list[tuple[str, object]] = []
-        if deferred:
-            atexit.register(self.flush)
-        self.deferred = deferred
-
-    def __call__(self, text: str, stream) -> None:
-        self.pending.append((text, stream))
-        if not self.deferred:
-            self.flush()
-
-    def flush(self) -> None:
-        while self.pending:
-            text, stream = self.pending.pop(0)
-            print(text, file=stream, flush=True)
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Stopping temporary server")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,14 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{unknown}{USAGE}", file=sys.stderr)
         return 2
     name = argv[0]
-    last_line = LastLine(deferred=console)
+    if console:
+        logging.getLogger("prefect").addFilter(_WithoutServerShutdownLine())
     debug = "--debug" in argv or os.environ.get("RLHF_DEBUG", "") not in ("", "0")
     try:
         args = parse_arguments(FLOWS[name].config, argv[1:])
         if args.help:
             print(flow_help(name))
             return 0
-        sys.path.insert(0, os.getcwd())  # reward modules in the current directory import, as with `python -m`
+        if os.getcwd() not in sys.path:  # reward modules in the current directory import, as with `python -m`
+            sys.path.insert(0, os.getcwd())
         from flows.preflight import check_before_start
 
         with contextlib.redirect_stdout(sys.stdout if args.dry_run else io.StringIO()):
@@ -168,13 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         kind = "invalid configuration: " if isinstance(error, ConfigInputError) else ""
-        last_line(f"rlhf {name}: {kind}{error}", sys.stderr)
+        print(f"rlhf {name}: {kind}{error}", file=sys.stderr, flush=True)
         return 2
     except Exception as error:
         traceback.print_exc()  # not the user's to fix: the traceback is the report
-        last_line(f"rlhf {name} failed: {type(error).__name__}: {error}", sys.stderr)
+        print(f"rlhf {name} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         return 1
-    last_line(f"output: {output}", sys.stdout)
+    print(f"output: {output}", flush=True)
     return 0
 
 

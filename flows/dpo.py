@@ -14,12 +14,12 @@ import pandas as pd
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.inputs import data_fingerprints
+from flows.inputs import check_runtime, held_out_tags, lineage_tags
 from flows.tracking import StageClock, log_offline_epoch, mlflow_run
 from rlhf_core.config import DPOConfig
 from rlhf_core.config.training import DPOUpdateArgs, TrainingSetup
 from rlhf_core.preference_losses import PREFERENCE_LOSSES
-from tasks.data import load_preference_dataset
+from tasks.data import dataset_fingerprints, load_preference_dataset
 from tasks.dpo import compute_reference_logprobs, evaluate_dpo, tokenize_pairs, train_dpo_epoch
 from tasks.models import resolve_start_model
 from tasks.runtime import reference_checkpoint
@@ -29,8 +29,10 @@ from tasks.train import prune_checkpoints
 @flow(name="dpo", log_prints=True)
 def dpo(config: DPOConfig = DPOConfig()) -> str:
     """Train a policy with DPO (or `config.loss_type`) on preference pairs; returns the final checkpoint's folder."""
+    check_runtime(config.runtime)
     data = config.data
-    pairs = load_preference_dataset(data, data_fingerprints(data.path, data.eval_path), config.seed)
+    fingerprints = dataset_fingerprints(data)
+    pairs = load_preference_dataset(data, fingerprints, config.seed)
     policy = resolve_start_model(config.model)  # checked before any work: the data is valid, the model loads
     trust, runtime = config.model.trust_remote_code, config.runtime
     setup = TrainingSetup.of(config.model, runtime)
@@ -42,7 +44,9 @@ def dpo(config: DPOConfig = DPOConfig()) -> str:
         eval_pairs = compute_reference_logprobs(reference, eval_pairs, config.optim.micro_batch_size, runtime, trust)
     checkpoints = []
 
-    with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker:
+    with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name,
+                    held_out_tags(fingerprints, data),
+                    lineage_tags(config.model, policy, [data.path, data.eval_path], fingerprints)) as tracker:
         for epoch in range(config.optim.epochs):
             clock = StageClock()
             with clock("train"):

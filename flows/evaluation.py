@@ -14,17 +14,19 @@ asked twice, samples nothing again.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows.evaluation_report import evaluation_markdown, log_evaluation, move_champion
-from flows.inputs import resolve_prompts, resolve_rewards
+from flows.inputs import check_num_prompts, check_runtime, resolve_prompts, resolve_rewards
 from flows.tracking import mlflow_run
 from rlhf_core.config import EvaluationConfig
 from rlhf_core.config.training import LogprobPass
 from rlhf_core.evaluation import promotion_decision
-from rlhf_core.models import REGISTRY_PREFIX
+from rlhf_core.model_files import REGISTRY_PREFIX, check_causal_lm
 from tasks.data import sample_prompts
 from tasks.evaluation import compare_models, summarize_pairs
 from tasks.models import RegisteredModelMissing, registered_version, resolve_model
@@ -50,19 +52,23 @@ def choose_baseline(config: EvaluationConfig, candidate_name: str | None) -> str
 @flow(name="evaluate", log_prints=True)
 def evaluate(config: EvaluationConfig = EvaluationConfig()) -> dict:
     """Compare a candidate with the champion (or the reference); returns the summary, `promoted` included."""
+    check_runtime(config.runtime)
     version = registered_version(config.candidate) if config.candidate.startswith(REGISTRY_PREFIX) else None
     baseline_uri = choose_baseline(config, version.name if version else None)
     models = {"candidate": config.candidate, "baseline": baseline_uri}
     refs = {side: resolve_model(uri) for side, uri in models.items()}
     reference = resolve_model(config.reference)
+    for role, ref in [*refs.items(), ("reference", reference)]:
+        check_causal_lm(Path(ref.path), f"the {role}")
     rewards = resolve_rewards(config.rewards, config.data.extra_columns)
     dataset = resolve_prompts(config.data)
+    check_num_prompts(config.num_prompts, dataset.rows, config.data.path)
     trust = config.trust_remote_code
     logprobs = LogprobPass(temperature=config.generation.temperature, micro_batch_size=config.micro_batch_size,
                            chunk_size=1024)
 
     with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker:
-        prompts = sample_prompts(dataset, min(config.num_prompts or dataset.rows, dataset.rows), 0, config.seed)
+        prompts = sample_prompts(dataset, config.num_prompts or dataset.rows, 0, config.seed)
         scored = {}
         for side, model in refs.items():
             rollouts = generate_rollouts(model, prompts, config.generation, config.runtime, config.data.system_prompt,

@@ -7,6 +7,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in worker processes
 
+# Every figure uses matplotlib's constrained layout: MLflow saves it as drawn, and a long y label ("reward/mean")
+# was cut at the left edge of training_curves.png without it.
+
 from flows.tracking import Tracker
 
 # The first of these the candidate's training run logged is plotted (online flows, then the offline ones).
@@ -26,7 +29,7 @@ def summary_table(summary: dict[str, float], models: dict[str, str]) -> pd.DataF
 
 
 def length_histogram(comparison: pd.DataFrame) -> Figure:
-    figure = Figure(figsize=(6, 4), dpi=100)
+    figure = Figure(figsize=(6, 4), dpi=100, layout="constrained")
     axes = figure.subplots()
     lengths = comparison[["candidate_length", "baseline_length"]].to_numpy()
     bins = np.arange(0, lengths.max() + 2) if lengths.max() < 64 else 32
@@ -38,7 +41,7 @@ def length_histogram(comparison: pd.DataFrame) -> Figure:
 
 
 def reward_histogram(comparison: pd.DataFrame) -> Figure:
-    figure = Figure(figsize=(6, 4), dpi=100)
+    figure = Figure(figsize=(6, 4), dpi=100, layout="constrained")
     axes = figure.subplots()
     for name in ("candidate", "baseline"):
         axes.hist(comparison[f"{name}_reward"], bins=20, alpha=0.6, label=name)
@@ -49,7 +52,7 @@ def reward_histogram(comparison: pd.DataFrame) -> Figure:
 
 def training_curves(histories: dict[str, list[tuple[int, float]]]) -> Figure:
     """histories: {metric key: [(step, value)]} -> one panel per key."""
-    figure = Figure(figsize=(5 * len(histories), 4), dpi=100)
+    figure = Figure(figsize=(5 * len(histories), 4), dpi=100, layout="constrained")
     for axes, (key, points) in zip(np.atleast_1d(figure.subplots(1, len(histories))), histories.items()):
         steps, values = zip(*sorted(points))
         axes.plot(steps, values, marker="o")

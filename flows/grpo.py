@@ -11,12 +11,12 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.inputs import resolve_online_inputs, resolve_run_seed
+from flows.inputs import lineage_tags, resolve_online_inputs, resolve_run_seed
 from flows.tracking import StageClock, log_online_iteration, mlflow_run
 from rlhf_core.config import GRPOConfig
 from rlhf_core.config.training import GRPOUpdateArgs, LogprobPass, TrainingSetup
 from tasks.advantages import compute_advantages
-from tasks.data import sample_prompts
+from tasks.data import dataset_fingerprints, sample_prompts
 from tasks.grpo import update_policy
 from tasks.runtime import reference_checkpoint
 from tasks.sharded_stages import generation_stage, scoring_stage
@@ -34,7 +34,9 @@ def grpo(config: GRPOConfig = GRPOConfig()) -> str:
     setup, logprobs = TrainingSetup.of(config.model, config.runtime), LogprobPass.from_config(config)
     checkpoints = []
 
-    with (mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker,
+    with (mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name,
+                     lineage=lineage_tags(config.model, policy, [config.data.path],
+                                          dataset_fingerprints(config.data))) as tracker,
           shard_runner(config.runtime) as shards):
         for iteration in range(config.iterations):
             clock = StageClock()
@@ -48,7 +50,7 @@ def grpo(config: GRPOConfig = GRPOConfig()) -> str:
                                        reference and reference_checkpoint(reference, policy, config.model.lora),
                                        logprobs, config.runtime, trust, shards)
             with clock("advantages"):
-                batch = compute_advantages(scored, config.advantage.estimator)
+                batch = compute_advantages(scored, config.advantage.estimator, config.kl)
             with clock("update"):
                 update = update_policy(policy, batch, GRPOUpdateArgs.from_config(config, iteration), setup)
             policy = update.checkpoint

@@ -3,20 +3,24 @@ not an hour in."""
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
-from rlhf_core.config import DataConfig, RewardSpec
-from rlhf_core.data import check_prompt_lengths, dataset_fingerprint
-from rlhf_core.generation import chat_prompt_ids
+from rlhf_core.config import DataConfig, ModelConfig, RewardSpec, RuntimeConfig
+from rlhf_core.data import check_prompt_lengths
+from rlhf_core.errors import UserInputError
+from rlhf_core.chat import chat_prompt_ids
 from rlhf_core.models import load_tokenizer, model_config
-from rlhf_core.rewards import reward_source_fingerprint
-from tasks.data import load_prompt_dataset
-from tasks.models import resolve_model, resolve_start_model
+from rlhf_core.model_files import REGISTRY_PREFIX, check_reward_model
+from rlhf_core.rewards import check_reward_columns, reward_source_fingerprint
+from tasks.data import chat_prompts, dataset_fingerprints, load_prompt_dataset
+from tasks.models import RegisteredModelMissing, registered_version, resolve_model, resolve_start_model
 from tasks.paths import resolve_data_path
 from tasks.refs import ArtifactRef, CheckpointRef
 from tasks.scoring import RewardSources
+from tasks.runtime import check_device
 from tasks.sharding import check_task_runner
 
 
@@ -29,21 +33,67 @@ class OnlineInputs(NamedTuple):
 def resolve_rewards(rewards: list[RewardSpec], extra_columns: list[str]) -> RewardSources:
     """The reward sources with their functions' source hashes and their resolved reward models: every function
     imports and every model resolves, or this raises naming it."""
+    models = [resolve_model(r.model) if r.model else None for r in rewards]
+    for spec, model in zip(rewards, models):
+        if model is not None:
+            check_reward_model(Path(model.path), spec.allow_new_head)
+        else:
+            check_reward_columns(spec.function, extra_columns)
     return RewardSources(specs=rewards,
                          fingerprints=[reward_source_fingerprint(r.function) if r.function else None for r in rewards],
-                         models=[resolve_model(r.model) if r.model else None for r in rewards],
-                         extra_columns=extra_columns)
+                         models=models, extra_columns=extra_columns)
 
 
-def data_fingerprints(*paths: str | None) -> list[str]:
-    """Content hashes of a flow's data files (None skipped): the loading stages' cache keys, so an edited file is
-    re-read."""
-    return [dataset_fingerprint(resolve_data_path(path)) for path in paths if path is not None]
+def held_out_tags(fingerprints: list[str], data) -> dict[str, str]:
+    """MLflow tags for a training file that is its own held-out file (same content): a warning in the log too,
+    since its held-out scores then measure memorisation, not generalisation. fingerprints:
+    `tasks.data.dataset_fingerprints(data)`."""
+    if data.eval_path is None or fingerprints[0] != fingerprints[1]:
+        return {}
+    print(f"warning: data.eval_path {data.eval_path} holds the same data as data.path {data.path}: the held-out "
+          "scores measure the training data (set eval_path: null to hold out part of it)")
+    return {"warning.eval_is_train": "data.eval_path has the same content as data.path"}
+
+
+def check_num_prompts(wanted: int | None, available: int, path: str, field: str = "num_prompts") -> None:
+    """Every flow asks for at most as many prompts as its file has: a sample of more would repeat prompts (with
+    the same responses, as a row's sampling seed follows its prompt)."""
+    if wanted is not None and wanted > available:
+        raise UserInputError(f"{field}={wanted} exceeds the {available} prompts of {path}: lower it or add prompts")
+
+
+def check_output_folder(name: str | None) -> None:
+    """A folder the flow will write its result into is a folder (or can be made one) and writable."""
+    if name is None:
+        return
+    folder = Path(name).expanduser().resolve()
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserInputError(f"output_dir {name}: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise UserInputError(f"output_dir {name}: {existing} is not writable")
+
+
+def lineage_tags(model: ModelConfig, start: CheckpointRef, data_paths: list[str | None],
+                 fingerprints: list[str]) -> dict[str, str]:
+    """What a flow's model versions started from, as MLflow tags: the model (a registry alias pinned to its
+    version, so the chain back to the base model can be followed version by version) and the data files, each
+    with its content hash."""
+    name = model.name_or_path
+    if name.startswith(REGISTRY_PREFIX) and "@" in name:
+        try:
+            version = registered_version(name)
+            name = f"{REGISTRY_PREFIX}{version.name}/{version.version}"
+        except RegisteredModelMissing:  # started from model.fallback instead
+            name = model.fallback or name
+    paths = [p for p in data_paths if p is not None]
+    return {"lineage.start_model": name, "lineage.start_model_sha256": start.sha256,
+            "lineage.data": ", ".join(paths), "lineage.data_sha256": ", ".join(fingerprints)}
 
 
 def resolve_prompts(data: DataConfig) -> ArtifactRef:
     """The validated prompt dataset, cached on the file's content hash."""
-    return load_prompt_dataset(data, data_fingerprints(data.path)[0])
+    return load_prompt_dataset(data, dataset_fingerprints(data)[0])
 
 
 def resolve_run_seed(config, scheduled_start: datetime | None):
@@ -56,13 +106,20 @@ def resolve_run_seed(config, scheduled_start: datetime | None):
     return config.model_copy(update={"seed": seed})
 
 
+def check_runtime(runtime: RuntimeConfig) -> None:
+    """The device exists on this machine and a sharded run's task runner is installed."""
+    check_device(runtime)
+    check_task_runner(runtime)
+
+
 def resolve_online_inputs(config) -> OnlineInputs:
     """Every reward function imports, every reward model and the policy resolve, the dataset is valid and every
-    prompt leaves room for the responses in the policy's context. A sharded run's task runner is installed."""
-    check_task_runner(config.runtime)
+    prompt leaves room for the responses in the policy's context. The runtime can run here."""
+    check_runtime(config.runtime)
     inputs = OnlineInputs(resolve_rewards(config.rewards, config.data.extra_columns),
                           dataset=resolve_prompts(config.data),
                           policy=resolve_start_model(config.model))
+    check_num_prompts(config.prompts_per_iteration, inputs.dataset.rows, config.data.path, "prompts_per_iteration")
     check_prompts_fit(inputs.dataset, inputs.policy, config.data, config.generation.max_new_tokens)
     return inputs
 
@@ -70,11 +127,14 @@ def resolve_online_inputs(config) -> OnlineInputs:
 def check_prompts_fit(dataset: ArtifactRef, policy: CheckpointRef, data: DataConfig, max_new_tokens: int) -> None:
     """Each prompt, rendered with the chat template as the rollout stage will, plus max_new_tokens fits in the
     policy's context; else a DatasetError names the row."""
-    check_prompt_list_fits(dataset.read()["prompt"].tolist(), Path(policy.path), data, max_new_tokens)
+    check_prompt_list_fits(chat_prompts(dataset.read()), Path(policy.path), data, max_new_tokens)
 
 
-def check_prompt_list_fits(prompts: list[str], model_path: Path, data: DataConfig, max_new_tokens: int) -> None:
+def check_prompt_list_fits(prompts: list, model_path: Path, data: DataConfig, max_new_tokens: int) -> None:
     tokenizer, _ = load_tokenizer(model_path)
+    if data.system_prompt and not getattr(tokenizer, "chat_template", None):
+        raise UserInputError(f"data.system_prompt is set, but the tokenizer of {model_path} has no chat template to "
+                             "put it in (it would be dropped): remove it, or use a model with a chat template")
     context = getattr(model_config(model_path), "max_position_embeddings", None)
     if context is None:  # architectures without a fixed context have nothing to check
         return

@@ -15,12 +15,12 @@ import torch
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.inputs import data_fingerprints
+from flows.inputs import check_runtime, held_out_tags, lineage_tags
 from flows.tracking import StageClock, log_offline_epoch, mlflow_run
 from rlhf_core.config import KTOConfig
 from rlhf_core.config.training import KTOUpdateArgs, TrainingSetup
 from rlhf_core.kto import held_out_metrics
-from tasks.data import load_unpaired_dataset
+from tasks.data import dataset_fingerprints, load_unpaired_dataset
 from tasks.kto import compute_kto_reference_logprobs, evaluate_kto, tokenize_unpaired, train_kto_epoch
 from tasks.models import resolve_start_model
 from tasks.runtime import reference_checkpoint
@@ -30,8 +30,10 @@ from tasks.train import prune_checkpoints
 @flow(name="kto", log_prints=True)
 def kto(config: KTOConfig = KTOConfig()) -> str:
     """Train a policy with KTO on unpaired labelled completions; returns the final checkpoint's folder."""
+    check_runtime(config.runtime)
     data = config.data
-    examples = load_unpaired_dataset(data, data_fingerprints(data.path, data.eval_path), config.seed)
+    fingerprints = dataset_fingerprints(data)
+    examples = load_unpaired_dataset(data, fingerprints, config.seed)
     policy = resolve_start_model(config.model)  # checked before any work: the data is valid, the model loads
     trust, runtime = config.model.trust_remote_code, config.runtime
     setup = TrainingSetup.of(config.model, runtime)
@@ -42,7 +44,9 @@ def kto(config: KTOConfig = KTOConfig()) -> str:
                                                                     runtime, trust) for split in tokens)
     checkpoints = []
 
-    with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker:
+    with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name,
+                    held_out_tags(fingerprints, data),
+                    lineage_tags(config.model, policy, [data.path, data.eval_path], fingerprints)) as tracker:
         for epoch in range(config.optim.epochs):
             clock = StageClock()
             with clock("train"):

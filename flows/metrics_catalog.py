@@ -26,13 +26,22 @@ METRICS: dict[str, str] = {
                                "emitting EOS.",
     "perf/generated_tokens_per_s": "GRPO, PPO: response tokens generated per wall second of the generation stage.",
     # --- online flows: the update (mean over the iteration's optimizer steps)
-    "loss/policy": "GRPO, PPO: the clipped-surrogate policy loss (GRPO: with the KL term when `kl.coef > 0` and "
-                   "the truncated-IS weights when `loss.tis_cap` is set), reduced by `loss.aggregation`.",
+    "loss/policy": "GRPO, PPO: the policy loss (`loss.policy_loss`: the clipped surrogate, GSPO-token or CISPO, "
+                   "whose value contains log pi), minus `loss.entropy_coef` times the entropy when set (GRPO: with the "
+                   "KL term when `kl.coef > 0` and `kl.placement` is `loss`, and the truncated-IS weights when "
+                   "`loss.tis_cap` is set), reduced by `loss.aggregation`.",
     "policy/entropy": "GRPO, PPO: mean per-token entropy of the policy on the sampled responses (nats).",
-    "policy/clip_frac_low": "GRPO, PPO: share of response tokens where the lower clip (1 - clip_eps_low) is "
-                            "active (ratio below it, negative advantage: no gradient).",
-    "policy/clip_frac_high": "GRPO, PPO: share of response tokens where the upper clip (1 + clip_eps_high) is "
-                             "active (ratio above it, positive advantage: no gradient).",
+    "policy/clip_frac_low": "GRPO, PPO: share of response tokens where the lower clip of the policy loss's ratio "
+                            "(1 - its eps_low; GSPO: of the sequence ratio) is active. ppo_clip, gspo: ratio below "
+                            "it with a negative advantage (no gradient); cispo: the importance weight is raised to "
+                            "it (the gradient is kept, with that weight).",
+    "policy/clip_frac_high": "GRPO, PPO: share of response tokens where the upper clip (1 + its eps_high) is active. "
+                             "ppo_clip, gspo: ratio above it with a positive advantage (no gradient); cispo: the "
+                             "importance weight is capped at it (gradient kept).",
+    "policy/dual_clip_frac": "GRPO, PPO with `loss.dual_clip_c`: share of response tokens with a negative advantage "
+                             "whose loss is capped at -dual_clip_c * A (ratio far above 1: no gradient).",
+    "policy/seq_clip_frac": "GRPO, PPO with `loss.policy_loss: gspo`: share of the sequences whose sequence ratio "
+                            "exp(mean log(pi / pi_old)) lies outside [1 - gspo_clip_low, 1 + gspo_clip_high].",
     "policy/approx_kl": "GRPO, PPO: 0.5 (log pi - log pi_old)^2 per token: how far the optimizer steps moved the "
                         "policy on this batch (0 with one on-policy step).",
     "policy/grad_norm": "GRPO, PPO, DPO, KTO: global gradient norm before clipping to `optim.max_grad_norm`.",
@@ -42,9 +51,12 @@ METRICS: dict[str, str] = {
                                "the cap.",
     "rollout/logprob_abs_diff": "GRPO with `loss.tis_cap`: mean |trainer - sampler| log-prob per response token: "
                                 "the sampler/trainer mismatch (the number to watch after a vLLM upgrade).",
-    "kl/mean": "GRPO (only when `kl.coef > 0`): the k-estimate (`kl.estimator`) of KL(pi || ref) per response "
-               "token, averaged over the update's tokens. PPO: KL(pi_old || ref) summed over each response "
-               "(`kl.estimator`), averaged over responses (nats per response).",
+    "kl/mean": "GRPO (only when `kl.coef > 0`, the KL in the loss or in the rewards): the k-estimate "
+               "(`kl.estimator`, bounded by `kl.clamp` when set, before any importance correction) of KL(pi || ref) "
+               "per response token, averaged over the update's tokens. PPO: KL(pi_old || ref) summed over each "
+               "response (`kl.estimator`), averaged over responses (nats per response).",
+    "kl/clamp_frac": "GRPO with `kl.clamp`: share of response tokens whose |log pi - log ref| exceeds the clamp (its "
+                     "KL is bounded there and has no gradient).",
     # --- PPO: scores, KL control, GAE and the critic
     "kl/coef": "PPO: the KL coefficient beta used for this iteration's per-token rewards (fixed, or set by the "
                "adaptive controller when `kl.target` is set).",
@@ -73,8 +85,11 @@ METRICS: dict[str, str] = {
     "logps/chosen": "DPO: mean summed log-prob of the chosen responses under the policy.",
     "logps/rejected": "DPO: mean summed log-prob of the rejected responses under the policy.",
     "loss/dpo": "DPO: the preference loss (`loss_type`) without RPO's NLL term.",
-    "loss/train": "DPO, KTO, reward model: the training loss, mean over the epoch's optimizer steps (DPO: with "
+    "loss/train": "SFT, DPO, KTO, reward model: the training loss, mean over the epoch's optimizer steps (DPO: with "
                   "RPO's NLL term when `rpo_alpha` is set).",
+    "eval/loss": "SFT: mean NLL per trained (assistant) token of the held-out conversations.",
+    "eval/token_accuracy": "SFT: share of the held-out trained tokens that are the policy's top-1 prediction.",
+    "eval/tokens": "SFT: trained (assistant) tokens in the held-out conversations.",
     "eval/rewards/chosen": "DPO: mean implicit reward of the held-out chosen responses.",
     "eval/rewards/rejected": "DPO: mean implicit reward of the held-out rejected responses.",
     "eval/rewards/margins": "DPO: mean held-out chosen - rejected implicit reward. KTO: mean held-out desirable - "

@@ -11,13 +11,13 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.inputs import resolve_online_inputs, resolve_run_seed
+from flows.inputs import lineage_tags, resolve_online_inputs, resolve_run_seed
 from flows.tracking import StageClock, log_online_iteration, mlflow_run
 from rlhf_core.config import PPOConfig
 from rlhf_core.config.training import LogprobPass, PPOUpdateArgs, TrainingSetup
 from rlhf_core.kl_control import make_kl_controller
 from rlhf_core.metrics import ppo_metrics
-from tasks.data import sample_prompts
+from tasks.data import dataset_fingerprints, sample_prompts
 from tasks.ppo import compute_gae, compute_values, update_actor_critic
 from tasks.runtime import reference_checkpoint
 from tasks.sharded_stages import generation_stage, scoring_stage
@@ -37,7 +37,9 @@ def ppo(config: PPOConfig = PPOConfig()) -> str:
     setup, logprobs = TrainingSetup.of(config.model, runtime), LogprobPass.from_config(config)
     checkpoints = []
 
-    with (mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker,
+    with (mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name,
+                     lineage=lineage_tags(config.model, policy, [config.data.path],
+                                          dataset_fingerprints(config.data))) as tracker,
           shard_runner(config.runtime) as shards):
         for iteration in range(config.iterations):
             clock = StageClock()

@@ -14,12 +14,12 @@ import torch
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.inputs import data_fingerprints
+from flows.inputs import check_runtime, held_out_tags, lineage_tags
 from flows.tracking import StageClock, Tracker, log_epoch_outputs, mlflow_run
 from rlhf_core.config import RewardModelConfig, TrackingConfig
 from rlhf_core.config.training import RewardModelUpdateArgs, TrainingSetup
 from rlhf_core.reward_model import bradley_terry_loss
-from tasks.data import load_preference_dataset
+from tasks.data import dataset_fingerprints, load_preference_dataset
 from tasks.models import resolve_start_model
 from tasks.refs import ArtifactRef, UpdateResult
 from tasks.reward_model import evaluate_reward_model, resolve_reward_backbone, train_reward_model_epoch
@@ -29,15 +29,19 @@ from tasks.train import prune_checkpoints
 @flow(name="reward-model", log_prints=True)
 def reward_model(config: RewardModelConfig = RewardModelConfig()) -> str:
     """Train a Bradley-Terry reward model; returns the final checkpoint's folder."""
+    check_runtime(config.runtime)
     data = config.data
-    pairs = load_preference_dataset(data, data_fingerprints(data.path, data.eval_path), config.seed)
+    fingerprints = dataset_fingerprints(data)
+    pairs = load_preference_dataset(data, fingerprints, config.seed)
     # checked before any work: the dataset is valid, the model loads
-    model = resolve_start_model(config.model, resolve_reward_backbone)
+    model = resolve_start_model(config.model, resolve_reward_backbone, causal_lm=False)
     trust = config.model.trust_remote_code
     setup = TrainingSetup.of(config.model, config.runtime)
     checkpoints = []
 
-    with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name) as tracker:
+    with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name,
+                    held_out_tags(fingerprints, data),
+                    lineage_tags(config.model, model, [data.path, data.eval_path], fingerprints)) as tracker:
         for epoch in range(config.optim.epochs):
             clock = StageClock()
             with clock("train"):

@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rlhf_core.io import write_atomically
-from tasks.paths import PROJECT_ROOT, rlhf_home
+from tasks.paths import PROJECT_ROOT, rlhf_home, sqlite_uri
 
 WORK_POOL = "local-process"  # the pool prefect.yaml's deployments use
+MLFLOW_TRAINING_VIEW = "workflowType=machine_learning"  # the MLflow UI's "Model training" view (docs/operations.md)
 
 
 @dataclass
@@ -114,8 +115,8 @@ def service_env(prefect_url: str | None = None, mlflow_url: str | None = None) -
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
            # MLflow's GenAI job runner forks 7 consumers (2.4 GB); without it: 2 processes, ~0.5 GB
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    if prefect_url:
-        env["PREFECT_API_URL"] = f"{prefect_url}/api"
+    if prefect_url:  # the UI URL: the links flow runs print and put in artifacts (the human judge's form)
+        env["PREFECT_API_URL"], env["PREFECT_UI_URL"] = f"{prefect_url}/api", prefect_url
     if mlflow_url:
         env["MLFLOW_TRACKING_URI"] = mlflow_url
     return env
@@ -137,7 +138,7 @@ def up(host: str, prefect_port: int, mlflow_port: int, timeout_s: float, max_run
         services.append(server)
         mlflow = start("mlflow-server", [
             bin_path("mlflow"), "server", "--host", host, "--port", str(mlflow_port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
+            "--backend-store-uri", sqlite_uri(home / "mlflow" / "mlflow.db"),
             "--artifacts-destination", str(home / "mlflow" / "artifacts")], service_env(), mlflow_url)
         services.append(mlflow)
         write_state(services)
@@ -189,7 +190,10 @@ def main(argv: list[str]) -> int:
         print(f"rlhf up failed: {e}", file=sys.stderr)
         return 1
     prefect_url, mlflow_url = services[0].url, services[1].url
-    print(f"Prefect UI: {prefect_url}\nMLflow UI:  {mlflow_url}\nlogs: {service_dir()}\n"
+    # MLflow 3.17 opens in its GenAI mode unless the URL (or its sidebar switch, remembered per browser) says
+    # "Model training"; the experiments' mlflow.experimentKind tag does not decide it in this version
+    print(f"Prefect UI: {prefect_url}\nMLflow UI:  {mlflow_url}/#/experiments?{MLFLOW_TRAINING_VIEW}\n"
+          f"logs: {service_dir()}\n"
           f"To use them from this shell:\n  export PREFECT_API_URL={prefect_url}/api "
           f"MLFLOW_TRACKING_URI={mlflow_url} RLHF_HOME={rlhf_home()}")
     return 0

@@ -14,19 +14,21 @@ import tempfile
 import time
 import urllib.parse
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Iterator
 
 import mlflow
 import pandas as pd
-from mlflow.entities import Metric, Param
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from pydantic import BaseModel
 
 from flows.metrics_catalog import unknown_metrics
 from rlhf_core.checkpoint import OPTIMIZER_FILE
 from rlhf_core.faults import kill_point
-from rlhf_core.io import copy_file
+from rlhf_core.io import copy_file, sha256_dir
 from rlhf_core.metrics import rollout_metrics
 from tasks.paths import rlhf_home, tracking_uri, use_tracking_uri
 
@@ -57,20 +59,36 @@ def flatten(values: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+# MLflow 3's UI reads this experiment tag to tell model training ("custom_model_development": Runs, Models) from
+# GenAI work ("genai_development": Traces, Evaluations). MLflow 3.17's own UI lets its per-browser "GenAI | Model
+# training" switch (or `?workflowType=machine_learning` in the URL) decide instead (docs/operations.md).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(name: str) -> str:
+    """The experiment's id, created (or, made before, tagged) as a model-training experiment."""
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if experiment.tags.get(key) is None:  # one the user tagged otherwise is left alone
+                mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     location = None
     if tracking_uri().startswith("sqlite:"):  # keep artifacts beside the database, not in ./mlruns
         location = (rlhf_home() / "mlflow" / "artifacts" / name).as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+
+
+# The MLflow run of the flow that calls this one as a subflow (`rlhf pipeline`): a run created while it is set is
+# nested under it (MLflow's mlflow.parentRunId tag), so the chain's stages show as one tree.
+PARENT_RUN: ContextVar[str | None] = ContextVar("PARENT_RUN", default=None)
 
 
 class Tracker:
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, lineage: dict[str, str] | None = None):
         self.run_id = run_id
         self.client = mlflow.MlflowClient()
+        self.lineage = lineage or {}  # tags of every model version this run registers: what it started from
 
     def log_params(self, config: BaseModel) -> None:
         params = [Param(k, v[:MAX_PARAM_LENGTH]) for k, v in flatten(config.model_dump(mode="json")).items()]
@@ -117,9 +135,27 @@ class Tracker:
             self._ensure_registered_model(model_name)
             version = self.client.create_model_version(
                 model_name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=self.run_id,
-                tags={"iteration": str(iteration), "checkpoint_sha256": checkpoint_sha256}).version
+                tags={"iteration": str(iteration), "checkpoint_sha256": checkpoint_sha256, **self.lineage}).version
         self.client.set_registered_model_alias(model_name, alias, version)
+        self._link_version(model_name, str(version), iteration, checkpoint_sha256)
         return str(version)
+
+    def _link_version(self, name: str, version: str, iteration: int, checkpoint_sha256: str) -> None:
+        """What MLflow records when it registers a model logged in a run, less the model's files: a logged model
+        of this run (an output at step `iteration`) whose `mlflow.modelVersions` tag names the version. The run
+        page lists the versions whose run_id is the run and those its logged models name, so a version an earlier
+        run registered (the same checkpoint, replayed from the cache) is listed on this run too. Once per run."""
+        experiment_id, label = self.client.get_run(self.run_id).info.experiment_id, f"{name}-v{version}"
+        if self.client.search_logged_models([experiment_id], f"source_run_id = '{self.run_id}' AND name = '{label}'"):
+            return  # a resumed run registering its checkpoint again
+        model = self.client.create_logged_model(experiment_id, name=label, source_run_id=self.run_id,
+                                                tags={"iteration": str(iteration),
+                                                      "checkpoint_sha256": checkpoint_sha256},
+                                                model_type="checkpoint")
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=iteration)])
+        self.client.set_logged_model_tags(model.model_id, {
+            MLFLOW_MODEL_VERSIONS: json.dumps([{"name": name, "version": version}])})
+        self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
 
     def store_files(self, files: list[Path], artifact_path: str) -> None:
         """Files into the run's artifacts. In a local artifact store they are hard-linked when the filesystem
@@ -131,7 +167,7 @@ class Tracker:
             for file in files:
                 self.client.log_artifact(self.run_id, str(file), artifact_path)
             return
-        dest = Path(urllib.parse.urlparse(root).path) / artifact_path
+        dest = Path(urllib.parse.unquote(urllib.parse.urlparse(root).path)) / artifact_path  # file:///a%20b -> /a b
         dest.mkdir(parents=True, exist_ok=True)
         for file in files:
             target = dest / file.name
@@ -153,8 +189,10 @@ class Tracker:
 
 
 @contextmanager
-def mlflow_run(experiment: str, config: BaseModel, flow_run_id: str | None, run_name: str | None) -> Iterator[Tracker]:
-    """The MLflow run of this Prefect flow run: created on the first attempt, resumed on a Prefect retry.
+def mlflow_run(experiment: str, config: BaseModel, flow_run_id: str | None, run_name: str | None,
+               tags: dict[str, str] | None = None, lineage: dict[str, str] | None = None) -> Iterator[Tracker]:
+    """The MLflow run of this Prefect flow run: created on the first attempt (with `tags`, the lineage and, inside
+    a pipeline, its parent run), resumed on a Prefect retry. Every model version it registers carries `lineage`.
     An exception inside marks the run FAILED."""
     use_tracking_uri()
     experiment_id = ensure_experiment(experiment)
@@ -166,9 +204,11 @@ def mlflow_run(experiment: str, config: BaseModel, flow_run_id: str | None, run_
         run_id = existing[0].info.run_id
         client.update_run(run_id, status="RUNNING")
     else:
-        run = client.create_run(experiment_id, run_name=run_name, tags={"prefect.flow_run_id": flow_run_id})
+        parent = {"mlflow.parentRunId": PARENT_RUN.get()} if PARENT_RUN.get() else {}
+        run = client.create_run(experiment_id, run_name=run_name,
+                                tags={"prefect.flow_run_id": flow_run_id, **parent, **(tags or {}), **(lineage or {})})
         run_id = run.info.run_id
-    tracker = Tracker(run_id)
+    tracker = Tracker(run_id, lineage)
     if not existing:
         tracker.log_params(config)
     if flow_run_id != "local":
@@ -193,7 +233,8 @@ def mlflow_run_url(experiment_id: str, run_id: str) -> str:
     folder (open the UI with `mlflow ui --backend-store-uri <the store>`)."""
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        # the query sits inside the hash route, where MLflow's router reads it: the run opens in "Model training"
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
     return mlflow.MlflowClient().get_run(run_id).info.artifact_uri
 
 
@@ -258,3 +299,16 @@ def log_online_iteration(tracker: Tracker, iteration: int, stage_refs: dict, upd
         **(extra_metrics or {}),
     }
     tracker.log_metrics(metrics, step=iteration)
+
+
+def registered_uri(model_name: str, checkpoint: str) -> str:
+    """`models:/<name>/<version>` of the version registered for the checkpoint folder (found by its content
+    hash): how a chain of flows hands a model to the next stage, so each version's lineage names the exact
+    version it started from."""
+    use_tracking_uri()
+    sha256 = sha256_dir(checkpoint)
+    found = mlflow.MlflowClient().search_model_versions(f"name = '{model_name}' and tags.checkpoint_sha256 = "
+                                                        f"'{sha256}'")
+    if not found:
+        raise LookupError(f"no version of {model_name!r} holds the checkpoint {checkpoint} (sha256 {sha256[:16]})")
+    return f"models:/{model_name}/{found[0].version}"

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from rlhf_core.batch import ceil_div, collate, select_rows
-from rlhf_core.generation import chat_prompt_ids
+from rlhf_core.chat import Prompt, chat_prompt_ids
 from rlhf_core.logprobs import response_logprobs
 from rlhf_core.preference_losses import PREFERENCE_LOSSES, implicit_rewards, pair_comparison, rpo_nll
 from rlhf_core.update import Normalizers, run_update
@@ -35,9 +35,10 @@ def response_token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
 
 
-def tokenize_pairs(tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
+def tokenize_pairs(tokenizer, prompts: Sequence[Prompt], chosen: Sequence[str], rejected: Sequence[str],
                    system_prompt: str | None = None) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
-    """(prompt_ids, chosen_ids, rejected_ids) per pair, untruncated (`batch.truncate_sequences` cuts a pair)."""
+    """(prompt_ids, chosen_ids, rejected_ids) per pair, untruncated (`batch.truncate_sequences` cuts a pair);
+    prompts are strings or messages."""
     assert len(prompts) == len(chosen) == len(rejected), (len(prompts), len(chosen), len(rejected))
     return (chat_prompt_ids(tokenizer, list(prompts), system_prompt), response_token_ids(tokenizer, chosen),
             response_token_ids(tokenizer, rejected))

@@ -30,19 +30,6 @@ class Rollouts:
     finished: list[bool]  # True when the response emitted EOS within max_new_tokens
 
 
-def chat_prompt_ids(tokenizer, prompts: list[str], system_prompt: str | None = None) -> list[list[int]]:
-    """Token ids of each prompt rendered with the tokenizer's chat template (plain encoding without one)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    out = []
-    for prompt in prompts:
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return out
-
-
 def pad_sequences(seqs: list[list[int]], pad_id: int, side: str, device="cpu") -> tuple[Tensor, Tensor]:
     """ids: [B, max_len] padded on `side`, mask: [B, max_len] bool (True on real tokens)."""
     width = max(len(s) for s in seqs)

@@ -15,6 +15,8 @@ import os
 import shutil
 import socket
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -122,17 +124,31 @@ def write_parquet_to_uri(df: pd.DataFrame, directory: str) -> tuple[str, str]:
     return final, digest
 
 
+@contextmanager
+def naming_the_destination(destination: str | Path) -> Iterator[None]:
+    """An OSError while writing (a full disk, a read-only or vanished folder) says which file or folder it was
+    writing: "No space left on device" alone does not say whether the data folder or /tmp is full."""
+    try:
+        yield
+    except OSError as e:
+        if str(destination) in str(e):
+            raise
+        raise OSError(e.errno, f"writing {destination}: {e.strerror or e}") from e
+
+
 def write_parquet(df: pd.DataFrame, directory: str | Path) -> tuple[Path | str, str]:
     """Write `df` to `<directory>/<sha256[:16]>.parquet` atomically. Returns (path, sha256). `directory` may be
     an fsspec URI (`write_parquet_to_uri`)."""
     if is_uri(directory):
         return write_parquet_to_uri(df, str(directory))
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    sweep_stale_temps(directory)
+    with naming_the_destination(directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temps(directory)
     tmp = _temp_name(directory, ".parquet")
     try:
-        df.to_parquet(tmp, index=False)
+        with naming_the_destination(directory):
+            df.to_parquet(tmp, index=False)
         kill_point("write-parquet")
         digest = sha256_file(tmp)
         final = directory / f"{digest[:16]}.parquet"
@@ -148,12 +164,14 @@ def write_parquet(df: pd.DataFrame, directory: str | Path) -> tuple[Path | str, 
 def _write_folder(write: Callable[[Path], None], directory: Path, name_of: Callable[[Path], str]) -> Path:
     """Call `write(tmp_dir)` in `directory`, then rename the folder to `name_of(tmp_dir)` atomically; a folder
     already there under that name is kept (the same content, or the same thing written by another writer)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    sweep_stale_temps(directory)
+    with naming_the_destination(directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temps(directory)
     tmp = _temp_name(directory)
     try:
-        tmp.mkdir()
-        write(tmp)
+        with naming_the_destination(directory):
+            tmp.mkdir()
+            write(tmp)
         final = directory / name_of(tmp)
         if not final.exists():
             os.replace(tmp, final)
@@ -187,11 +205,12 @@ def write_atomically(write: Callable[[Path], None], path: str | Path) -> Path:
     """Call `write(tmp)` on a temporary name beside `path`, then rename it to `path` (replacing what was there):
     for outputs that live under a chosen name rather than their content hash."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path.parent, path.suffix)
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with naming_the_destination(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(tmp)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from rlhf_core.batch import ceil_div, select_rows, truncate_sequences
 from rlhf_core.dpo import batched_pair_logprobs, collate_pairs, response_token_ids
-from rlhf_core.generation import chat_prompt_ids
+from rlhf_core.chat import Prompt, chat_prompt_ids
 from rlhf_core.logprobs import response_logprobs
 from rlhf_core.preference_losses import implicit_rewards, kto_loss, kto_reference_point
 from rlhf_core.update import Normalizers, global_sum, run_update
@@ -62,18 +62,21 @@ def mismatched_rows(prompts: Sequence, seed: int) -> list[int]:
     return rows
 
 
-def tokenize_examples(tokenizer, prompts: Sequence[str], completions: Sequence[str], *, max_length: int | None,
-                      max_prompt_length: int, seed: int, system_prompt: str | None = None) -> dict[str, list]:
-    """Token columns of unpaired examples (one list entry per row): `prompt_ids` (chat template) and
+def tokenize_examples(tokenizer, prompts: Sequence[Prompt], completions: Sequence[str], *, max_length: int | None,
+                      max_prompt_length: int, seed: int, system_prompt: str | None = None,
+                      prompt_keys: Sequence[str] | None = None) -> dict[str, list]:
+    """Token columns of unpaired examples (one list entry per row): `prompt_ids` (chat template; prompts are
+    strings or messages) and
     `completion_ids` (plain text + EOS), cut to `max_length` by `truncate_sequences`; `mismatched_row`
     (`mismatched_rows`) and `mismatched_ids`: that row's cut completion, cut again to fit after this row's prompt
-    (the example's own tokens never depend on its mismatch); `truncated`: the example lost tokens."""
+    (the example's own tokens never depend on its mismatch); `truncated`: the example lost tokens. prompt_keys:
+    one string per distinct prompt, for the mismatch (default: the prompts themselves, when strings)."""
     assert len(prompts) == len(completions), (len(prompts), len(completions))
     prompt_ids = chat_prompt_ids(tokenizer, list(prompts), system_prompt)
     completion_ids = response_token_ids(tokenizer, list(completions))
     cut = [truncate_sequences(p, [c], max_length, max_prompt_length) for p, c in zip(prompt_ids, completion_ids)]
     prompts_cut, completions_cut = [p for p, _ in cut], [c for _, (c,) in cut]
-    rows = mismatched_rows(list(prompts), seed)
+    rows = mismatched_rows(list(prompts if prompt_keys is None else prompt_keys), seed)
     # room >= 1: truncate_sequences leaves every prompt shorter than max_length
     room = [None if max_length is None else max_length - len(p) for p in prompts_cut]
     return {"prompt_ids": prompts_cut, "completion_ids": completions_cut, "mismatched_row": rows,

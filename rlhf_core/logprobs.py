@@ -81,16 +81,19 @@ def logprobs_from_hidden(hidden: Tensor, targets: Tensor, mask: Tensor, lm_head:
 
 
 def response_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
-                      *, temperature: float = 1.0, chunk_size: int = 1024,
-                      with_entropy: bool = True) -> tuple[Tensor, Tensor | None]:
+                      *, temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = True,
+                      target_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Per-token log-probs and entropy of each response given its prompt.
     prompt_ids, prompt_mask: [B, P]; response_ids, response_mask: [B, T] -> (logprobs [B, T], entropy [B, T] or
-    None without `with_entropy`). `model`: a causal LM, or a ResponseScorer (possibly under DDP/FSDP)."""
+    None without `with_entropy`). target_mask [B, T] (default response_mask): the tokens whose log-probs are
+    computed, e.g. SFT's assistant tokens of a multi-turn conversation, while every real token is attended to.
+    `model`: a causal LM, or a ResponseScorer (possibly under DDP/FSDP)."""
     if isinstance(getattr(model, "module", model), ResponseScorer):
         return model(prompt_ids, prompt_mask, response_ids, response_mask, temperature=temperature,
-                     chunk_size=chunk_size, with_entropy=with_entropy)
+                     chunk_size=chunk_size, with_entropy=with_entropy, target_mask=target_mask)
     hidden = response_hidden_states(model, prompt_ids, prompt_mask, response_ids, response_mask)
-    return logprobs_from_hidden(hidden, response_ids, response_mask.bool(), model.get_output_embeddings(),
+    targets = response_mask.bool() if target_mask is None else target_mask.bool() & response_mask.bool()
+    return logprobs_from_hidden(hidden, response_ids, targets, model.get_output_embeddings(),
                                 temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy)
 
 

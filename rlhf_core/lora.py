@@ -20,16 +20,13 @@ Checkpoint formats (`save_model`):
 
 from __future__ import annotations
 
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import ModulesToSaveWrapper
 
 from rlhf_core.model_files import (ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_WEIGHTS_FILE,  # noqa: F401 (re-exported)
                                    adapter_folder, base_model_path, is_adapter_folder)
@@ -39,8 +36,22 @@ _TOGGLE = threading.Lock()
 _DISABLED: dict[int, list] = {}  # id(model) -> [open adapter_disabled blocks, requires_grad flags before]
 
 
+def _peft():
+    """peft's classes, imported on first use: code that never touches an adapter runs without peft installed (a
+    GPU image with torch and transformers only, bench/gpu_check.py)."""
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    return LoraConfig, LoraLayer, BaseTunerLayer, ModulesToSaveWrapper
+
+
 def has_adapter(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    if "peft" not in sys.modules:  # adapters are made by peft (injected, or loaded by transformers through it)
+        return False
+    base_tuner_layer = _peft()[2]
+    return any(isinstance(m, base_tuner_layer) for m in model.modules())
 
 
 def add_lora(model, *, rank: int, alpha: float, dropout: float, target_modules: list[str] | str,
@@ -49,7 +60,8 @@ def add_lora(model, *, rank: int, alpha: float, dropout: float, target_modules: 
     train in full, such as a reward model's score head) the only trainable parameters. Returns `model`."""
     if has_adapter(model):
         raise ValueError("the model already has a LoRA adapter; continue it instead of adding a second one")
-    config = PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+    peft_lora_config = _peft()[0]
+    config = peft_lora_config(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                             modules_to_save=modules_to_save or None)
     try:
         model.add_adapter(config)
@@ -63,7 +75,8 @@ def mark_adapter_trainable(model) -> list[str]:
     """requires_grad on the adapter's parameters (LoRA A/B and modules_to_save copies) only; everything else
     frozen. A loaded adapter comes back frozen (peft's inference mode), so resuming calls this too.
     Returns the trainable parameter names."""
-    adapter_params = {id(p) for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))
+    _, lora_layer, _, modules_to_save_wrapper = _peft()
+    adapter_params = {id(p) for m in model.modules() if isinstance(m, (lora_layer, modules_to_save_wrapper))
                       for n, p in m.named_parameters() if ".base_layer." not in f".{n}"
                       and "original_module." not in n}
     names = []
@@ -82,7 +95,8 @@ def adapter_disabled(model) -> Iterator:
     one): the reference model of every algorithm under LoRA. Blocks may overlap (sharded scoring threads share one
     cached model): the adapter comes back when the last one exits. peft's toggle also flips requires_grad, so
     the flags are restored as they were (an optimizer's parameter list must not change)."""
-    layers = [m for m in model.modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))]
+    _, _, base_tuner_layer, modules_to_save_wrapper = _peft()
+    layers = [m for m in model.modules() if isinstance(m, (base_tuner_layer, modules_to_save_wrapper))]
     with _TOGGLE:
         if id(model) not in _DISABLED:
             _DISABLED[id(model)] = [0, [(p, p.requires_grad) for p in model.parameters()]]
@@ -113,9 +127,10 @@ def merged_state_dict(model, state: dict[str, torch.Tensor] | None = None) -> di
             continue
         key = key.replace(".base_layer.", ".").replace(f".modules_to_save.{ADAPTER_NAME}.", ".")
         merged[key] = tensor
+    lora_layer = _peft()[1]
     with torch.no_grad():
         for name, module in model.named_modules():
-            if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
+            if isinstance(module, lora_layer) and ADAPTER_NAME in module.lora_A:
                 weight = state[f"{name}.base_layer.weight"]
                 lora_a, lora_b = (state[f"{name}.lora_{x}.{ADAPTER_NAME}.weight"] for x in "AB")
                 # peft's get_delta_weight: half precision on the CPU is multiplied in float32

@@ -16,6 +16,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_REWARD_BACKBONE = "all-minilm-l6-v2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -70,6 +71,9 @@ def base_model_path(adapter_dir: str | Path) -> Path:
 
 
 def check_model_folder(path: Path) -> None:
+    """A Hugging Face model folder that can load: config.json, tokenizer files and weights whose safetensors
+    headers read and whose files are as long as the headers say (a truncated copy is named here, not deep inside
+    a loader). Reads headers only, never the weights."""
     if not path.exists():
         raise ModelLoadError(f"model path {str(path)!r} does not exist (and is not the built-in {DEFAULT_MODEL!r})")
     if is_adapter_folder(path) and not (path / "config.json").is_file():
@@ -79,6 +83,80 @@ def check_model_folder(path: Path) -> None:
         raise ModelLoadError(f"model path {str(path)!r} has no config.json: not a Hugging Face model folder")
     if not any((path / name).is_file() for name in _WEIGHT_FILES):
         raise ModelLoadError(f"model path {str(path)!r} holds no weights (expected one of {list(_WEIGHT_FILES)})")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelLoadError(f"model path {str(path)!r} has no tokenizer files (expected one of "
+                             f"{list(_TOKENIZER_FILES)}): save the tokenizer beside the model")
+    for file in safetensors_files(path):
+        check_safetensors_file(file)
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The safetensors files of a model folder: model.safetensors, or the shards its index names."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise ModelLoadError(f"{index}: not a readable safetensors index ({e})") from None
+        return [path / shard for shard in shards]
+    return [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
+
+
+def check_safetensors_file(file: Path) -> None:
+    """The file exists, its header is valid JSON, and the file holds every byte the header's offsets reach."""
+    if not file.is_file():
+        raise ModelLoadError(f"{file}: missing (named by the model's safetensors index)")
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if length <= 0 or 8 + length > size:
+                raise ValueError(f"a header of {length} bytes in a {size}-byte file")
+            header = json.loads(f.read(length))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ModelLoadError(f"{file}: not a readable safetensors file ({e}): copy or save it again") from None
+    if 8 + length + end > size:
+        raise ModelLoadError(f"{file}: truncated ({size} bytes; its header needs {8 + length + end}): copy or save "
+                             "it again")
+
+
+def architectures(path: Path) -> list[str]:
+    """The model classes config.json names (`LlamaForCausalLM`...); an adapter-only folder's are its base's."""
+    folder = base_model_path(path) if is_adapter_folder(path) and not (path / "config.json").is_file() else path
+    try:
+        return list(json.loads((folder / "config.json").read_text()).get("architectures") or [])
+    except (OSError, ValueError):
+        return []
+
+
+def check_causal_lm(path: Path, role: str = "the policy") -> None:
+    """`path` holds a causal language model (a sequence classifier would load with a new, random LM head)."""
+    names = architectures(path)
+    if names and not any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in names):
+        raise ModelLoadError(f"{role} {str(path)!r} is a {names[0]}, not a causal language model (config.json: "
+                             f"architectures {names}); it needs one (...ForCausalLM)")
+
+
+def has_score_head(path: Path) -> bool:
+    """Whether `path` holds a trained sequence-classification head: a ...ForSequenceClassification model, or a
+    LoRA adapter saved with its score head (modules_to_save)."""
+    if any(name.endswith("ForSequenceClassification") for name in architectures(path)):
+        return True
+    adapter = adapter_folder(path)
+    if adapter is None:
+        return False
+    saved = json.loads((adapter / ADAPTER_CONFIG_FILE).read_text()).get("modules_to_save") or []
+    return any(name in ("score", "classifier") for name in saved)
+
+
+def check_reward_model(path: Path, allow_new_head: bool = False) -> None:
+    """A reward source scores with a trained head; a causal LM or a bare encoder would get a new random one."""
+    if not allow_new_head and not has_score_head(path):
+        names = architectures(path) or ["model without a score head"]
+        raise ModelLoadError(f"reward model {str(path)!r} is a {names[0]} with no trained score head: its scores "
+                             "would come from a freshly initialised head (noise). Train one (`rlhf reward-model`), "
+                             "or set allow_new_head: true on this reward to accept that")
 
 
 def check_adapter_folder(path: Path) -> None:

@@ -5,7 +5,10 @@ GAE turns them into advantages (whitened over the batch) and returns = advantage
 the clipped surrogate plus vf_coef times the clipped value loss, both reduced by the same `aggregate`, over
 several epochs of mini-batches of one rollout batch. The actor and the critic share the backbone
 (`value_head.ActorCritic`). Departures: the clip range can be asymmetric (DAPO clip-higher; equal by default),
-and the loss aggregation is configurable (token-mean by default, as in most PPO-for-LM code).
+the loss aggregation is configurable (token-mean by default, as in most PPO-for-LM code), and so is the policy
+loss (loss.policy_loss: GSPO-token, whose token form takes GAE's per-token advantages, or CISPO; dual-clip for the
+surrogate), with an optional entropy bonus (loss.entropy_coef, as in Schulman et al. 2017 eq. 9, reduced like the
+policy loss).
 """
 
 from __future__ import annotations
@@ -39,24 +42,29 @@ def ppo_advantages(scores: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor, v
 
 def ppo_loss(model: ActorCritic, batch: dict[str, Tensor], norm: Normalizers, *, clip_eps_low: float,
              clip_eps_high: float, clip_range_value: float, vf_coef: float, aggregation: str, norm_length: int,
-             temperature: float, chunk_size: int) -> tuple[Tensor, dict[str, Tensor]]:
+             temperature: float, chunk_size: int, policy_loss: str = "ppo_clip", dual_clip_c: float | None = None,
+             entropy_coef: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss of one micro-batch, divided by the mini-batch's global normalisers so micro-batches add up.
-    batch: prompt/response ids and masks, and [B, T] old_logprobs, old_values, advantages, returns."""
+    batch: prompt/response ids and masks, and [B, T] old_logprobs, old_values, advantages, returns.
+    clip_eps_low/high: the range of `policy_loss` (LossConfig.clip_range)."""
     mask = batch["response_mask"].bool()
     logprobs, entropy, values = model(batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], mask,
                                       temperature=temperature, chunk_size=chunk_size)
-    policy_per_token, info = POLICY_LOSSES["ppo_clip"](logprobs, batch["old_logprobs"], batch["advantages"],
-                                                       clip_eps_low, clip_eps_high)
+    dual = {} if dual_clip_c is None else {"dual_clip_c": dual_clip_c}  # ppo_clip's option (the config checks)
+    policy_per_token, info = POLICY_LOSSES[policy_loss](logprobs, batch["old_logprobs"], batch["advantages"], mask,
+                                                        clip_eps_low, clip_eps_high, **dual)
+    if entropy_coef > 0:  # the bonus is part of each token's policy loss, so it is reduced like it
+        policy_per_token = policy_per_token - entropy_coef * entropy
     value_per_token, value_clipped = clipped_value_loss(values, batch["old_values"], batch["returns"],
                                                         clip_range_value)
     reduce = dict(mode=aggregation, num_seqs=norm.num_seqs, num_tokens=norm.num_tokens, norm_length=norm_length)
-    policy_loss = aggregate(policy_per_token, mask, **reduce)
+    policy_loss_value = aggregate(policy_per_token, mask, **reduce)
     value_loss = aggregate(value_per_token, mask, **reduce)
 
-    metrics = {"loss/policy": policy_loss.detach(), "loss/value": value_loss.detach(),
-               **policy_metrics(logprobs, batch["old_logprobs"], entropy, info, mask, norm.num_tokens),
+    metrics = {"loss/policy": policy_loss_value.detach(), "loss/value": value_loss.detach(),
+               **policy_metrics(logprobs, batch["old_logprobs"], entropy, info, mask, norm.num_tokens, norm.num_seqs),
                "value/clip_frac": masked_mean(value_clipped, mask, norm.num_tokens)}
-    return policy_loss + vf_coef * value_loss, metrics
+    return policy_loss_value + vf_coef * value_loss, metrics
 
 
 def ppo_update(model: ActorCritic, optimizer, batch: dict[str, Tensor], *, epochs: int, mini_batches: int,
@@ -92,9 +100,11 @@ def update_from_rollouts(model: ActorCritic, optimizer, rollouts, pad_id: int, *
     and on every rank."""
     per_token = {k: rollouts[k] for k in ("old_logprobs", "old_values", "advantages", "returns")}
     tensors = collate(rollouts["prompt_ids"], rollouts["response_ids"], pad_id, per_token=per_token, device=device)
+    clip_eps_low, clip_eps_high = loss.clip_range
     return ppo_update(
         model, optimizer, tensors, epochs=optim.epochs, mini_batches=optim.mini_batches,
         micro_batch_size=optim.micro_batch_size, max_grad_norm=optim.max_grad_norm, seed=seed, on_step=on_step,
-        clip_eps_low=loss.clip_eps_low, clip_eps_high=loss.clip_eps_high, clip_range_value=value.clip_range_value,
+        clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, clip_range_value=value.clip_range_value,
         vf_coef=value.vf_coef, aggregation=loss.aggregation, norm_length=max_new_tokens, temperature=temperature,
-        chunk_size=optim.logprob_chunk_size)
+        chunk_size=optim.logprob_chunk_size, policy_loss=loss.policy_loss, dual_clip_c=loss.dual_clip_c,
+        entropy_coef=loss.entropy_coef)

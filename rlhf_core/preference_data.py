@@ -65,6 +65,23 @@ def usable_samples(samples: pd.DataFrame) -> pd.DataFrame:
     return samples[keep].sort_values(["prompt_id", "sample_index"], kind="stable").reset_index(drop=True)
 
 
+def exported_prompts(samples: pd.DataFrame) -> pd.Series | None:
+    """The `prompt` to write per prompt_id when the prompts were conversations: every prompt as its messages (a
+    Parquet column holds one type), so `rlhf dpo` or `rlhf kto` on the result renders the same turns as the
+    policy saw; None when every prompt is a single user turn (the text is then the prompt)."""
+    if "prompt_messages" not in samples:
+        return None
+    firsts = samples.groupby("prompt_id", sort=True)["prompt_messages"].first()
+    messages = firsts.map(lambda turns: [{"role": m["role"], "content": m["content"]} for m in turns])
+    single_turn = messages.map(lambda turns: len(turns) == 1 and turns[0]["role"] == "user")
+    return None if single_turn.all() else messages
+
+
+def with_exported_prompts(table: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
+    prompts = exported_prompts(samples)
+    return table if prompts is None else table.assign(prompt=table["prompt_id"].map(prompts))
+
+
 def make_pairs(samples: pd.DataFrame, pairing: str, min_gap: float, judge: str) -> pd.DataFrame:
     """(chosen, rejected) pairs from judged samples: the `pairing`'s candidates whose score gap is >= min_gap and
     whose texts differ (after stripping whitespace). Ordered by prompt_id, then the candidates' sample indices.
@@ -79,8 +96,9 @@ def make_pairs(samples: pd.DataFrame, pairing: str, min_gap: float, judge: str) 
             if scores[c] - scores[r] + GAP_TOLERANCE >= min_gap and texts[c].strip() != texts[r].strip():
                 rows.append((prompt_id, prompt, texts[c], texts[r], scores[c], scores[r], indices[c], indices[r],
                              judge))
-    return pd.DataFrame(rows, columns=PAIR_COLUMNS).astype({"chosen_score": "float64", "rejected_score": "float64",
-                                                            "chosen_index": "int64", "rejected_index": "int64"})
+    pairs = pd.DataFrame(rows, columns=PAIR_COLUMNS).astype({"chosen_score": "float64", "rejected_score": "float64",
+                                                             "chosen_index": "int64", "rejected_index": "int64"})
+    return with_exported_prompts(pairs, samples)
 
 
 def make_unpaired(samples: pd.DataFrame, min_gap: float, judge: str) -> pd.DataFrame:
@@ -96,7 +114,8 @@ def make_unpaired(samples: pd.DataFrame, min_gap: float, judge: str) -> pd.DataF
                                                       text=lambda df: df["response"].str.strip())
     contradicted = labelled.groupby(["prompt_id", "text"])["label"].transform("nunique") > 1
     out = labelled[~contradicted].rename(columns={"response": "completion"}).assign(judge=judge)
-    return out[UNPAIRED_COLUMNS].astype({"label": bool, "score": "float64"}).reset_index(drop=True)
+    unpaired = out[UNPAIRED_COLUMNS].astype({"label": bool, "score": "float64"}).reset_index(drop=True)
+    return with_exported_prompts(unpaired, samples)
 
 
 def choice_scores(choice: str, group_size: int) -> list[float]:

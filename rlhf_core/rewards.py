@@ -2,9 +2,11 @@
 
 Every reward function has one signature, batched so a user function can vectorise (or call a model once):
     fn(prompts: list[str], responses: list[str], **columns: list) -> Sequence[float]   # [B] -> [B]
-`columns` are the dataset's other columns for the same rows (e.g. answer=[...]); a function takes **columns
-and ignores what it does not use. A function is a built-in name ("arithmetic_answer") or an import path
-"package.module:function". Outputs are checked (length, finite floats) here, because a NaN reward would
+`columns` are the dataset's other columns for the same rows (e.g. answer=[...]) and `prompt_messages`: each
+prompt as the list of `{"role", "content"}` messages the chat template rendered (a plain string prompt is one user
+turn; `prompts` holds the text: the user's message, or every turn as "role: content" for a multi-turn prompt); a
+function takes **columns and ignores what it does not use. A function is a built-in name ("arithmetic_answer") or
+an import path "package.module:function". Outputs are checked (length, finite floats) here, because a NaN reward would
 otherwise surface steps later as a NaN loss with no hint of which function produced it.
 """
 
@@ -14,6 +16,7 @@ import inspect
 import math
 import numbers
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -105,6 +108,22 @@ def resolve_reward_function(name: str) -> Callable:
     return obj
 
 
+def check_reward_columns(name: str, extra_columns: list[str]) -> None:
+    """The columns the function's signature requires (keyword arguments without a default, beyond prompts and
+    responses) are among `extra_columns`, the ones the flow passes: checked before any response is generated, not
+    when the first batch is scored."""
+    function = resolve_reward_function(name)
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: nothing to check
+        return
+    required = [p.name for p in parameters[2:] if p.default is inspect.Parameter.empty
+                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    if missing := [column for column in required if column not in [*extra_columns, "prompt_messages"]]:
+        raise UserInputError(f"reward function {name!r} needs the column(s) {missing}, which data.extra_columns "
+                             f"({extra_columns}) does not pass: add them, or use another reward")
+
+
 def _checked(name: str, output: object, n_rows: int) -> np.ndarray:
     """The function's output as float64 [B]; RewardError naming the function and the first bad row."""
     if hasattr(output, "tolist"):  # numpy arrays and torch tensors
@@ -122,14 +141,40 @@ def _checked(name: str, output: object, n_rows: int) -> np.ndarray:
     return np.asarray(output, dtype=np.float64)
 
 
+def call_with_timeout(fn: Callable, timeout_s: float | None, name: str, *args, **kwargs):
+    """fn(*args, **kwargs), or a RewardError naming `name` when it has not returned after `timeout_s` seconds. The
+    call runs in a daemon thread, which a stuck function keeps busy without holding up the process's exit."""
+    if timeout_s is None:
+        return fn(*args, **kwargs)
+    outcome: dict[str, object] = {}
+
+    def call() -> None:
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # handed to the caller's thread below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=call, name=f"reward {name}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise RewardError(f"reward function {name!r} did not return within its timeout_s={timeout_s:g} s (one call "
+                          "scores a whole batch): it hangs, or needs a larger timeout_s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def compute_rewards(
     specs: Sequence[tuple[str, float]],
     prompts: list[str],
     responses: list[str],
     columns: Mapping[str, list],
+    timeouts: Mapping[str, float | None] | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Weighted sum of reward functions over a batch. specs: [(name, weight)]; prompts, responses: [B];
-    each column: [B]. Returns (sum_k weight_k * reward_k: [B] float64, {name: raw reward_k [B]})."""
+    each column: [B]; timeouts: seconds each function's call may take (absent or None: no limit). Returns
+    (sum_k weight_k * reward_k: [B] float64, {name: raw reward_k [B]})."""
     names = [name for name, _ in specs]
     if not specs or len(set(names)) != len(names):
         raise ValueError(f"reward specs must name at least one function, each once; got {names}")
@@ -142,7 +187,10 @@ def compute_rewards(
     for name, weight in specs:
         fn = resolve_reward_function(name)
         try:
-            output = fn(list(prompts), list(responses), **{k: list(v) for k, v in columns.items()})
+            output = call_with_timeout(fn, (timeouts or {}).get(name), name, list(prompts), list(responses),
+                                       **{k: list(v) for k, v in columns.items()})
+        except RewardError:
+            raise
         except Exception as e:
             raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
         per_function[name] = _checked(name, output, n_rows)

@@ -20,12 +20,12 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhf_core import dpo, grpo, kto, ppo
+from rlhf_core import dpo, grpo, kto, ppo, sft
 from rlhf_core import reward_model as rm
 from rlhf_core.checkpoint import OPTIMIZER_FILE, restore_optimizer, trainable_parameters
 from rlhf_core.config import RuntimeConfig
 from rlhf_core.config.training import (DPOUpdateArgs, GRPOUpdateArgs, KTOUpdateArgs, PPOUpdateArgs,
-                                       RewardModelUpdateArgs, TrainingSetup, UpdateArgs)
+                                       RewardModelUpdateArgs, SFTUpdateArgs, TrainingSetup, UpdateArgs)
 from rlhf_core.distributed import (full_state, is_distributed, is_sharded, load_full_optimizer_state, rank, unwrap,
                                    wrap_for_training)
 from rlhf_core.io import write_dir
@@ -33,6 +33,7 @@ from rlhf_core.logprobs import ResponseScorer
 from rlhf_core.lora import add_lora, has_adapter, mark_adapter_trainable, save_model
 from rlhf_core.models import ModelLoadError, enable_gradient_checkpointing, load_lm
 from rlhf_core.value_head import load_actor_critic, save_actor_critic, with_prefix_removed
+from rlhf_core.update import check_state_finite
 
 History = list[dict[str, float]]
 OnStep = Callable[[dict[str, float]], None] | None
@@ -128,6 +129,11 @@ def update_kto(model, optimizer, examples, tokenizer, args: KTOUpdateArgs, devic
                                     undesirable_weight=args.undesirable_weight, on_step=on_step)
 
 
+def update_sft(model, optimizer, examples, tokenizer, args: SFTUpdateArgs, device: str, on_step) -> History:
+    return sft.update_from_examples(model, optimizer, examples, tokenizer.pad_token_id, device=device, **args.loop,
+                                    on_step=on_step)
+
+
 def update_reward_model(model, optimizer, pairs, tokenizer, args: RewardModelUpdateArgs, device: str,
                         on_step) -> History:
     margin = torch.tensor(pairs["margin"].to_numpy(), dtype=torch.float32) if "margin" in pairs else None
@@ -147,6 +153,7 @@ class TrainingSpec:
 
 
 TRAINING: dict[str, TrainingSpec] = {
+    "sft": TrainingSpec(RESPONSE_SCORER, update_sft),  # one epoch; the loss masks all but the assistant's tokens
     "grpo": TrainingSpec(RESPONSE_SCORER, update_grpo),
     "ppo": TrainingSpec(ACTOR_CRITIC, update_ppo, actor_critic_groups, keep_in_memory=False),
     "dpo": TrainingSpec(RESPONSE_SCORER, update_dpo),  # one epoch; mini-batches of any size (padding passes)
@@ -240,6 +247,8 @@ def save_trained(state: TrainingState, setup: TrainingSetup, root: Path, algorit
     weights, optimizer_state = full_state(state.model, state.optimizer)
     if rank() != 0:
         return None
+    check_state_finite(weights, "weight")
+    check_state_finite(optimizer_state, "optimizer state")
 
     def write(folder: Path) -> None:
         TRAINING[algorithm].module.save(state.module, weights, folder, setup.merged)

@@ -16,7 +16,8 @@ import torch
 
 from rlhf_core.batch import collate
 from rlhf_core.data import load_table
-from rlhf_core.generation import chat_prompt_ids, sample_responses
+from rlhf_core.chat import chat_prompt_ids
+from rlhf_core.generation import sample_responses
 from rlhf_core.logprobs import batched_response_logprobs
 from rlhf_core.models import DEFAULT_MODEL, eos_token_ids, load_causal_lm, resolve_model_path
 from rlhf_core.rewards import compute_rewards

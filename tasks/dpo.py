@@ -21,6 +21,7 @@ from rlhf_core.config import RuntimeConfig
 from rlhf_core.config.training import DPOUpdateArgs, TrainingSetup
 from rlhf_core.models import load_tokenizer
 from tasks.cache import STAGE_TASK_OPTIONS
+from tasks.data import chat_prompts
 from tasks.reference import with_reference_logps
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
 from tasks.runtime import load_model
@@ -34,7 +35,8 @@ def tokenize_pairs(model: CheckpointRef, pairs: ArtifactRef, max_length: int | N
     `truncated` (the pair lost tokens)."""
     df = pairs.read()
     tokenizer, _ = load_tokenizer(Path(model.path))
-    prompt_ids, chosen_ids, rejected_ids = dpo.tokenize_pairs(tokenizer, df["prompt"], df["chosen"], df["rejected"])
+    prompt_ids, chosen_ids, rejected_ids = dpo.tokenize_pairs(tokenizer, chat_prompts(df), df["chosen"],
+                                                              df["rejected"])
     truncated = [max_length is not None and len(p) + max(len(c), len(r)) > max_length
                  for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids)]
     cut = [truncate_sequences(p, [c, r], max_length, max_prompt_length)

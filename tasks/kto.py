@@ -19,6 +19,7 @@ from rlhf_core.config.training import KTOUpdateArgs, TrainingSetup
 from rlhf_core.models import load_tokenizer
 from rlhf_core.preference_losses import implicit_rewards
 from tasks.cache import STAGE_TASK_OPTIONS
+from tasks.data import chat_prompts
 from tasks.reference import with_reference_logps
 from tasks.refs import ArtifactRef, CheckpointRef, UpdateResult, publish
 from tasks.runtime import load_model
@@ -32,9 +33,9 @@ def tokenize_unpaired(model: CheckpointRef, examples: ArtifactRef, max_length: i
     table), `mismatched_ids` and `truncated` (`kto.tokenize_examples`)."""
     df = examples.read()
     tokenizer, _ = load_tokenizer(Path(model.path))
-    return publish(df.assign(**kto.tokenize_examples(tokenizer, df["prompt"].tolist(), df["completion"].tolist(),
+    return publish(df.assign(**kto.tokenize_examples(tokenizer, chat_prompts(df), df["completion"].tolist(),
                                                      max_length=max_length, max_prompt_length=max_prompt_length,
-                                                     seed=seed)), "kto-tokens")
+                                                     seed=seed, prompt_keys=df["prompt"].tolist())), "kto-tokens")
 
 
 @task(name="compute-kto-reference-logprobs", **STAGE_TASK_OPTIONS)

@@ -10,6 +10,7 @@ from prefect import task
 
 from rlhf_core.config import ModelConfig
 from rlhf_core.io import sha256_dir, write_folder_atomically
+from rlhf_core.model_files import check_causal_lm
 from rlhf_core.models import REGISTRY_PREFIX, ModelLoadError, check_model_folder, resolve_model_path
 from tasks.paths import models_dir, use_tracking_uri
 from tasks.refs import CheckpointRef
@@ -64,11 +65,12 @@ def resolve_model(name_or_path: str) -> CheckpointRef:
     return CheckpointRef(path=str(path), sha256=sha256_dir(path))
 
 
-def resolve_start_model(model: ModelConfig,
-                        resolve: Callable[[str], CheckpointRef] = resolve_model) -> CheckpointRef:
+def resolve_start_model(model: ModelConfig, resolve: Callable[[str], CheckpointRef] = resolve_model,
+                        causal_lm: bool = True) -> CheckpointRef:
     """The model a flow starts from: `model.name_or_path`, or `model.fallback` when that is a registry URI the
     registry does not have yet (the first scheduled run before any `champion` exists). `resolve` turns the name
-    into a folder (the reward model's resolves its own built-in backbones)."""
+    into a folder (the reward model's resolves its own built-in backbones); causal_lm: it must be a causal LM
+    (a policy), not a classifier that would load with a random LM head."""
     name = model.name_or_path
     if model.fallback and name.startswith(REGISTRY_PREFIX):
         try:
@@ -76,4 +78,7 @@ def resolve_start_model(model: ModelConfig,
         except RegisteredModelMissing:
             print(f"{name} is not in the registry yet: starting from model.fallback {model.fallback!r}")
             name = model.fallback
-    return resolve(name)
+    ref = resolve(name)
+    if causal_lm:
+        check_causal_lm(Path(ref.path), "model.name_or_path")
+    return ref

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -47,13 +48,28 @@ def user_tracking_uri() -> str | None:
     return uri if uri and uri not in _URIS_WE_SET else None
 
 
+def sqlite_uri(path: Path, driver: str = "sqlite") -> str:
+    """A SQLAlchemy URL of the SQLite file at `path`, whatever characters the folder names hold: SQLAlchemy cuts a
+    plain `sqlite:///...` at `?` (and decodes nothing), so such a path becomes a percent-encoded SQLite URI
+    (`file:...?uri=true`), which SQLite itself decodes."""
+    quoted = urllib.parse.quote(str(path))
+    return f"{driver}:///{path}" if quoted == str(path) else f"{driver}:///file:{quoted}?uri=true"
+
+
+def sqlite_path(uri: str) -> Path:
+    """The file of a `sqlite_uri`."""
+    body = uri.split(":///", 1)[1]
+    return Path(urllib.parse.unquote(body.removeprefix("file:").removesuffix("?uri=true"))) \
+        if body.startswith("file:") else Path(body)
+
+
 def tracking_uri() -> str:
     """The user's MLFLOW_TRACKING_URI if set, else a SQLite store in the data folder: absolute, never MLflow's
     default `./mlflow.db` in whatever the current directory happens to be."""
     if uri := user_tracking_uri():
         return uri
     (rlhf_home() / "mlflow").mkdir(parents=True, exist_ok=True)  # SQLite does not create folders
-    return f"sqlite:///{rlhf_home() / 'mlflow' / 'mlflow.db'}"
+    return sqlite_uri(rlhf_home() / "mlflow" / "mlflow.db")
 
 
 def use_tracking_uri() -> str:
@@ -61,10 +77,13 @@ def use_tracking_uri() -> str:
     import mlflow  # only the orchestration layers call this; rlhf_core never imports mlflow
 
     uri = user_tracking_uri()
-    if uri is None:
+    ours = uri is None
+    if ours:
         uri = tracking_uri()
         _URIS_WE_SET.add(uri)
     mlflow.set_tracking_uri(uri)
+    if ours:  # mlflow copies it into MLFLOW_TRACKING_URI: a child process (a worker's run, in another RLHF_HOME)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)  # would take it for the user's; it finds its own instead
     if uri.startswith("sqlite:///") and uri not in _STORES_READY:
         _create_sqlite_store(uri)
         _STORES_READY.add(uri)
@@ -82,7 +101,7 @@ def _create_sqlite_store(uri: str) -> None:
 
     import mlflow
 
-    lock_path = Path(uri.removeprefix("sqlite:///")).with_name(".store.lock")
+    lock_path = sqlite_path(uri).with_name(".store.lock")
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process is killed
         mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).search_registered_models(max_results=1)
@@ -107,11 +126,38 @@ def configure_environment() -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        # a tracking server that does not answer fails a call in ~45 s (3 retries, 2-8 s apart, 30 s timeout)
+        # instead of MLflow's default 7 retries (4 min 20 s measured)
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
-    # Prefect creates its home without parents and SQLite never creates folders: a fresh machine needs these.
-    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+    prefect_db = Path(os.environ["PREFECT_HOME"]).expanduser() / "prefect.db"
+    if sqlite_uri(prefect_db) != f"sqlite:///{prefect_db}":  # Prefect's own URL would be cut at a `?` in the path
+        os.environ.setdefault("PREFECT_SERVER_DATABASE_CONNECTION_URL", sqlite_uri(prefect_db, "sqlite+aiosqlite"))
+    # Prefect creates its home without parents and SQLite never creates folders: a fresh machine needs these. An
+    # unusable data folder is reported by check_data_folder when a command first uses it, not at import.
+    try:
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass
+
+
+def check_data_folder() -> Path:
+    """The data folder exists (or can be made) and is writable; else a one-line UserInputError naming RLHF_HOME."""
+    from rlhf_core.errors import UserInputError
+
+    home = rlhf_home()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        probe = home / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserInputError(f"RLHF_HOME={home}: not a writable folder ({e.strerror or e}); set RLHF_HOME to a "
+                             "folder you can write to") from None
+    return home

@@ -1,10 +1,21 @@
 """Preference-data stages: judge the rollouts with rewards (a cached task) or with a person (pauses of the flow run),
 build pairs and unpaired labels (a cached task), copy them to where the user wants them.
 
-The human judge runs at flow level, not in a task: `pause_flow_run` pauses the flow run itself. Each batch of
-prompts is one pause whose form (a `RunInput` built for the batch) asks for the best response to each prompt.
+The human judge runs at flow level, not in a task: it stops the flow run itself, once per batch of prompts, with a
+form (a `RunInput` built for the batch) that asks for the best response to each prompt. A deployment's run is
+*suspended* (`suspend_flow_run`): its process exits, the deployment's concurrency slot is released, and the
+answer reschedules the run, which replays its cached stages and goes on from the first unanswered batch. The
+server fails it after `human_timeout_s`. A run started without a deployment (`rlhf preference-data`) is *paused*
+in place (`pause_flow_run`, the same form, polled every `poll_interval_s`): there is no lease to lose there.
+Why not a pause under a deployment: Prefect's server releases the deployment's concurrency lease when the run
+goes Running -> Paused, while the engine keeps renewing it (every 225 s) and cancels the run when the renewal
+fails: the run crashed ~4 minutes into the wait (docs/operations.md).
+
 Every answered batch is written at once under `$RLHF_HOME/judgments/<sha256 of what was shown>.parquet`, so a
-run that crashes or times out, rerun, asks only the batches nobody has answered yet.
+rerun asks only the batches nobody has answered yet. A Retry of the same flow run also finds the answers Prefect
+stored on the run (under the pause's key, `judge-<hash>`), and asks again, under the same key, a form an earlier
+attempt showed but nobody answered (its stored form is deleted first: Prefect refuses a second input of one key
+with 409 Conflict).
 """
 
 from __future__ import annotations
@@ -14,14 +25,17 @@ import json
 import re
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import pandas as pd
 import pydantic
 from prefect import task
-from prefect.flow_runs import pause_flow_run
-from prefect.input import RunInput
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import FlowRunContext
+from prefect.flow_runs import pause_flow_run, suspend_flow_run
+from prefect.input import RunInput, delete_flow_run_input, keyset_from_base_key, read_flow_run_input
+from prefect.utilities.urls import url_for
 
 from rlhf_core.config import RuntimeConfig
 from rlhf_core.io import copy_file, write_atomically
@@ -101,11 +115,52 @@ def judgment_path(batch: pd.DataFrame) -> Path:
     return rlhf_home() / "judgments" / f"{hashlib.sha256(shown.encode()).hexdigest()}.parquet"
 
 
-def ask_human(batch: pd.DataFrame, timeout_s: int, poll_interval_s: float, key: str) -> pd.DataFrame:
-    """Pauses the flow run until the form is answered; returns the batch's prompt, sample_index, response, and
-    the answer as `choice` and `score` (choice_scores: 1.0 chosen, 0.0 others, NaN for all on "skip")."""
-    answer = pause_flow_run(wait_for_input=review_form(batch), timeout=timeout_s, poll_interval=poll_interval_s,
-                            key=key).model_dump()
+def wait_for_answer(form: type[RunInput], key: str, timeout_s: int, poll_interval_s: float,
+                    announce: Callable[[], None]) -> RunInput:
+    """The answer to `form` under the pause key `key`: the one stored on this flow run by an earlier attempt (a
+    resumed suspension, a Retry), else, after `announce()`, a new suspension (a deployment's top-level run:
+    raises Pause, the process exits, the answer reschedules the run) or a pause in place (any other run)."""
+    context = FlowRunContext.get()
+    if context is None:  # no run to stop: Prefect's pause says so
+        return pause_flow_run(wait_for_input=form, timeout=timeout_s, poll_interval=poll_interval_s, key=key)
+    run = context.flow_run
+    suspend = run.deployment_id is not None and run.parent_task_run_id is None  # Prefect suspends nothing else
+    keyset = keyset_from_base_key(f"{'suspended' if suspend else 'paused'}-{key}")  # the keys Prefect derives
+    if read_flow_run_input(keyset["response"], run.id) is not None:
+        return form.load(keyset, run.id)
+    for stale in (keyset["schema"], keyset["description"]):  # shown by a crashed attempt, never answered
+        if read_flow_run_input(stale, run.id) is not None:
+            delete_flow_run_input(stale, run.id)
+    announce()
+    if suspend:
+        return suspend_flow_run(wait_for_input=form, timeout=timeout_s, key=key)
+    return pause_flow_run(wait_for_input=form, timeout=timeout_s, poll_interval=poll_interval_s, key=key)
+
+
+def announce(number: int, batches: int, timeout_s: int) -> None:
+    """Says, in the run's log and as a markdown artifact on the run, that a person must answer, and where."""
+    context = FlowRunContext.get()
+    run = context.flow_run if context else None
+    link = url_for("flow-run", obj_id=run.id) if run else None  # PREFECT_UI_URL, else the API's URL less /api
+    where = f"[flow run {run.name}]({link})" if link else "this flow run in the Prefect UI"
+    print(f"human judge: batch {number}/{batches} is waiting for you: open {link or where}, click Resume and "
+          "answer the form")
+    if run is None:
+        return
+    create_markdown_artifact(key="human-judge", description="this run waits for a person", markdown=(
+        f"## The human judge is waiting for you (batch {number} of {batches})\n\n"
+        f"1. Open {where}.\n2. Click **Resume** on the run's page: the form lists each prompt with its numbered "
+        f"responses.\n3. Pick the best response per prompt (`{SKIP}` when none is clearly better) and submit.\n\n"
+        f"The run fails if nobody answers within {timeout_s / 3600:.3g} h (`judge.human_timeout_s`). Answers are "
+        f"saved per batch in `{rlhf_home() / 'judgments'}`: a rerun or a Retry asks only the batches left."))
+
+
+def ask_human(batch: pd.DataFrame, timeout_s: int, poll_interval_s: float, key: str,
+              announce: Callable[[], None] = lambda: None) -> pd.DataFrame:
+    """Waits for the batch's form to be answered (wait_for_answer); returns the batch's prompt, sample_index,
+    response, and the answer as `choice` and `score` (choice_scores: 1.0 chosen, 0.0 others, NaN for all on
+    "skip")."""
+    answer = wait_for_answer(review_form(batch), key, timeout_s, poll_interval_s, announce).model_dump()
     groups = [group for _, group in batch.groupby("prompt_id", sort=True)]
     choices = [answer[f"prompt_{n}"] for n in range(1, len(groups) + 1)]
     scores = [s for group, c in zip(groups, choices) for s in choice_scores(c, len(group))]
@@ -114,7 +169,7 @@ def ask_human(batch: pd.DataFrame, timeout_s: int, poll_interval_s: float, key: 
 
 
 def judge_by_human(rollouts: ArtifactRef, batch_size: int, timeout_s: int, poll_interval_s: float) -> ArtifactRef:
-    """Adds `score` from a person's answers, one pause per batch of `batch_size` prompts; prompts with fewer than
+    """Adds `score` from a person's answers, one form per batch of `batch_size` prompts; prompts with fewer than
     two non-empty responses are not shown and score NaN. Must be called from the flow, not a task."""
     samples = rollouts.read()
     batches = review_batches(samples, batch_size)
@@ -124,9 +179,8 @@ def judge_by_human(rollouts: ArtifactRef, batch_size: int, timeout_s: int, poll_
         if path.is_file():
             print(f"human judge: batch {number}/{len(batches)} was answered before ({path.name[:16]}): reused")
         else:
-            print(f"human judge: waiting for batch {number}/{len(batches)}: open this flow run in the Prefect UI "
-                  "and click Resume to answer")
-            answers = ask_human(batch, timeout_s, poll_interval_s, key=f"judge-{path.stem[:16]}")
+            answers = ask_human(batch, timeout_s, poll_interval_s, key=f"judge-{path.stem[:16]}",
+                                announce=partial(announce, number, len(batches), timeout_s))
             write_atomically(partial(answers.to_parquet, index=False), path)
         # same content, same row order: the saved scores line up with the batch's rows
         scores.update(zip(zip(batch["prompt_id"], batch["sample_index"]), pd.read_parquet(path)["score"]))

@@ -26,7 +26,7 @@ class StageProgress:
 
     def __init__(self, total: int, desc: str, unit: str = "step", min_interval_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic):
-        self.total, self.desc, self.done = total, desc, 0
+        self.total, self.desc, self.unit, self.done = total, desc, unit, 0
         self.min_interval_s, self._clock = min_interval_s, clock
         self.api_calls = 0
         self._bar = tqdm(total=total, desc=desc, unit=unit)
@@ -35,8 +35,14 @@ class StageProgress:
         self._closed = False
         if _in_prefect_run():
             # _sync: a sync task inside an async flow would otherwise get a coroutine back instead of an id
-            self._artifact_id = self._call(create_progress_artifact, progress=0.0, description=desc, _sync=True)
+            self._artifact_id = self._call(create_progress_artifact, progress=0.0, description=self.description(),
+                                           _sync=True)
         self._last_report = clock()
+
+    def description(self) -> str:
+        """What the UI shows beside the bar: the stage, how far it is and the percentage ("generate: 64/320 token,
+        20%"); the bar alone does not say which stage it is."""
+        return f"{self.desc}: {self.done}/{self.total} {self.unit}, {self.percent():.0f}%"
 
     def percent(self) -> float:
         return 100.0 if self.total <= 0 else min(100.0, 100.0 * self.done / self.total)
@@ -67,7 +73,8 @@ class StageProgress:
     def _report(self) -> None:
         if self._artifact_id is not None:
             self._reported = self.percent()
-            self._call(update_progress_artifact, artifact_id=self._artifact_id, progress=self._reported)
+            self._call(update_progress_artifact, artifact_id=self._artifact_id, progress=self._reported,
+                       description=self.description())
 
     def _call(self, api: Callable, **kwargs):
         """One API call; on failure, warn once and stop reporting for this bar (training must go on)."""

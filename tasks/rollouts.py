@@ -11,10 +11,12 @@ from prefect import task
 
 from rlhf_core.config import GenerationConfig, RuntimeConfig
 from rlhf_core.config.common import check_generation_backend
-from rlhf_core.generation import chat_prompt_ids, sample_responses
+from rlhf_core.chat import chat_prompt_ids
+from rlhf_core.generation import sample_responses
 from rlhf_core.models import eos_token_ids, load_tokenizer
 from rlhf_core.vllm_generation import checkpoint_eos_ids, sample_responses_vllm
 from tasks.cache import STAGE_TASK_OPTIONS
+from tasks.data import chat_prompts
 from tasks.progress import StageProgress
 from tasks.refs import ArtifactRef, CheckpointRef, publish
 from tasks.runtime import load_model
@@ -61,7 +63,7 @@ def rollout_frame(policy: CheckpointRef, prompts: ArtifactRef, generation: Gener
     rows = expand_prompts(df, generation.group_size)
     if row_range is not None:
         rows = rows.iloc[row_range[0]:row_range[1]].reset_index(drop=True)
-    prompt_ids = chat_prompt_ids(tokenizer, rows["prompt"].tolist(), system_prompt)
+    prompt_ids = chat_prompt_ids(tokenizer, chat_prompts(rows), system_prompt)
     seeds = [row_seed(seed, iteration, p, k) for p, k in zip(rows["prompt_id"], rows["sample_index"])]
     if vllm:  # one call: vLLM schedules its own batches (continuous batching)
         progress = StageProgress(total=1, desc="generate", unit="call")

@@ -15,6 +15,26 @@ from rlhf_core.value_head import load_actor_critic as load_actor_critic_of
 from tasks.refs import CheckpointRef
 
 
+def check_device(runtime: RuntimeConfig) -> None:
+    """runtime.device names a device this machine's torch can use: found before any work, not inside generation."""
+    from rlhf_core.errors import UserInputError
+
+    try:
+        device = torch.device(runtime.device)
+    except RuntimeError as e:
+        raise UserInputError(f"runtime.device {runtime.device!r}: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build, but no GPU is visible"
+            raise UserInputError(f"runtime.device {runtime.device!r}: this torch ({torch.__version__}) is {build}; "
+                                 "use runtime.device cpu, or install a CUDA torch on a machine with a GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserInputError(f"runtime.device {runtime.device!r}: only {torch.cuda.device_count()} GPU(s) "
+                                 "visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserInputError(f"runtime.device {runtime.device!r}: MPS is not available on this machine")
+
+
 def apply_runtime(runtime: RuntimeConfig) -> None:
     """Process-wide settings a stage applies before loading a model."""
     if runtime.num_threads:

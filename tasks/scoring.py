@@ -17,6 +17,7 @@ from rlhf_core.logprobs import batched_response_logprobs
 from rlhf_core.reward_model import load_reward_model, reward_scores
 from rlhf_core.rewards import RewardError, compute_rewards
 from tasks.cache import STAGE_TASK_OPTIONS
+from tasks.data import chat_prompts
 from tasks.distributed import distributed_scores
 from tasks.refs import ArtifactRef, CheckpointRef, publish
 from tasks.runtime import reference_model
@@ -50,7 +51,11 @@ def reward_values(df: pd.DataFrame, sources: RewardSources, runtime: RuntimeConf
     functions = [(spec.function, 1.0) for spec in sources.specs if spec.function]
     values = {}
     if functions:
-        _, values = compute_rewards(functions, prompts, responses, {c: df[c].tolist() for c in sources.extra_columns})
+        timeouts = {spec.function: spec.timeout_s for spec in sources.specs if spec.function}
+        columns = {c: df[c].tolist() for c in sources.extra_columns}
+        if "prompt_messages" in df:  # every function also gets each prompt as messages (multi-turn, system turn)
+            columns["prompt_messages"] = chat_prompts(df)
+        _, values = compute_rewards(functions, prompts, responses, columns, timeouts)
     for spec, checkpoint in zip(sources.specs, sources.models):
         if not spec.model:
             continue

@@ -42,6 +42,8 @@ def test_help_lists_every_flow_and_every_field(capsys):
     assert "--optim.epochs  int (>= 1) = 2" in flow_help("ppo")  # the flow's own default, not OptimConfig's
     assert main(["dpo", "--help"]) == 0 and "--loss-type" in capsys.readouterr().out
     assert overview().startswith("usage: rlhf")
+    for name in ("sft", "pipeline"):  # the new flows' defaults check out before any work
+        assert main([name, "--dry-run"]) == 0, capsys.readouterr().err
 
 
 def test_flag_values_are_read_as_the_field_expects():
@@ -137,7 +139,8 @@ def test_a_user_error_found_inside_the_run_is_still_one_last_line(tmp_path, tiny
             "p.CHECKS = {kind: (lambda config: None) for kind in p.CHECKS}\n"
             "from flows.cli import main\nsys.exit(main())")
     result = rlhf("grpo", "--model.name-or-path", str(tiny_model_dir), "--data.path", str(prompts),
-                  "--data.extra-columns", "[]", "--rewards", '[{"function": "response_length"}]', code=code,
+                  "--prompts-per-iteration", "2", "--data.extra-columns", "[]", "--rewards",
+                  '[{"function": "response_length"}]', code=code,
                   env={"RLHF_HOME": str(tmp_path / "home")})
     output = (result.stdout + result.stderr).strip().splitlines()
     assert result.returncode == 2, result.stderr

@@ -1,33 +1,117 @@
 """Config models: Literals equal their registries, bad values are rejected naming the field, and the CLI merges a
 config file with flags (flags win), prints a round-trippable config with --dry-run, and exits 2 on bad input."""
 
+import re
 from typing import get_args
 
 import pytest
 import yaml
 from pydantic import ValidationError
 
-from flows.arguments import parse_arguments
+from flows.arguments import ConfigInputError, parse_arguments
 from flows.cli import main
-from rlhf_core.advantages import OUTCOME_ADVANTAGES
+from rlhf_core.advantages import ADVANTAGE_ESTIMATORS, TOKEN_ADVANTAGES
 from rlhf_core.config import (AdvantageConfig, GenerationConfig, GRPOConfig, KLConfig, LossConfig, OptimConfig,
                               PPOConfig, RewardModelConfig, RewardSpec, RuntimeConfig)
+from rlhf_core.config.common import TOKEN_LEVEL_ESTIMATORS
 from rlhf_core.kl import KL_ESTIMATORS
-from rlhf_core.policy_losses import AGGREGATION_MODES
+from rlhf_core.policy_losses import AGGREGATION_MODES, POLICY_LOSSES
 
 # ---------------------------------------------------------------- Literals == registries
 
 
 @pytest.mark.parametrize("model, field, registry", [
     (KLConfig, "estimator", KL_ESTIMATORS),
-    (AdvantageConfig, "estimator", OUTCOME_ADVANTAGES),
+    (AdvantageConfig, "estimator", ADVANTAGE_ESTIMATORS),
     (LossConfig, "aggregation", AGGREGATION_MODES),
+    (LossConfig, "policy_loss", POLICY_LOSSES),
 ])
 def test_literal_equals_registry_keys(model, field, registry):
     choices = get_args(model.model_fields[field].annotation)
     assert choices and len(set(choices)) == len(choices)
     assert set(choices) == set(registry)
     assert model.model_fields[field].default in registry
+
+
+def test_token_level_estimator_names_equal_their_registry():
+    assert set(TOKEN_LEVEL_ESTIMATORS) == set(TOKEN_ADVANTAGES)
+
+
+# ---------------------------------------------------------------- policy loss, KL and advantage options
+
+
+@pytest.mark.parametrize("values, field", [
+    ({"loss": {"policy_loss": "grpo"}}, "loss.policy_loss"),
+    ({"loss": {"dual_clip_c": 1.0}}, "loss.dual_clip_c"),  # c > 1: at 1 it would cap every negative-advantage token
+    ({"loss": {"policy_loss": "gspo", "gspo_clip_low": 1.0}}, "loss.gspo_clip_low"),
+    ({"loss": {"policy_loss": "gspo", "gspo_clip_high": 0.0}}, "loss.gspo_clip_high"),
+    ({"loss": {"policy_loss": "cispo", "cispo_eps_low": 1.5}}, "loss.cispo_eps_low"),
+    ({"loss": {"policy_loss": "cispo", "cispo_eps_high": -0.1}}, "loss.cispo_eps_high"),
+    ({"loss": {"entropy_coef": -0.01}}, "loss.entropy_coef"),
+    ({"loss": {"entropy_coef": 2.0}}, "loss.entropy_coef"),
+    ({"kl": {"coef": 0.1, "clamp": 0.0}}, "kl.clamp"),
+    ({"kl": {"coef": 0.1, "placement": "advantage"}}, "kl.placement"),
+    ({"advantage": {"estimator": "reinforce"}}, "advantage.estimator"),
+])
+def test_new_fields_are_bounded_and_named(values, field):
+    with pytest.raises(ValidationError) as excinfo:
+        GRPOConfig(**values)
+    assert error_locations(excinfo) == [field]
+
+
+@pytest.mark.parametrize("config_class", [GRPOConfig, PPOConfig])
+@pytest.mark.parametrize("loss, needle", [
+    ({"gspo_clip_low": 1e-3}, "loss.gspo_clip_low is an option of policy_loss 'gspo'"),
+    ({"policy_loss": "cispo", "gspo_clip_high": 1e-3}, "loss.gspo_clip_high is an option of policy_loss 'gspo'"),
+    ({"policy_loss": "gspo", "dual_clip_c": 3.0}, "loss.dual_clip_c is an option of policy_loss 'ppo_clip'"),
+    ({"cispo_eps_high": 0.3}, "loss.cispo_eps_high is an option of policy_loss 'cispo'"),
+    ({"policy_loss": "gspo", "cispo_eps_low": 1.0}, "loss.cispo_eps_low is an option of policy_loss 'cispo'"),
+])
+def test_an_option_of_another_policy_loss_is_refused(config_class, loss, needle):
+    with pytest.raises(ValidationError, match=needle):
+        config_class(loss=loss)
+
+
+def test_each_policy_loss_has_its_own_clip_range():
+    assert LossConfig().clip_range == (0.2, 0.28)
+    assert LossConfig(policy_loss="gspo").clip_range == (3e-4, 4e-4)  # the GSPO paper's
+    assert LossConfig(policy_loss="gspo", gspo_clip_low=1e-3, gspo_clip_high=2e-3).clip_range == (1e-3, 2e-3)
+    assert LossConfig(policy_loss="cispo").clip_range == (1.0, 0.28)  # no lower bound: 1 - 1 = 0 never binds
+    assert LossConfig(policy_loss="cispo", cispo_eps_low=0.5, cispo_eps_high=1.0).clip_range == (0.5, 1.0)
+    assert LossConfig(dual_clip_c=3.0, entropy_coef=0.01).clip_range == (0.2, 0.28)
+    assert PPOConfig(loss={"policy_loss": "gspo"}).loss.clip_range == (3e-4, 4e-4)
+
+
+@pytest.mark.parametrize("kl, needle", [
+    ({"placement": "reward"}, "kl.coef is 0"),
+    ({"importance_corrected": True}, "kl.coef is 0"),
+    ({"clamp": 10.0}, "kl.coef is 0"),
+    ({"coef": 0.1, "placement": "reward", "importance_corrected": True}, "importance_corrected reweights"),
+])
+def test_kl_options_without_their_kl_term_are_refused(kl, needle):
+    with pytest.raises(ValidationError, match=needle):
+        KLConfig(**kl)
+
+
+def test_kl_in_the_reward_needs_a_token_level_estimator():
+    kl = {"coef": 0.05, "placement": "reward", "estimator": "k1", "clamp": 10.0}
+    for estimator in TOKEN_LEVEL_ESTIMATORS:
+        assert GRPOConfig(kl=kl, advantage={"estimator": estimator}).kl.placement == "reward"
+    with pytest.raises(ValidationError, match="advantage.estimator 'rloo' would ignore it"):
+        GRPOConfig(kl=kl, advantage={"estimator": "rloo"})
+    # in the loss, a token-level estimator is fine: its returns then have no KL part
+    assert GRPOConfig(kl={"coef": 0.05, "importance_corrected": True},
+                      advantage={"estimator": "reinforce_pp"}).kl.importance_corrected
+
+
+def test_configs_with_the_new_options_round_trip_through_their_dump():
+    configs = [GRPOConfig(loss={"policy_loss": "gspo", "gspo_clip_low": 1e-3, "entropy_coef": 0.01},
+                          kl={"coef": 0.1, "placement": "reward", "clamp": 5.0},
+                          advantage={"estimator": "reinforce_pp_baseline"}),
+               GRPOConfig(loss={"dual_clip_c": 3.0}, kl={"coef": 0.1, "importance_corrected": True}),
+               PPOConfig(loss={"policy_loss": "cispo", "cispo_eps_high": 2.0})]
+    for config in configs:
+        assert type(config)(**config.model_dump()) == config
 
 
 # ---------------------------------------------------------------- invalid values
@@ -184,7 +268,7 @@ def test_main_bad_arguments_exit_2(argv, capsys):
     assert argv[-1] != "--config" or "--config needs a value (a file path)" in err
 
 
-@pytest.mark.parametrize("argv", [["sft"], [], ["--dry-run"]])
+@pytest.mark.parametrize("argv", [["sfft"], [], ["--dry-run"]])
 def test_main_unknown_flow_exits_2_with_usage(argv, capsys):
     assert main(argv) == 2
     assert "usage: rlhf" in capsys.readouterr().err
@@ -206,3 +290,26 @@ def test_dpo_config_rejects_options_its_loss_would_ignore():
     with pytest.raises(ValidationError, match="not hinge"):
         DPOConfig(loss_type="hinge", label_smoothing=0.1)
     assert DPOConfig(loss_type="robust", label_smoothing=0.1).label_smoothing == 0.1
+
+
+def test_every_float_field_of_every_flow_refuses_nan_and_inf(reliability):
+    """One rule (allow_inf_nan=False on every config model) with one message, for every float field: an infinite
+    weight decay or a NaN reward weight never reaches training."""
+    from flows.cli import FLOWS
+    from rlhf_core.config.fields import config_fields
+
+    checked = 0
+    for flow in FLOWS.values():
+        for field in config_fields(flow.config, flow.config()):
+            if not re.match(r"float\b", field.type) or "[]" in field.name:
+                continue
+            flag = "--" + field.name.replace("_", "-")
+            for bad in ("nan", "inf", "-inf"):
+                with pytest.raises(ConfigInputError, match=f"{flag}: Input should be a finite number"):
+                    parse_arguments(flow.config, [flag, bad])
+            checked += 1
+    with pytest.raises(ConfigInputError, match=r"--rewards \(0\.weight\): Input should be a finite number"):
+        parse_arguments(GRPOConfig, ["--rewards", '[{"function": "response_length", "weight": .nan}]'])
+    assert checked > 40
+    reliability.record("bad input", f"NaN or inf in any of the {checked} float config fields (and a reward weight)",
+                       "refused before any work: 'Input should be a finite number', naming the field")

@@ -1,4 +1,5 @@
-"""Tests for rlhf_core.data: every format loads to the same frame, and every bad input is named precisely."""
+"""Tests for rlhf_core.data and tasks/data.py: every format loads to the same frame through either reader, every bad
+input is named precisely, and conversational rows come out in the canonical shape."""
 
 import hashlib
 import json
@@ -12,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlhf_core.data import DatasetError, dataset_fingerprint, load_table
+from rlhf_core.conversation import prompt_messages
+from rlhf_core.data import Check, DatasetError, dataset_fingerprint, load_table
 
 RECORDS = [
     {"question": "What is 1 + 2?", "answer": 3, "score": 0.5, "tags": ["a"], "extra": "dropped"},
@@ -376,3 +378,198 @@ def test_shipped_review_prompts_are_what_the_script_makes():
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert script.main(write=False) == 0  # checks only: review_prompts.jsonl is the generated order minus eval
+
+
+# ------------------------------------------------------------------------------- columnar reader vs row reader
+
+PROMPT_CHECK = Check(prompt_messages)
+_HI, _YO, _SYSTEM = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "system",
+                                                                                                  "content": "s"}
+_ROW = st.fixed_dictionaries(  # mostly valid rows, so that both readers' success paths are compared too
+    {"prompt": st.one_of(st.sampled_from(["What?", "Why?", "How?", [_HI], [_SYSTEM, _HI], [_HI, _YO, _HI], " ",
+                                          "\x1c", "\u3000", None, 3, [_YO], [], [{"role": "user"}],
+                                          [{"role": "bot", "content": "x"}]]), st.text(max_size=3)),
+     "answer": st.one_of(st.integers(-2, 2), st.sampled_from([None, "4", 1.5, True, [1], {"a": 1}]))},
+    optional={"score": st.one_of(st.integers(0, 2), st.floats(allow_infinity=False), st.booleans(), st.none()),
+              "x": st.one_of(st.integers(0, 2), st.booleans(), st.just("1"))})
+_ROWS = st.lists(_ROW, min_size=1, max_size=5).flatmap(lambda pool: st.lists(st.sampled_from(pool), min_size=1,
+                                                                             max_size=8))  # repeats, sometimes
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=_ROWS, duplicates=st.sampled_from(["drop", "error", "keep"]), blank_line=st.booleans())
+def test_the_columnar_reader_gives_the_row_readers_frame_or_error(tmp_path_factory, capsys, rows, duplicates,
+                                                                  blank_line):
+    """Cross-check of the two readers on arbitrary rows: the same frame, or the same message, and the same notice."""
+    path = tmp_path_factory.mktemp("cross") / "d.jsonl"
+    lines = [json.dumps(r) for r in rows]
+    path.write_text("\n".join(lines[:1] + [""] * blank_line + lines[1:]) + "\n", encoding="utf-8")
+    outcomes = []
+    for columnar in (True, False):
+        try:
+            df = load_table(path, {"prompt": PROMPT_CHECK, "answer": object}, optional={"score": float, "x": int},
+                            duplicates=duplicates, columnar=columnar)
+            outcomes.append(("frame", df, capsys.readouterr().out))
+        except DatasetError as e:
+            outcomes.append(("error", str(e), capsys.readouterr().out))
+    (kind, value, out), (row_kind, row_value, row_out) = outcomes
+    assert (kind, out) == (row_kind, row_out)
+    if kind == "frame":
+        pd.testing.assert_frame_equal(value, row_value)
+    else:
+        assert value == row_value
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "datasets"])
+def test_the_columnar_reader_reads_a_clean_file_alone(tmp_path, fmt, monkeypatch):
+    import rlhf_core.data
+
+    path = write(tmp_path, fmt, [{**r, "score": float(r["score"])} for r in RECORDS])
+    by_rows = load_table(path, REQUIRED, columns=MAPPING, columnar=False)
+    monkeypatch.setattr(rlhf_core.data, "_read_records", lambda *a, **k: pytest.fail("the row reader ran"))
+    pd.testing.assert_frame_equal(load_table(path, REQUIRED, columns=MAPPING), by_rows)
+    pd.testing.assert_frame_equal(by_rows, EXPECTED)
+
+
+def test_columnar_repeats_are_named_by_line_past_blank_lines(tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": "a"}\n\n{"prompt": "b"}\n')
+    assert load_table(path, {"prompt": str}, duplicates="drop")["prompt"].tolist() == ["a", "b"]
+    assert "dropped 2 repeated row(s) of 4 (line 4 = line 1, line 6 = line 3)" in capsys.readouterr().out
+
+
+def test_two_objects_on_one_line_are_invalid_json_for_both_readers(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a"} {"prompt": "b"}\n')
+    with pytest.raises(DatasetError, match=r"d\.jsonl line 1: invalid JSON: Extra data"):
+        load_table(path, {"prompt": str})
+
+
+# ----------------------------------------------------------------------------------------- conversational rows
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+@pytest.mark.parametrize(("prompt", "message"), [
+    ([{"content": "hi"}], r"field 'prompt': message 0: no 'role'"),
+    ([{"role": "human", "content": "hi"}], r"field 'prompt': message 0: unknown role 'human'"),
+    ([{"role": "user", "content": ["hi"]}], r"field 'prompt': message 0 \(user\): content must be a string"),
+    ([], r"field 'prompt': an empty conversation"),
+    ({"role": "user", "content": "hi"}, r"field 'prompt': expected str, got dict"),
+    ([user("a"), assistant("b")], r"field 'prompt': the last turn is an assistant turn"),
+])
+def test_bad_conversational_prompts_name_file_line_and_field(tmp_path, prompt, message):
+    from rlhf_core.config import DataConfig
+    from tasks.data import read_prompts
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "fine"}, {"prompt": prompt}])
+    with pytest.raises(DatasetError, match=r"p\.jsonl line 2: " + message):
+        read_prompts(DataConfig(path=str(path), extra_columns=[]))
+
+
+def test_prompts_of_both_shapes_in_one_file(tmp_path):
+    from rlhf_core.config import DataConfig
+    from tasks.data import read_prompts
+
+    system = {"role": "system", "content": "Answer with a number."}
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1 + 1?", "answer": 2},
+                                              {"prompt": [system, user("2 + 2?")], "answer": 4},
+                                              {"prompt": [user("1 + 1?"), assistant("2"), user("and 2 + 1?")],
+                                               "answer": 3}])
+    df = read_prompts(DataConfig(path=str(path), system_prompt="Be brief."))
+    assert list(df.columns) == ["prompt_id", "prompt", "prompt_messages", "answer"]
+    assert df["prompt"].tolist() == ["1 + 1?", "2 + 2?", "user: 1 + 1?\n\nassistant: 2\n\nuser: and 2 + 1?"]
+    # the data's own system turn stays; data.system_prompt is the renderer's to add, never stored
+    assert df["prompt_messages"].tolist() == [[user("1 + 1?")], [system, user("2 + 2?")],
+                                              [user("1 + 1?"), assistant("2"), user("and 2 + 1?")]]
+
+
+def test_canonical_columns_round_trip_through_parquet_and_publish(rlhf_home, tmp_path):
+    import pyarrow.parquet as pq
+
+    from rlhf_core.config import DataConfig, PreferenceDataConfig, SFTDataConfig
+    from rlhf_core.conversation import as_messages
+    from tasks.data import load_conversation_dataset, load_preference_dataset, load_prompt_dataset
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": [user("b"), assistant("c"),
+                                                                               user("d")]}])
+    ref = load_prompt_dataset.fn(DataConfig(path=str(prompts), extra_columns=[]), "sha")
+    assert str(pq.read_schema(ref.path).field("prompt_messages").type) == \
+        "list<element: struct<role: string, content: string>>"
+    back = ref.read()
+    assert [as_messages(m) for m in back["prompt_messages"]] == [[user("a")], [user("b"), assistant("c"), user("d")]]
+    assert back["prompt_id"].dtype == "int64" and back["prompt"].tolist() == ["a", "user: b\n\nassistant: c\n\nuser: d"]
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"chosen": [user(f"q{i}"), assistant("yes")],
+                                                    "rejected": [user(f"q{i}"), assistant("no")]} for i in range(4)])
+    splits = load_preference_dataset.fn(PreferenceDataConfig(path=str(pairs), eval_path=None, eval_fraction=0.25),
+                                        ["sha"], 0)
+    train = splits.train.read()
+    assert list(train.columns) == ["pair_id", "prompt", "prompt_messages", "chosen", "rejected"]
+    assert as_messages(train["prompt_messages"].iloc[0]) == [user(train["prompt"].iloc[0])]
+
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [user("a"), assistant("b")]}, {"text": "plain"}])
+    splits = load_conversation_dataset.fn(SFTDataConfig(path=str(sft), eval_path=None, eval_fraction=0.5), ["sha"], 0)
+    rows = pd.concat([splits.train.read(), splits.eval.read()]).sort_values("example_id")
+    assert [as_messages(m) for m in rows["messages"]] == [[user("a"), assistant("b")], []]
+    assert [t if isinstance(t, str) else None for t in rows["text"]] == [None, "plain"]  # NaN read back: not a str
+
+
+def test_conversational_repeats_ties_and_held_out_prompts(tmp_path, capsys):
+    from rlhf_core.config import PreferenceDataConfig, UnpairedDataConfig
+    from tasks.data import split_examples, split_pairs
+
+    chosen = [{"chosen": [user(f"q{i}"), assistant("yes")], "rejected": [user(f"q{i}"), assistant("no")]}
+              for i in range(5)]
+    tie = {"chosen": [user("t"), assistant("same")], "rejected": [user("t"), assistant("same")]}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [*chosen, chosen[1], tie])
+    train, held_out = split_pairs(PreferenceDataConfig(path=str(path), eval_path=None, eval_fraction=0.2), seed=0)
+    out = capsys.readouterr().out
+    assert "dropped 1 repeated row(s) of 7 (line 6 = line 2)" in out
+    assert "dropped 1 pair(s) of 6 whose chosen and rejected responses are the same text (first: row 5)" in out
+    assert len(train) + len(held_out) == 5
+
+    system = {"role": "system", "content": "Be kind."}
+    rows = [{"prompt": p, "completion": c, "label": c == "good"} for p in ("a", [system, user("a")], "b", "c")
+            for c in ("good", "bad")]  # "a" with and without a system turn: two prompts of the same text
+    path = write_jsonl(tmp_path / "kto.jsonl", rows)
+    train, held_out = split_examples(UnpairedDataConfig(path=str(path), eval_path=None, eval_fraction=0.5), seed=0)
+    keys = [{json.dumps(m) for m in df["prompt_messages"]} for df in (train, held_out)]
+    assert not keys[0] & keys[1] and len(keys[0]) == 2 and len(keys[1]) == 2  # 4 distinct prompts, 2 held out
+
+
+@pytest.mark.parametrize(("rows", "repeats"), [
+    ([{"p": "a", "s": 1}, {"p": "a", "s": 1.0}], 0),  # one float column to Arrow, two rows to json.loads
+    ([{"p": "a", "s": float("nan")}, {"p": "a", "s": float("nan")}], 1),  # NaN equals NaN as a row
+    ([{"p": "a", "s": [1, {"b": 2}]}, {"p": "a", "s": [1, {"b": 2}]}, {"p": "a", "s": [1, {"b": 3}]}], 1),
+])
+def test_repeats_are_the_row_readers_in_either_reader(tmp_path, capsys, rows, repeats):
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    for columnar in (True, False):
+        assert len(load_table(path, {"p": str}, duplicates="drop", columnar=columnar)) == len(rows) - repeats
+    assert capsys.readouterr().out.count("dropped") == 2 * bool(repeats)
+
+
+def test_sft_columns_are_mapped_and_a_row_of_no_shape_is_named(tmp_path):
+    from rlhf_core.config import SFTDataConfig
+    from tasks.data import read_conversations
+
+    rows = [{"conv": [user("a"), assistant("b")]}, {"q": "c", "a": [assistant("d")]}, {"body": "plain"}]
+    data = SFTDataConfig(path=str(write_jsonl(tmp_path / "sft.jsonl", rows)), eval_path=None, messages_column="conv",
+                         prompt_column="q", completion_column="a", text_column="body")
+    examples = read_conversations(data)
+    assert examples["messages"].tolist() == [[user("a"), assistant("b")], [user("c"), assistant("d")], []]
+    assert examples["text"].tolist() == [None, None, "plain"]
+    write_jsonl(tmp_path / "sft.jsonl", [*rows, {"q": "only a prompt"}])
+    with pytest.raises(DatasetError, match=r"sft\.jsonl line 4: no example: a row needs a conversation \(column "
+                                           r"'conv'\), a prompt and its completion \(columns 'q', 'a'\)"):
+        read_conversations(data)
+    write_jsonl(tmp_path / "sft.jsonl", [{"other": 1}])
+    with pytest.raises(DatasetError, match=r"sft\.jsonl: none of field 'messages' \(column 'conv'\), .* found; "
+                                           r"columns present: \['other'\]"):
+        read_conversations(data)

@@ -4,6 +4,7 @@ pydantic schema (the same model the CLI and MLflow use)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,5 +62,7 @@ def test_prefect_yaml_deploys_grpo_with_a_validated_form(prefect_harness, reliab
         with pytest.raises(Exception, match="(?i)validation"):
             client.create_flow_run_from_deployment(evaluate.id, parameters={"config": {"min_win_rate": 1.5}})
         deployed = {d.name for d in client.read_deployments()}
-        assert deployed == {"grpo", "grpo-nightly", "evaluate", "reward-model", "ppo", "dpo", "preference-data",
-                            "preference-data-human", "kto"}
+        assert deployed == {"sft", "grpo", "grpo-nightly", "evaluate", "reward-model", "ppo", "dpo",
+                            "preference-data", "preference-data-human", "kto", "pipeline"}
+        for listed in client.read_deployments():  # Quick run starts at once: the description says what it costs
+            assert re.match(r"Takes (~[\d.]+(-[\d.]+)? min|your time)", listed.description), listed.name

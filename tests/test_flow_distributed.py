@@ -102,27 +102,33 @@ def test_ppo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir
     assert float(value_head(finals[2])["weight"].abs().max()) > 1e-3
 
 
-@pytest.mark.parametrize("algorithm, strategy", [("dpo", "fsdp"), ("kto", "ddp")])
+@pytest.mark.parametrize("algorithm, strategy", [("dpo", "fsdp"), ("kto", "ddp"), ("sft", "ddp")])
 def test_offline_flow_with_two_processes_matches_one(algorithm, strategy, prefect_harness, tiny_model_dir, tmp_path,
                                                      monkeypatch):
-    """DPO on 9 training pairs (3 mini-batches of 3), KTO on 18 training examples (mini-batches of 4 or 3): uneven
-    over 2 ranks; the same trained policy and held-out accuracy as one process."""
+    """DPO on 9 training pairs (3 mini-batches of 3), KTO on 18 training examples (mini-batches of 4 or 3), SFT on
+    9 conversations (mini-batches of 4, 4, 1): uneven over 2 ranks; the same trained policy and held-out score as
+    one process."""
     import test_flow_dpo
     import test_flow_kto
+    import test_flow_sft
 
     from flows.dpo import dpo
     from flows.kto import kto
+    from flows.sft import sft
 
     run_flow, module, data = {"dpo": (dpo, test_flow_dpo, test_flow_dpo.write_review_pairs(tmp_path / "pairs.jsonl")),
                               "kto": (kto, test_flow_kto, test_flow_kto.write_review_examples(
-                                  tmp_path / "unpaired.jsonl"))}[algorithm]
+                                  tmp_path / "unpaired.jsonl")),
+                              "sft": (sft, test_flow_sft, test_flow_sft.write_conversations(
+                                  tmp_path / "sft.jsonl"))}[algorithm]
     finals, runs = with_one_and_two_processes(run_flow, lambda runtime, micro_batch_size: module.small_config(
         data, tiny_model_dir, runtime=runtime, optim={"micro_batch_size": micro_batch_size}), (2, 1), strategy,
         tmp_path, monkeypatch)
     assert max_difference(weights(finals[1]), load_file(f"{tiny_model_dir}/model.safetensors")) > 1e-3
     assert_two_processes_match_one(finals, CheckpointRef(path=str(tiny_model_dir), sha256="-"),
                                    f"{algorithm} flow")
-    assert runs[1].data.metrics["eval/rewards/accuracies"] == runs[2].data.metrics["eval/rewards/accuracies"]
+    held_out = "eval/token_accuracy" if algorithm == "sft" else "eval/rewards/accuracies"
+    assert runs[1].data.metrics[held_out] == runs[2].data.metrics[held_out]
 
 
 def test_reward_model_flow_with_two_processes_matches_one(prefect_harness, tmp_path, monkeypatch):

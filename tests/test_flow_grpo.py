@@ -56,7 +56,7 @@ def test_grpo_flow_end_to_end(prefect_harness, rlhf_home, tiny_model_dir):
             artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])),
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
             task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="generate-rollouts")))
-    assert [(bar.description, bar.data) for bar in bars] == [("generate", 100.0)] * 2
+    assert [(bar.description, bar.data) for bar in bars] == [("generate: 8/8 token, 100%", 100.0)] * 2
 
     # MLflow: params, one metric point per iteration, Parquet artifacts, a registered version per checkpoint
     run = mlflow_run_of(flow_run_id)

@@ -73,7 +73,8 @@ def test_load_holds_out_whole_prompts_and_keeps_bool_labels(rlhf_home, examples_
     splits = load_unpaired_dataset.fn(UnpairedDataConfig(path=str(examples_file), eval_path=None,
                                                          eval_fraction=0.25), ["unused"], 0)
     train, held_out = splits.train.read(), splits.eval.read()
-    assert list(train.columns) == ["example_id", "prompt", "completion", "label"] and train["label"].dtype == bool
+    assert list(train.columns) == ["example_id", "prompt", "prompt_messages", "completion", "label"]
+    assert train["label"].dtype == bool
     assert held_out["prompt"].nunique() == 2 and len(held_out) == 8 and len(train) == 16  # round(0.25 * 6) = 2
     assert not set(train["prompt"]) & set(held_out["prompt"])
 

@@ -6,7 +6,8 @@ from tolerance import assert_close_to_reference, float32_floor
 from transformers import AutoTokenizer
 
 from rlhf_core.batch import collate
-from rlhf_core.generation import chat_prompt_ids, pad_sequences, sample_responses, sample_tokens, top_p_filter
+from rlhf_core.chat import chat_prompt_ids
+from rlhf_core.generation import pad_sequences, sample_responses, sample_tokens, top_p_filter
 from rlhf_core.logprobs import response_logprobs
 
 # probs 0.5, 0.3, 0.15, 0.05: mass before each token (sorted) is 0, 0.5, 0.8, 0.95

@@ -3,15 +3,19 @@ the KL term's value, and the old-logprobs / step-count contract of `grpo_update`
 
 import math
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 import rlhf_core.grpo as grpo_module
-from rlhf_core.batch import collate, select_rows
-from rlhf_core.grpo import grpo_loss, grpo_update
+from rlhf_core.batch import collate, response_lists, select_rows
+from rlhf_core.config import KLConfig, LossConfig, OptimConfig
+from rlhf_core.grpo import grpo_loss, grpo_update, update_from_rollouts
+from rlhf_core.kl import kl_k1
 from rlhf_core.logprobs import batched_response_logprobs, position_ids_from_mask
 from rlhf_core.models import load_causal_lm
-from rlhf_core.policy_losses import AGGREGATION_MODES
+from rlhf_core.policy_losses import AGGREGATION_MODES, POLICY_LOSSES
 from rlhf_core.update import Normalizers
 
 PROMPTS = ["What is 2 + 3?", "Hi", "Compute 17 times 4, please, and show your work.", "x",
@@ -90,7 +94,7 @@ def test_micro_batch_gradients_add_up_to_full_batch(lm, aggregation, kl_coef):
         torch.testing.assert_close(accumulated[name], grad, rtol=0.0, atol=2e-6 * scale, msg=name)
     assert total_loss == pytest.approx(full_loss.item(), rel=1e-5, abs=1e-6)
     assert total_metrics.keys() == {k for k in full_metrics}
-    assert ("kl/mean" in full_metrics) == (kl_coef > 0)
+    assert "kl/mean" in full_metrics  # ref_logprobs are given: the KL is reported, a loss term only with kl_coef > 0
     for key, value in full_metrics.items():
         assert total_metrics[key] == pytest.approx(float(value), rel=1e-5, abs=1e-6), key
 
@@ -138,8 +142,10 @@ def test_on_policy_loss_is_reinforce(lm):
     assert float(metrics["policy/approx_kl"]) == 0.0
     expected_loss = -(advantages * mask.sum(1)).sum() / mask.sum()
     torch.testing.assert_close(loss.detach(), expected_loss)
-    torch.testing.assert_close(metrics["loss/policy"], expected_loss)
-    assert "kl/mean" not in metrics
+    torch.testing.assert_close(metrics["loss/policy"], expected_loss)  # the KL (reported) is not in the loss
+    without_ref = {k: v for k, v in batch.items() if k != "ref_logprobs"}
+    assert "kl/mean" in metrics and "kl/mean" not in grpo_loss(model, without_ref, norm, **dict(
+        LOSS_KWARGS, kl_coef=0.0, aggregation="token-mean"))[1]
 
     # gradient == grad of -(sum over response tokens of A * log pi) / num_tokens (REINFORCE)
     grads = gradients(model, loss)
@@ -331,3 +337,200 @@ def test_tis_config_is_refused_where_it_would_do_nothing():
         GRPOConfig(loss={"tis_cap": 2.0}, generation={"temperature": 0.0})
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
         GRPOConfig(loss={"tis_cap": 0.5})
+
+
+# ---------------------------------------------------------------- policy losses, entropy bonus, KL options
+
+
+def accumulated_gradients(model, batch, norm, kwargs, split=(1, 2, 3)):
+    """(full loss, full grads, full metrics), (summed micro losses, accumulated grads, summed metrics)."""
+    full_loss, full_metrics = grpo_loss(model, batch, norm, **kwargs)
+    full = gradients(model, full_loss)
+    model.zero_grad(set_to_none=True)
+    total_loss, total_metrics = 0.0, {}
+    for rows in torch.tensor([4, 0, 5, 2, 1, 3]).split(list(split)):
+        loss, metrics = grpo_loss(model, select_rows(batch, rows), norm, **kwargs)
+        loss.backward()
+        total_loss += loss.item()
+        for key, value in metrics.items():
+            total_metrics[key] = total_metrics.get(key, 0.0) + float(value)
+    accumulated = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return (full_loss.item(), full, full_metrics), (total_loss, accumulated, total_metrics)
+
+
+VARIANTS = {
+    "gspo": dict(policy_loss="gspo", clip_eps_low=0.01, clip_eps_high=0.02, aggregation="seq-mean-token-mean"),
+    "cispo": dict(policy_loss="cispo", clip_eps_low=1.0, clip_eps_high=0.1),
+    "dual_clip": dict(policy_loss="ppo_clip", dual_clip_c=1.1),
+    "entropy_bonus": dict(entropy_coef=0.05),
+    "kl_corrected_clamped": dict(kl_coef=0.1, kl_importance_corrected=True, kl_clamp=0.3),
+    "token_advantages": dict(policy_loss="gspo", clip_eps_low=0.01, clip_eps_high=0.02),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_new_options_micro_batch_gradients_add_up_to_full_batch(lm, variant):
+    model, tokenizer = lm
+    batch = make_batch(tokenizer)
+    generator = torch.Generator().manual_seed(1)
+    own = batched_response_logprobs(model, batch, micro_batch_size=6)
+    mask = batch["response_mask"]
+    # off-policy by up to +-0.3 per token, so the clips, the dual clip and the KL clamp bind on some tokens
+    batch["old_logprobs"] = torch.where(mask, own + 0.3 * torch.randn(own.shape, generator=generator), 0.0)
+    batch["ref_logprobs"] = torch.where(mask, own + 0.5 * torch.randn(own.shape, generator=generator), 0.0)
+    if variant == "token_advantages":  # REINFORCE++-style: one advantage per token
+        batch["advantages"] = torch.where(mask, torch.randn(own.shape, generator=generator), 0.0)
+    kwargs = dict(LOSS_KWARGS, kl_coef=0.0, aggregation="token-mean")
+    kwargs.update(VARIANTS[variant])
+    norm = full_normalizers(batch)
+    (full_loss, full, full_metrics), (total_loss, accumulated, total_metrics) = accumulated_gradients(
+        model, batch, norm, kwargs)
+    scale = max(g.abs().max().item() for g in full.values())
+    assert scale > 1e-4 and accumulated.keys() == full.keys()
+    for name, grad in full.items():
+        torch.testing.assert_close(accumulated[name], grad, rtol=0.0, atol=2e-6 * scale, msg=name)
+    assert total_loss == pytest.approx(full_loss, rel=1e-5, abs=1e-6)
+    assert total_metrics.keys() == full_metrics.keys()
+    for key, value in full_metrics.items():
+        assert total_metrics[key] == pytest.approx(float(value), rel=1e-5, abs=1e-6), key
+    expected_keys = {"gspo": "policy/seq_clip_frac", "token_advantages": "policy/seq_clip_frac",
+                     "dual_clip": "policy/dual_clip_frac", "kl_corrected_clamped": "kl/clamp_frac"}
+    if variant in expected_keys:
+        assert 0 < float(full_metrics[expected_keys[variant]]) < 1, expected_keys[variant]  # really exercised
+
+
+@pytest.mark.parametrize("name", sorted(POLICY_LOSSES))
+def test_on_policy_every_policy_loss_gives_the_reinforce_gradient(lm, name):
+    model, tokenizer = lm
+    batch = make_batch(tokenizer)
+    norm = full_normalizers(batch)
+    kwargs = dict(LOSS_KWARGS, kl_coef=0.0, aggregation="token-mean")
+    reference = gradients(model, grpo_loss(model, batch, norm, **kwargs)[0])  # ppo_clip on-policy: REINFORCE
+    loss, metrics = grpo_loss(model, batch, norm, **dict(kwargs, policy_loss=name, clip_eps_low=3e-4,
+                                                         clip_eps_high=4e-4))
+    grads = gradients(model, loss)
+    scale = max(g.abs().max().item() for g in reference.values())
+    for key, grad in reference.items():
+        torch.testing.assert_close(grads[key], grad, rtol=0.0, atol=2e-6 * scale, msg=key)
+    assert float(metrics["policy/clip_frac_low"]) == float(metrics["policy/clip_frac_high"]) == 0.0
+
+
+def test_entropy_bonus_subtracts_coef_times_the_aggregated_entropy(lm):
+    model, tokenizer = lm
+    batch = make_batch(tokenizer)
+    norm = full_normalizers(batch)
+    for aggregation in AGGREGATION_MODES:
+        kwargs = dict(LOSS_KWARGS, kl_coef=0.0, aggregation=aggregation)
+        with torch.no_grad():
+            base, metrics = grpo_loss(model, batch, norm, **kwargs)
+            bonus, _ = grpo_loss(model, batch, norm, **kwargs, entropy_coef=0.1)
+            _, entropy = grpo_module.response_logprobs(model, batch["prompt_ids"], batch["prompt_mask"],
+                                                       batch["response_ids"], batch["response_mask"].bool())
+        expected = grpo_module.aggregate(entropy, batch["response_mask"].bool(), aggregation, norm_length=NORM_LENGTH)
+        torch.testing.assert_close(bonus, base - 0.1 * expected, rtol=1e-5, atol=1e-6)
+        if aggregation == "token-mean":
+            torch.testing.assert_close(expected, metrics["policy/entropy"])
+
+
+def test_importance_corrected_kl_on_policy_keeps_the_value_and_gives_the_k1_reinforce_gradient(lm):
+    """On-policy r = 1 in value, so the loss is unchanged; its gradient becomes sum_t k1_t grad log pi_t / N (the
+    reverse KL's score-function gradient) instead of k3's (1 - ref/pi) grad log pi."""
+    model, tokenizer = lm
+    batch = make_batch(tokenizer)
+    batch["advantages"] = torch.zeros_like(batch["advantages"])  # only the KL term has a gradient
+    own = batched_response_logprobs(model, batch, micro_batch_size=6)
+    mask = batch["response_mask"].bool()
+    batch["ref_logprobs"] = own + 0.3 * torch.randn(own.shape, generator=torch.Generator().manual_seed(2))
+    norm = full_normalizers(batch)
+    kwargs = dict(LOSS_KWARGS, kl_coef=0.1, aggregation="token-mean")
+    plain, _ = grpo_loss(model, batch, norm, **kwargs)
+    corrected, _ = grpo_loss(model, batch, norm, **kwargs, kl_importance_corrected=True)
+    torch.testing.assert_close(corrected.detach(), plain.detach())
+    plain_grads, corrected_grads = gradients(model, plain), gradients(model, corrected)
+    logprobs = reference_logprobs(model, batch)
+    k1 = kl_k1(logprobs.detach(), batch["ref_logprobs"])
+    score_function = 0.1 * torch.where(mask, k1 * logprobs, 0.0).sum() / norm.num_tokens
+    expected = gradients(model, score_function)
+    scale = max(g.abs().max().item() for g in expected.values())
+    for key, grad in expected.items():
+        torch.testing.assert_close(corrected_grads[key], grad, rtol=0.0, atol=2e-6 * scale, msg=key)
+    name = "model.embed_tokens.weight"
+    assert not torch.allclose(plain_grads[name], corrected_grads[name], atol=1e-3 * scale)
+
+
+# ---------------------------------------------------------------- end to end: the advantage stage and the update
+
+
+def scored_table(model, tokenizer, seed=0) -> pd.DataFrame:
+    """The scoring stage's columns for 6 rollouts in 2 groups of 3: the sampler's log-probs are the model's own,
+    the reference's are shifted by noise."""
+    batch = make_batch(tokenizer, seed)
+    own = batched_response_logprobs(model, batch, micro_batch_size=6)
+    mask = batch["response_mask"]
+    ref = own + 0.2 * torch.randn(own.shape, generator=torch.Generator().manual_seed(seed))
+    prompt_ids = [row[m].tolist() for row, m in zip(batch["prompt_ids"], batch["prompt_mask"].bool())]
+    response_ids = [row[m].tolist() for row, m in zip(batch["response_ids"], mask.bool())]
+    return pd.DataFrame({"prompt_ids": prompt_ids, "response_ids": response_ids, "group_id": [0, 0, 0, 1, 1, 1],
+                         "rewards": [1.0, 0.0, 0.5, 0.0, 0.0, 1.0],
+                         "sampling_logprobs": response_lists(own, mask), "ref_logprobs": response_lists(ref, mask)})
+
+
+E2E = [
+    pytest.param({"dual_clip_c": 3.0}, "grpo", {}, "policy/dual_clip_frac", id="dual_clip-grpo"),
+    pytest.param({"policy_loss": "gspo"}, "reinforce_pp", {"coef": 0.05, "placement": "reward", "estimator": "k1"},
+                 "policy/seq_clip_frac", id="gspo-reinforce_pp-kl_in_reward"),
+    pytest.param({"policy_loss": "cispo", "entropy_coef": 0.01}, "reinforce_pp_baseline",
+                 {"coef": 0.05, "importance_corrected": True, "clamp": 5.0}, "kl/clamp_frac",
+                 id="cispo-reinforce_pp_baseline-kl_corrected"),
+    pytest.param({"policy_loss": "gspo", "gspo_clip_low": 0.01}, "batch_std", {}, "policy/seq_clip_frac",
+                 id="gspo-batch_std"),
+]
+
+
+@pytest.mark.parametrize("loss, estimator, kl, metric", E2E)
+def test_grpo_update_runs_with_each_policy_loss_and_estimator(tiny_model_dir, rlhf_home, loss, estimator, kl,
+                                                              metric):
+    from flows.metrics_catalog import unknown_metrics
+    from tasks.advantages import compute_advantages
+    from tasks.refs import publish
+
+    model, tokenizer = load_causal_lm(tiny_model_dir)
+    kl_config = KLConfig(**kl)
+    table = compute_advantages.fn(publish(scored_table(model, tokenizer), "scored"), estimator, kl_config).read()
+    if estimator.startswith("reinforce_pp"):  # one advantage per response token
+        assert [len(a) for a in table["advantages"]] == [len(r) for r in table["response_ids"]]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    history = update_from_rollouts(model, optimizer, table, tokenizer.pad_token_id, loss=LossConfig(**loss),
+                                   kl=kl_config, optim=OptimConfig(mini_batches=2, micro_batch_size=2),
+                                   device="cpu", temperature=1.0, max_new_tokens=16, seed=0)
+    assert len(history) == 2 and all(math.isfinite(h["loss/policy"]) for h in history)
+    assert metric in history[0] and unknown_metrics(history[0]) == []
+    assert ("kl/mean" in history[0]) == bool(kl)
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+
+def test_kl_in_the_reward_changes_the_advantages_and_leaves_the_loss_without_a_kl_term(tiny_model_dir, rlhf_home,
+                                                                                       monkeypatch):
+    from tasks.advantages import compute_advantages
+    from tasks.refs import publish
+
+    model, tokenizer = load_causal_lm(tiny_model_dir)
+    scored = publish(scored_table(model, tokenizer), "scored")
+    in_reward = KLConfig(coef=0.5, placement="reward", estimator="k1")
+    with_kl = compute_advantages.fn(scored, "reinforce_pp", in_reward).read()["advantages"]
+    without = compute_advantages.fn(scored, "reinforce_pp", KLConfig(coef=0.5)).read()["advantages"]
+    assert any(not np.allclose(a, b) for a, b in zip(with_kl, without))
+    assert all(np.ptp(a) > 0 for a in with_kl if len(a) > 1)  # the KL makes the advantage vary along a response
+    assert all(np.ptp(a) == 0 for a in without)  # without it, the return is the reward on every token
+    with pytest.raises(ValueError, match="pass the flow's kl section"):
+        compute_advantages.fn(scored, "reinforce_pp")
+    seen = {}
+    monkeypatch.setattr(grpo_module, "grpo_update", lambda model, optimizer, batch, **kwargs: seen.update(
+        kwargs, batch=batch) or [])
+    table = scored.read().assign(advantages=with_kl)
+    update_from_rollouts(model, None, table, tokenizer.pad_token_id, loss=LossConfig(policy_loss="gspo"),
+                         kl=in_reward, optim=OptimConfig(), device="cpu", temperature=1.0, max_new_tokens=16, seed=0)
+    assert seen["kl_coef"] == 0.0  # already in the advantages: not a second time in the loss
+    assert (seen["policy_loss"], seen["clip_eps_low"], seen["clip_eps_high"]) == ("gspo", 3e-4, 4e-4)
+    assert seen["batch"]["advantages"].shape == seen["batch"]["response_mask"].shape  # [B, T], collated per token

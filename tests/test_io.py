@@ -1,5 +1,6 @@
 """Atomic, content-addressed Parquet files and folders."""
 
+import errno
 import hashlib
 import os
 
@@ -152,6 +153,23 @@ def test_write_dir_failure_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         write_dir(write, tmp_path / "ckpts")
     assert os.listdir(tmp_path / "ckpts") == []  # no final folder, no temp folder
+
+
+def test_a_full_disk_names_what_was_being_written(tmp_path, monkeypatch, reliability):
+    """ENOSPC from pyarrow or from a model's save says neither file nor folder: every atomic writer adds it."""
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", disk_full)
+    with pytest.raises(OSError, match=f"writing {tmp_path / 'stage'}: No space left on device") as error:
+        write_parquet(rollouts_frame(), tmp_path / "stage")
+    assert error.value.errno == errno.ENOSPC and os.listdir(tmp_path / "stage") == []
+    with pytest.raises(OSError, match=f"writing {tmp_path / 'ckpts'}: No space left on device"):
+        write_dir(lambda tmp: disk_full(), tmp_path / "ckpts")
+    with pytest.raises(OSError, match=f"writing {tmp_path / 'out' / 'pairs.parquet'}: No space left"):
+        io_module.write_atomically(lambda tmp: disk_full(), tmp_path / "out" / "pairs.parquet")
+    reliability.record("silent failure", "the disk fills up while a stage or checkpoint is written",
+                       "the error names the file or folder being written; nothing half-written is left")
 
 
 # ---------------------------------------------------------------- write_atomically

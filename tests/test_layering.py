@@ -25,6 +25,7 @@ def test_core_imports_neither_prefect_nor_mlflow():
     loaded = imported_packages(rlhf_core)
     assert "torch" in loaded and "rlhf_core" in loaded  # the import did run
     assert loaded & {"prefect", "mlflow", "tasks", "flows"} == set()
+    assert "peft" not in loaded  # imported on first use of an adapter: a GPU image without peft runs the rest
 
 
 def test_tasks_never_import_flows():

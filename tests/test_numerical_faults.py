@@ -11,6 +11,7 @@ from flow_helpers import metric_steps
 from test_crash_resume import crash_config
 
 import rlhf_core.grpo
+import rlhf_core.training
 from flows.grpo import grpo
 from rlhf_core.io import sha256_dir
 from tasks.paths import use_tracking_uri
@@ -44,6 +45,35 @@ def test_non_finite_update_stops_the_run_and_keeps_the_last_good_checkpoint(pref
         return (corrupt(loss, model) if len(calls) > per_update else loss), metrics
 
     monkeypatch.setattr(rlhf_core.grpo, "grpo_loss", loss_going_bad_in_iteration_1)
+    assert_stops_and_keeps_iteration_0(tiny_model_dir, rlhf_home, message)
+    reliability.record("numerical fault", f"{fault} in iteration 1's update",
+                       "clear error naming it, before the optimizer step; iteration 0's checkpoint intact and "
+                       "registered, nothing after it")
+
+
+def test_weights_made_non_finite_by_the_optimizer_stop_the_run(prefect_harness, rlhf_home, tiny_model_dir,
+                                                               monkeypatch, reliability):
+    """Iteration 1's optimizer overflows the weights (an infinite weight decay, which the config refuses, put in
+    behind its back): the step is named, nothing of iteration 1 is written or registered."""
+    real_start, calls = rlhf_core.training.start_training, []
+
+    def weight_decay_going_bad_in_iteration_1(*args, **kwargs):
+        state = real_start(*args, **kwargs)
+        calls.append(1)
+        if len(calls) > 1:  # iteration 1's update, continued in memory or loaded from disk
+            for group in state.optimizer.param_groups:
+                group["weight_decay"] = float("inf")
+        return state
+
+    monkeypatch.setattr(rlhf_core.training, "start_training", weight_decay_going_bad_in_iteration_1)
+    assert_stops_and_keeps_iteration_0(tiny_model_dir, rlhf_home,
+                                       r"weights are not finite after the optimizer step \(epoch 0, mini-batch 0\)")
+    reliability.record("numerical fault", "an optimizer step that overflows the weights in iteration 1 (finite loss "
+                       "and gradient)", "the run fails naming the step; iteration 0's checkpoint intact and "
+                       "registered, nothing after it")
+
+
+def assert_stops_and_keeps_iteration_0(tiny_model_dir, rlhf_home, message: str) -> None:
     state = grpo(crash_config(tiny_model_dir), return_state=True)
     assert state.is_failed()
     with pytest.raises(FloatingPointError, match=message):
@@ -58,6 +88,3 @@ def test_non_finite_update_stops_the_run_and_keeps_the_last_good_checkpoint(pref
     assert str(client.get_model_version_by_alias("crash-policy", "newest").version) == "1"
     run = client.get_run(versions[0].run_id)
     assert run.info.status == "FAILED" and metric_steps(run.info.run_id, "reward/mean") == [0]
-    reliability.record("numerical fault", f"{fault} in iteration 1's update",
-                       "clear error naming it, before the optimizer step; iteration 0's checkpoint intact and "
-                       "registered, nothing after it")

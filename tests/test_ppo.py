@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from rlhf_core.batch import collate, select_rows
@@ -160,3 +163,91 @@ def test_value_head_has_its_own_learning_rate_and_every_parameter_is_in_one_grou
     assert len(grouped) == len(trainable_parameters(actor_critic))
     assert all(a is b for a, b in zip(grouped, trainable_parameters(actor_critic)))  # same order: saved state fits
     assert actor_critic.parameter_groups(lr=1e-5, head_lr=None)[1]["lr"] == 1e-5
+
+
+# ---------------------------------------------------------------- policy losses and the entropy bonus
+
+
+def test_ppo_entropy_bonus_subtracts_coef_times_the_mean_entropy(tiny_model_dir):
+    model, tokenizer = load_causal_lm(tiny_model_dir)
+    actor_critic = ActorCritic(model).eval()
+    batch = make_batch(tokenizer, actor_critic)
+    norm = Normalizers(num_seqs=3, num_tokens=float(batch["response_mask"].sum()))
+    with torch.no_grad():
+        base, base_metrics = ppo_loss(actor_critic, batch, norm, **LOSS_KWARGS)
+        bonus, metrics = ppo_loss(actor_critic, batch, norm, **LOSS_KWARGS, entropy_coef=0.1)
+    # token-mean: the bonus is 0.1 * the mean entropy over the response tokens, in the policy part only
+    torch.testing.assert_close(metrics["loss/policy"], base_metrics["loss/policy"] - 0.1 * metrics["policy/entropy"])
+    torch.testing.assert_close(bonus, base - 0.1 * metrics["policy/entropy"])
+    torch.testing.assert_close(metrics["loss/value"], base_metrics["loss/value"])
+
+
+PPO_VARIANTS = {
+    "gspo": dict(policy_loss="gspo", clip_eps_low=0.01, clip_eps_high=0.02),
+    "cispo": dict(policy_loss="cispo", clip_eps_low=1.0, clip_eps_high=0.05),
+    "dual_clip": dict(dual_clip_c=1.1, entropy_coef=0.05),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(PPO_VARIANTS))
+def test_ppo_gradient_accumulation_with_each_policy_loss(tiny_model_dir, variant):
+    model, tokenizer = load_causal_lm(tiny_model_dir)
+    actor_critic = ActorCritic(model).eval()
+    batch = make_batch(tokenizer, actor_critic)
+    mask = batch["response_mask"]
+    shift = 0.3 * torch.randn(mask.shape, generator=torch.Generator().manual_seed(3))
+    batch["old_logprobs"] = torch.where(mask, batch["old_logprobs"] + shift, 0.0)  # off-policy: clips bind
+    norm = Normalizers(num_seqs=3, num_tokens=float(mask.sum()))
+    kwargs = {**LOSS_KWARGS, **PPO_VARIANTS[variant]}
+    params = trainable_parameters(actor_critic)
+
+    def run(row_groups):
+        actor_critic.zero_grad()
+        total, sums = 0.0, {}
+        for rows in row_groups:
+            loss, metrics = ppo_loss(actor_critic, select_rows(batch, torch.tensor(rows)), norm, **kwargs)
+            loss.backward()
+            total += loss.item()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        return total, [p.grad.clone() for p in params], sums
+
+    (full_loss, full, full_metrics), (split_loss, split, split_metrics) = run([[0, 1, 2]]), run([[2], [0, 1]])
+    assert split_loss == pytest.approx(full_loss, rel=1e-5, abs=1e-6)
+    for a, b in zip(full, split):
+        torch.testing.assert_close(a, b, atol=1e-6 * max(1.0, float(a.abs().max())), rtol=1e-4)
+    for key, value in full_metrics.items():
+        assert split_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    extra = {"gspo": "policy/seq_clip_frac", "dual_clip": "policy/dual_clip_frac"}.get(variant)
+    assert extra is None or extra in full_metrics
+
+
+def test_ppo_update_from_rollouts_passes_the_chosen_loss_and_its_clip_range(monkeypatch):
+    import pandas as pd
+
+    import rlhf_core.ppo as ppo_module
+
+    seen = {}
+    monkeypatch.setattr(ppo_module, "ppo_update", lambda *args, **kwargs: seen.update(kwargs) or [])
+    table = pd.DataFrame({"prompt_ids": [[5, 6]], "response_ids": [[7, 8]], "old_logprobs": [[-1.0, -1.0]],
+                          "old_values": [[0.0, 0.0]], "advantages": [[1.0, -1.0]], "returns": [[1.0, 0.0]]})
+    loss = LossConfig(policy_loss="gspo", gspo_clip_high=1e-3, entropy_coef=0.01)
+    ppo_module.update_from_rollouts(None, None, table, 0, loss=loss, value=ValueConfig(), optim=OptimConfig(),
+                                    device="cpu", temperature=1.0, max_new_tokens=4, seed=0)
+    assert (seen["policy_loss"], seen["clip_eps_low"], seen["clip_eps_high"]) == ("gspo", 3e-4, 1e-3)
+    assert seen["entropy_coef"] == 0.01 and seen["dual_clip_c"] is None
+    ppo_module.update_from_rollouts(None, None, table, 0, loss=LossConfig(dual_clip_c=3.0), value=ValueConfig(),
+                                    optim=OptimConfig(), device="cpu", temperature=1.0, max_new_tokens=4, seed=0)
+    assert (seen["policy_loss"], seen["clip_eps_low"], seen["dual_clip_c"]) == ("ppo_clip", 0.2, 3.0)
+
+
+def test_ppo_update_runs_with_gspo_and_an_entropy_bonus(tiny_model_dir):
+    model, tokenizer = load_causal_lm(tiny_model_dir)
+    actor_critic = ActorCritic(model).eval()
+    batch = make_batch(tokenizer, actor_critic)
+    optimizer = torch.optim.AdamW(trainable_parameters(actor_critic), lr=1e-2)
+    history = ppo_update(actor_critic, optimizer, batch, epochs=1, mini_batches=2, micro_batch_size=1,
+                         max_grad_norm=1.0, seed=0, **dict(LOSS_KWARGS, policy_loss="gspo", clip_eps_low=3e-4,
+                                                           clip_eps_high=4e-4, entropy_coef=0.01))
+    assert len(history) == 2 and all(math.isfinite(h["loss/policy"]) for h in history)
+    assert history[0]["policy/seq_clip_frac"] == 0.0  # step 1 is on-policy: s_i = 1

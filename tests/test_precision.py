@@ -48,10 +48,10 @@ def test_no_mixed_precision_changes_nothing(tiny_model_dir):
 
 
 def test_rollouts_in_bf16_weights_sample_valid_responses(rlhf_home, tiny_model_dir):
-    from flows.inputs import data_fingerprints
+    from tasks.data import dataset_fingerprints
 
     data = DataConfig(path="data/arithmetic_train.jsonl")
-    prompts = sample_prompts.fn(load_prompt_dataset.fn(data, data_fingerprints(data.path)[0]), 2, 0, 0)
+    prompts = sample_prompts.fn(load_prompt_dataset.fn(data, dataset_fingerprints(data)[0]), 2, 0, 0)
     policy = resolve_model.fn(str(tiny_model_dir))
     runs = {dtype: generate_rollouts.fn(policy, prompts, GenerationConfig(group_size=2, max_new_tokens=5, dtype=dtype),
                                         RuntimeConfig(), None, seed=0, iteration=0).read()

@@ -93,4 +93,11 @@ def test_inside_a_task_run_updates_are_throttled_and_end_at_100(prefect_harness)
     # updates (90 %); the last update is throttled, so close() reports the final 100 % -> 1 + 9 + 1
     assert api_calls == 11
     [artifact] = progress_artifacts(task_run_id)
-    assert artifact.type == "progress" and artifact.data == 100.0 and artifact.description == "count"
+    assert artifact.type == "progress" and artifact.data == 100.0
+    assert artifact.description == "count: 100/100 step, 100%"  # the stage and how far, not just a bar
+
+
+def test_the_ui_text_names_the_stage_and_the_percentage():
+    progress = StageProgress(total=320, desc="generate", unit="token")
+    progress.update(64)
+    assert progress.description() == "generate: 64/320 token, 20%"

@@ -272,7 +272,7 @@ def test_load_preference_dataset_maps_columns_and_holds_out_pairs(tmp_path, rlhf
                                 chosen_column="good", rejected_column="bad", margin_column="gap")
     splits = load_preference_dataset.fn(data, ["sha"], seed=0)
     train, held_out = splits.train.read(), splits.eval.read()
-    assert list(train.columns) == ["pair_id", "prompt", "chosen", "rejected", "margin"]
+    assert list(train.columns) == ["pair_id", "prompt", "prompt_messages", "chosen", "rejected", "margin"]
     assert len(train) == 7 and len(held_out) == 3 and not set(train.prompt) & set(held_out.prompt)
     assert held_out.equals(load_preference_dataset.fn(data, ["sha"], seed=0).eval.read())  # seeded
     assert not held_out.equals(load_preference_dataset.fn(data, ["sha"], seed=1).eval.read())

@@ -49,7 +49,7 @@ def test_a_model_that_ships_code_is_refused_and_its_code_never_runs(tmp_path, to
                                                    "AutoModelForCausalLM": "modeling_custom.CustomModel"}}))
     for module in ("configuration_custom", "modeling_custom"):
         (folder / f"{module}.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
-    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")  # a valid, empty safetensors
     with pytest.raises(Exception, match="trust_remote_code"):
         load_causal_lm(folder)
     assert not marker.exists()

@@ -90,7 +90,7 @@ def test_up_deploy_trigger_inspect_down(rlhf_home, tiny_model_dir, tmp_path):
 
         config = {"model": {"name_or_path": str(tiny_model_dir)},
                   "data": {"path": str(pairs), "eval_path": None, "eval_fraction": 0.25},
-                  "epochs": 1, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-3,
+                  "optim": {"epochs": 1, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-3},
                   "tracking": {"experiment": "service-e2e", "registered_model": "service-dpo"}}
         run = prefect_cli(api, "deployment", "run", "dpo/dpo", "--params", json.dumps({"config": config}), "--watch")
         assert run.returncode == 0 and "Completed" in run.stdout, run.stdout + run.stderr
@@ -99,12 +99,16 @@ def test_up_deploy_trigger_inspect_down(rlhf_home, tiny_model_dir, tmp_path):
         experiment = client.get_experiment_by_name("service-e2e")
         (mlflow_run,) = client.search_runs([experiment.experiment_id])
         assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.tags["prefect.flow_run_id"]
-        assert mlflow_run.data.params["lr"] == "0.001"
+        assert mlflow_run.data.params["optim.lr"] == "0.001"
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow's training view
         assert 0.0 <= mlflow_run.data.metrics["eval/rewards/accuracies"] <= 1.0
         assert {a.path for a in client.list_artifacts(mlflow_run.info.run_id)} >= {"config.json", "data",
                                                                                   "checkpoints"}
         (version,) = client.search_model_versions("name = 'service-dpo'")
         assert version.tags["iteration"] == "0" and version.run_id == mlflow_run.info.run_id
+        (logged,) = client.search_logged_models([experiment.experiment_id])  # what the run page lists it through
+        assert logged.source_run_id == mlflow_run.info.run_id and json.loads(logged.tags["mlflow.modelVersions"]) == [
+            {"name": "service-dpo", "version": version.version}]
         assert not list(Path.cwd().glob("mlflow.db"))  # nothing written to the current directory
 
         # The registered model is evaluated against the reference (no champion yet) and promoted

@@ -36,7 +36,7 @@ def dataset(rlhf_home, tmp_path) -> ArtifactRef:
 
 def test_load_prompt_dataset_maps_columns_and_numbers_rows(dataset):
     df = dataset.read()
-    assert list(df.columns) == ["prompt_id", "prompt", "answer"]
+    assert list(df.columns) == ["prompt_id", "prompt", "prompt_messages", "answer"]
     assert df["prompt_id"].tolist() == list(range(10))
     assert df.loc[3, "prompt"] == "Calculate 3 + 1." and df.loc[3, "answer"] == 4
     assert dataset.rows == 10 and dataset.path.endswith(f"{dataset.sha256[:16]}.parquet")

@@ -9,8 +9,8 @@ import torch.distributed as dist
 
 from rlhf_core.grpo import grpo_update
 from rlhf_core.models import load_causal_lm
-from rlhf_core.update import (NonFiniteError, Normalizers, forward_passes, global_sum, micro_batches, run_update,
-                              world_size)
+from rlhf_core.update import (NonFiniteError, Normalizers, check_state_finite, forward_passes, global_sum,
+                              micro_batches, run_update, world_size)
 
 B = 10
 LENGTHS = [3, 1, 4, 1, 5, 2, 6, 2, 5, 3]  # response tokens per row
@@ -251,6 +251,27 @@ def test_inf_gradient_raises_before_the_step():
         run(loss_fn, model=model, optimizer=optimizer)
     assert_unchanged(model, before)
     assert len(optimizer.state) == 0
+
+
+def test_weights_made_infinite_by_the_optimizer_stop_the_update_after_that_step(reliability):
+    """A finite loss and gradient, but an optimizer whose settings overflow the weights (an infinite weight decay:
+    w <- w - lr * wd * w): the step that did it is named, and no later step runs."""
+    model = linear_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=float("inf"))
+    with pytest.raises(NonFiniteError, match=r"weights are not finite after the optimizer step \(epoch 0, "
+                                             r"mini-batch 0\) although the loss and the gradient were"):
+        run(RecordingLoss(), model=model, optimizer=optimizer, mini_batches=2)
+    assert len(optimizer.state) == 2 and all(s["step"] == 1 for s in optimizer.state.values())  # one step only
+    reliability.record("numerical fault", "an optimizer step that makes the weights inf/NaN (finite loss and "
+                       "gradient)", "the update stops after that step naming it; no checkpoint is written")
+
+
+def test_a_state_with_nan_or_inf_is_never_saved():
+    check_state_finite({"w": torch.ones(3), "step": torch.tensor(4)}, "weight")
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(NonFiniteError, match="optimizer state '0.exp_avg_sq' holds NaN or inf"):
+            check_state_finite({"0.exp_avg": torch.ones(2), "0.exp_avg_sq": torch.tensor([1.0, bad])},
+                               "optimizer state")
 
 
 def test_nan_advantage_in_grpo_update_leaves_the_model_untouched(tiny_model_dir):

@@ -5,13 +5,14 @@ params. Fields that name a registry entry are `Literal`s equal to the registry's
 typo is rejected before any work starts. Core functions never receive these objects, only their values.
 """
 
-from rlhf_core.config.common import (AdvantageConfig, DataConfig, GenerationConfig, KLConfig, LoraConfig, LossConfig,
-                                     ModelConfig, OfflineOptimConfig, OptimConfig, RewardSpec, RuntimeConfig,
-                                     TrackingConfig, check_lengths, check_online_config)
+from rlhf_core.config.common import (AdvantageConfig, GenerationConfig, KLConfig, LoraConfig, LossConfig, ModelConfig,
+                                     OfflineOptimConfig, OptimConfig, RewardSpec, RuntimeConfig, TrackingConfig,
+                                     check_lengths, check_online_config)
+from rlhf_core.config.data import DataConfig, PreferenceDataConfig, SFTDataConfig, UnpairedDataConfig
 from rlhf_core.config.evaluation import EvaluationConfig, EvaluationTrackingConfig
-from rlhf_core.config.offline import (DPOConfig, JudgeConfig, KTOConfig, PreferenceDataConfig, PreferenceDatasetConfig,
-                                      RewardModelConfig, UnpairedDataConfig)
+from rlhf_core.config.offline import DPOConfig, JudgeConfig, KTOConfig, PreferenceDatasetConfig, RewardModelConfig
 from rlhf_core.config.online import GAEConfig, GRPOConfig, PPOConfig, PPOKLConfig, ScoreConfig, ValueConfig
+from rlhf_core.config.sft import SFTConfig
 
 __all__ = [
     "AdvantageConfig", "DataConfig", "GenerationConfig", "KLConfig", "LoraConfig", "LossConfig", "ModelConfig",
@@ -19,5 +20,5 @@ __all__ = [
     "check_online_config",
     "DPOConfig", "JudgeConfig", "KTOConfig", "PreferenceDataConfig", "PreferenceDatasetConfig", "RewardModelConfig",
     "UnpairedDataConfig", "EvaluationConfig", "EvaluationTrackingConfig", "GAEConfig", "GRPOConfig", "PPOConfig",
-    "PPOKLConfig", "ScoreConfig", "ValueConfig",
+    "PPOKLConfig", "ScoreConfig", "ValueConfig", "SFTConfig", "SFTDataConfig",
 ]

@@ -10,7 +10,9 @@ from rlhf_core.model_files import DEFAULT_MODEL
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silently ignored option
+    # extra="forbid": a misspelt key is an error, not a silently ignored option; allow_inf_nan=False: every float
+    # field must be finite (an infinite weight decay would train to inf weights and a NaN weight to NaN rewards)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -46,12 +48,21 @@ class LoraConfig(_Config):
 
     rank: int = Field(16, ge=1, le=1024, description="r: rank of each adapter")
     alpha: float = Field(32.0, gt=0.0, description="scaling numerator: the update is (alpha / rank) * B @ A")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapters' input (peft's lora_dropout; "
-                                                             "0: none)")
+    dropout: float = Field(0.0, ge=0.0, description=(
+        "peft's lora_dropout; must stay 0: every pass runs in eval mode so that importance ratios and KL are "
+        "deterministic, and an adapter's dropout would make them noisy (peft creates it in train mode)"))
     target_modules: list[str] | Literal["all-linear"] = Field(
         ["q_proj", "k_proj", "v_proj", "o_proj"], description="module names that get adapters, or 'all-linear'")
     save: Literal["adapter", "merged"] = Field("adapter", description=(
         "what each checkpoint holds: the base model + adapter-only weights, or the adapter merged into full weights"))
+
+    @field_validator("dropout")
+    @classmethod
+    def _no_dropout(cls, dropout: float) -> float:
+        if dropout != 0:
+            raise ValueError("LoRA dropout must be 0: every pass runs in eval mode, so that the importance ratio and "
+                             "the KL are deterministic (an adapter's dropout would make them noisy)")
+        return dropout
 
 
 class ModelConfig(_Config):
@@ -108,25 +119,6 @@ class RuntimeConfig(_Config):
         return self
 
 
-Duplicates = Literal["drop", "error", "keep"]
-DUPLICATES_DESCRIPTION = (
-    "rows equal to an earlier row in every field: drop (each kept once; the count and the first lines are printed), "
-    "error (refuse the file), or keep (a repeated row weighs as often as it appears)")
-
-
-class DataConfig(_Config):
-    """The prompt file and its columns."""
-
-    path: str = Field("data/arithmetic_train.jsonl", description=(
-        "prompts: .jsonl, .json, .parquet or a datasets.save_to_disk folder; relative paths are looked up in the "
-        "current directory, then in the project folder"))
-    prompt_column: str = Field("prompt", description="column holding the prompt text")
-    extra_columns: list[str] = Field(["answer"], description="columns passed to reward functions (e.g. answer)")
-    system_prompt: str | None = Field(None, description="system message prepended by the chat template")
-    duplicates: Duplicates = Field("drop", description=DUPLICATES_DESCRIPTION + (
-        "; drop by default: a prompt listed twice is only sampled twice as often"))
-
-
 class GenerationConfig(_Config):
     """Sampling: responses per prompt, length, temperature, top-p, batch, dtype, backend."""
 
@@ -159,11 +151,19 @@ class RewardSpec(_Config):
     model: str | None = Field(None, description="a reward model: a local folder or an MLflow URI "
                                                 "(models:/reward-model@newest); it scores the decoded text")
     weight: float = Field(1.0, description="weight of this source in the summed reward")
+    timeout_s: float | None = Field(600.0, gt=0.0, description=(
+        "function only: seconds one call (a whole batch) may take before the scoring stage fails naming the "
+        "function (None: no limit)"))
+    allow_new_head: bool = Field(False, description=(
+        "model only: accept a model without a trained score head (a causal LM or a bare encoder), which scores "
+        "with a freshly initialised head, i.e. noise (tests, smoke runs)"))
 
     @model_validator(mode="after")
     def _one_source(self) -> "RewardSpec":
         if (self.function is None) == (self.model is None):
             raise ValueError("a reward needs exactly one of `function` or `model`")
+        if self.allow_new_head and self.model is None:
+            raise ValueError("allow_new_head applies to a reward model, not to a function")
         return self
 
     @property
@@ -172,38 +172,114 @@ class RewardSpec(_Config):
 
 
 class KLConfig(_Config):
-    """The KL term to the reference model in the loss."""
+    """The KL term to the reference model: in the loss (GRPO eq. 3) or in the per-token reward (REINFORCE++)."""
 
-    coef: float = Field(0.0, ge=0.0, description="beta: weight of the k-estimated KL(pi || ref) in the loss; "
-                                                   "0 loads no reference model")
+    coef: float = Field(0.0, ge=0.0, description="beta: weight of the k-estimated KL(pi || ref) in the loss (or, "
+                                                   "with placement reward, in the rewards); 0 loads no reference model")
     estimator: Literal["k1", "k2", "k3"] = Field("k3", description=(
         "KL estimator per token: k1 = log(pi/ref), k2 = 0.5 log(pi/ref)^2, k3 = ref/pi - 1 - log(ref/pi)"))
+    placement: Literal["loss", "reward"] = Field("loss", description=(
+        "loss: coef * KL_t added to each token's loss (GRPO eq. 3); reward: -coef * KL_t folded into the per-token "
+        "reward before the returns (REINFORCE++; needs advantage.estimator reinforce_pp or reinforce_pp_baseline; "
+        "k1 is the estimator whose gradient is unbiased there)"))
+    importance_corrected: bool = Field(False, description=(
+        "placement loss: multiply each token's KL by pi/pi_old, the ratio keeping its gradient (TRL's "
+        "use_bias_correction_kl): the gradient is then KL(pi || ref)'s, where plain k3's is KL(ref || pi)'s"))
+    clamp: float | None = Field(None, gt=0.0, description=(
+        "bound c on |log(pi/ref)| per token before the estimator (k3 then stays below e^c - 1 - c, no overflow); "
+        "the gradient is 0 where it binds; None: no clamp"))
+
+    @model_validator(mode="after")
+    def _options_need_a_kl_term(self) -> "KLConfig":
+        if self.coef == 0 and (self.placement != "loss" or self.importance_corrected or self.clamp is not None):
+            raise ValueError("kl.placement, kl.importance_corrected and kl.clamp shape the KL term, but kl.coef is 0 "
+                             "(no KL term, no reference model): set kl.coef > 0 or leave them at their defaults")
+        if self.importance_corrected and self.placement == "reward":
+            raise ValueError("kl.importance_corrected reweights the KL term in the loss by pi/pi_old; with "
+                             "kl.placement 'reward' the KL is computed before the update, from the sampler's "
+                             "log-probs: set placement 'loss' or importance_corrected false")
+        return self
+
+
+# advantage estimators with one advantage per response token (rlhf_core.advantages.TOKEN_ADVANTAGES)
+TOKEN_LEVEL_ESTIMATORS = ("reinforce_pp", "reinforce_pp_baseline")
+# baselined by the other responses to the same prompt: with one response per prompt every advantage is exactly 0
+GROUP_BASELINED_ESTIMATORS = ("grpo", "batch_std", "dr_grpo", "rloo", "reinforce_pp_baseline")
 
 
 class AdvantageConfig(_Config):
     """How rewards become advantages."""
 
-    estimator: Literal["grpo", "batch_std", "dr_grpo", "rloo"] = Field(
-        "grpo", description="grpo: group mean and std; batch_std: group mean, batch std; dr_grpo: group mean only; "
-                            "rloo: leave-one-out mean")
+    estimator: Literal["grpo", "batch_std", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
+        "grpo", description=(
+            "grpo: group mean and std; batch_std: group mean, batch std; dr_grpo: group mean only; rloo: "
+            "leave-one-out mean; reinforce_pp: returns of the per-token rewards (-kl.coef KL_t with kl.placement "
+            "reward, the reward on the last token) whitened over the batch's tokens (REINFORCE++); "
+            "reinforce_pp_baseline: the same after subtracting the group mean from each reward"))
+
+
+GSPO_CLIP = (3e-4, 4e-4)  # the GSPO paper's experiments: the clipping ranges of its eq. 5
+CISPO_EPS_HIGH = 0.28  # the paper tunes the upper bound only and publishes no value; DAPO's clip-higher, as Trinity-RFT
 
 
 class LossConfig(_Config):
-    """The clipped surrogate: clip ranges, aggregation over tokens, truncated importance sampling."""
+    """The policy loss (clipped surrogate, GSPO or CISPO) with its clip ranges, aggregation over tokens, entropy bonus
+    and truncated importance sampling."""
 
+    policy_loss: Literal["ppo_clip", "gspo", "cispo"] = Field("ppo_clip", description=(
+        "ppo_clip: PPO's clipped surrogate per token (clip_eps_low/high, optional dual_clip_c); gspo: GSPO-token, "
+        "the length-normalised sequence ratio, clipped at gspo_clip_low/high; cispo: REINFORCE weighted by the "
+        "clipped, detached ratio (cispo_eps_low/high)"))
     clip_eps_low: float = Field(0.2, gt=0.0, lt=1.0, description=(
-        "lower clip range: the ratio pi/pi_old is clipped at 1 - clip_eps_low"))
+        "ppo_clip: lower clip range: the ratio pi/pi_old is clipped at 1 - clip_eps_low"))
     clip_eps_high: float = Field(0.28, gt=0.0, description=(
-        "upper clip range: the ratio is clipped at 1 + clip_eps_high; a value above clip_eps_low is DAPO's "
+        "ppo_clip: upper clip range: the ratio is clipped at 1 + clip_eps_high; a value above clip_eps_low is DAPO's "
         "clip-higher"))
+    dual_clip_c: float | None = Field(None, gt=1.0, description=(
+        "ppo_clip only: dual-clip PPO (Ye et al. 2020; verl's clip_ratio_c, 3.0 there): where A < 0 each token's "
+        "loss is also capped at -dual_clip_c * A; None: off"))
+    gspo_clip_low: float | None = Field(None, gt=0.0, lt=1.0, description=(
+        f"gspo only: the sequence ratio is clipped at 1 - gspo_clip_low (None: {GSPO_CLIP[0]}, the paper's)"))
+    gspo_clip_high: float | None = Field(None, gt=0.0, description=(
+        f"gspo only: the sequence ratio is clipped at 1 + gspo_clip_high (None: {GSPO_CLIP[1]}, the paper's)"))
+    cispo_eps_low: float | None = Field(None, gt=0.0, le=1.0, description=(
+        "cispo only: the importance weight is clipped below at 1 - cispo_eps_low (None: no lower bound, the paper's "
+        "choice)"))
+    cispo_eps_high: float | None = Field(None, gt=0.0, description=(
+        f"cispo only: the importance weight is clipped above at 1 + cispo_eps_high (None: {CISPO_EPS_HIGH})"))
+    entropy_coef: float = Field(0.0, ge=0.0, le=1.0, description=(
+        "entropy bonus: entropy_coef * entropy is subtracted from each token's loss, reduced like the loss; 0: off"))
     aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
         "token-mean", description=(
             "token-mean: mean over the mini-batch's tokens (DAPO); seq-mean-token-mean: mean per sequence, then "
-            "over sequences (the GRPO paper); seq-mean-token-sum-norm: token sums divided by max_new_tokens "
-            "(Dr. GRPO)"))
+            "over sequences (the GRPO paper, and GSPO's own objective); seq-mean-token-sum-norm: token sums divided "
+            "by max_new_tokens (Dr. GRPO)"))
     tis_cap: float | None = Field(None, ge=1.0, description=(
         "truncated importance sampling: each token's loss is weighted by min(p_train / p_sampler, tis_cap), "
         "correcting the sampler's log-prob mismatch (generation.dtype bfloat16, top_p < 1); None: off"))
+
+    @model_validator(mode="after")
+    def _options_of_the_chosen_loss(self) -> "LossConfig":
+        owners = {"dual_clip_c": "ppo_clip", "gspo_clip_low": "gspo", "gspo_clip_high": "gspo",
+                  "cispo_eps_low": "cispo", "cispo_eps_high": "cispo"}
+        wrong = [name for name, owner in owners.items()
+                 if getattr(self, name) is not None and owner != self.policy_loss]
+        if wrong:
+            raise ValueError(", ".join(f"loss.{name} is an option of policy_loss {owners[name]!r}" for name in wrong)
+                             + f", but loss.policy_loss is {self.policy_loss!r}, which would ignore it: remove it or "
+                               "change policy_loss")
+        return self
+
+    @property
+    def clip_range(self) -> tuple[float, float]:
+        """(eps_low, eps_high) of the chosen policy loss: its ratio is clipped to [1 - eps_low, 1 + eps_high]."""
+        if self.policy_loss == "gspo":
+            return (self.gspo_clip_low if self.gspo_clip_low is not None else GSPO_CLIP[0],
+                    self.gspo_clip_high if self.gspo_clip_high is not None else GSPO_CLIP[1])
+        if self.policy_loss == "cispo":  # eps_low 1: the lower bound 0 never binds (a ratio is > 0)
+            return (self.cispo_eps_low if self.cispo_eps_low is not None else 1.0,
+                    self.cispo_eps_high if self.cispo_eps_high is not None else CISPO_EPS_HIGH)
+        return self.clip_eps_low, self.clip_eps_high
 
 
 class OptimConfig(_Config):
@@ -279,3 +355,9 @@ def check_lengths(max_length: int | None, max_prompt_length: int) -> None:
     """Truncation (`rlhf_core.batch.truncate_sequences`) must leave room for at least one response token."""
     if max_length is not None and max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length={max_prompt_length} must be below max_length={max_length}")
+
+
+# The data sections live in rlhf_core/config/data.py (which needs _Config from here); re-exported for the modules
+# that import them from here.
+from rlhf_core.config.data import (DUPLICATES_DESCRIPTION, DataConfig, Duplicates,  # noqa: E402,F401
+                                   PreferenceDataConfig, SFTDataConfig, UnpairedDataConfig)

@@ -1,4 +1,4 @@
-"""Configs of the offline flows and the data they learn from: reward model, preference data, DPO, KTO."""
+"""Configs of the offline flows: reward model, preference data, DPO, KTO (their data sections: config/data.py)."""
 
 from __future__ import annotations
 
@@ -6,29 +6,12 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rlhf_core.config.common import (DUPLICATES_DESCRIPTION, DataConfig, Duplicates, GenerationConfig, ModelConfig,
-                                     OfflineOptimConfig, RewardSpec, RuntimeConfig, TrackingConfig, _Config,
-                                     check_lengths)
+from rlhf_core.config.common import (GenerationConfig, ModelConfig, OfflineOptimConfig, RewardSpec, RuntimeConfig,
+                                     TrackingConfig, _Config, check_lengths)
+from rlhf_core.config.data import (SHIPPED_EVAL_NOTE, SHIPPED_PAIRS, SHIPPED_UNPAIRED,  # noqa: F401 (re-exported)
+                                   DataConfig, PreferenceDataConfig, UnpairedDataConfig, held_out_of_the_users_data)
 from rlhf_core.model_files import DEFAULT_MODEL, DEFAULT_REWARD_BACKBONE
 from rlhf_core.preference_losses import PREFERENCE_LOSSES
-
-
-class PreferenceDataConfig(_Config):
-    """The preference pairs (a file, and a held-out file or share) and their columns."""
-
-    path: str = Field("data/preferences/train/pairs.parquet", description=(
-        "preference pairs: .jsonl, .json, .parquet or a datasets.save_to_disk folder; relative paths are looked up "
-        "in the current directory, then in the project folder"))
-    eval_path: str | None = Field("data/preferences/eval/pairs.parquet", description=(
-        "held-out pairs; None holds out `eval_fraction` of `path` (seeded)"))
-    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of `path` held out when eval_path is None")
-    prompt_column: str = Field("prompt", description="column holding the prompt text")
-    chosen_column: str = Field("chosen", description="column holding the preferred response")
-    rejected_column: str = Field("rejected", description="column holding the other response")
-    margin_column: str | None = Field(None, description="optional column of per-pair margins: the loss asks for "
-                                                        "r_chosen - r_rejected > margin")
-    duplicates: Duplicates = Field("drop", description=DUPLICATES_DESCRIPTION + (
-        "; drop by default: scraped preference sets repeat pairs, and a repeat would weigh twice"))
 
 
 class RewardModelConfig(_Config):
@@ -172,24 +155,6 @@ class PreferenceDatasetConfig(_Config):
                              "human judge scores 1 for the chosen response and 0 for the others, so no response "
                              "would be labelled undesirable")
         return self
-
-
-class UnpairedDataConfig(_Config):
-    """Unpaired examples for KTO: one (prompt, completion, label) per row, label True = desirable. The label must
-    be a bool: 0/1 ints are rejected, because an int column is as likely a 1-5 rating as a flag (convert it)."""
-
-    path: str = Field("data/preferences/train/unpaired.parquet", description=(
-        "unpaired examples: .jsonl, .json, .parquet or a datasets.save_to_disk folder; relative paths are looked "
-        "up in the current directory, then in the project folder"))
-    eval_path: str | None = Field("data/preferences/eval/unpaired.parquet", description=(
-        "held-out examples; None holds out `eval_fraction` of `path`'s prompts (seeded), each with all its rows"))
-    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of `path`'s distinct prompts held out "
-                                                                 "when eval_path is None (at least 2)")
-    prompt_column: str = Field("prompt", description="column holding the prompt text")
-    completion_column: str = Field("completion", description="column holding the response text")
-    label_column: str = Field("label", description="column holding the bool label: true = desirable")
-    duplicates: Duplicates = Field("drop", description=DUPLICATES_DESCRIPTION + (
-        "; drop by default: a repeated (prompt, completion, label) is a copy, not a second vote"))
 
 
 class KTOConfig(_Config):

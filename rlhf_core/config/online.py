@@ -6,9 +6,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rlhf_core.config.common import (REWARDS_DESCRIPTION, SEED_DESCRIPTION, AdvantageConfig, DataConfig,
-                                     GenerationConfig, KLConfig, LossConfig, ModelConfig, OptimConfig, RewardSpec,
-                                     RunSeed, RuntimeConfig, TrackingConfig, _Config, check_online_config)
+from rlhf_core.config.common import (GROUP_BASELINED_ESTIMATORS, REWARDS_DESCRIPTION, SEED_DESCRIPTION,
+                                     TOKEN_LEVEL_ESTIMATORS, AdvantageConfig, DataConfig, GenerationConfig, KLConfig,
+                                     LossConfig, ModelConfig, OptimConfig, RewardSpec, RunSeed, RuntimeConfig,
+                                     TrackingConfig, _Config, check_online_config)
 
 
 class GRPOConfig(_Config):
@@ -42,6 +43,14 @@ class GRPOConfig(_Config):
         if self.loss.tis_cap is not None and self.generation.temperature == 0:
             raise ValueError("loss.tis_cap needs sampling (generation.temperature > 0): greedy decoding has no "
                              "sampling distribution to correct")
+        if self.generation.group_size == 1 and self.advantage.estimator in GROUP_BASELINED_ESTIMATORS:
+            raise ValueError(f"advantage.estimator {self.advantage.estimator!r} baselines each reward by the other "
+                             "responses to its prompt: with generation.group_size 1 every advantage is 0 and "
+                             "nothing is learnt; sample 2 or more per prompt, or use reinforce_pp")
+        if self.kl.placement == "reward" and self.advantage.estimator not in TOKEN_LEVEL_ESTIMATORS:
+            raise ValueError(f"kl.placement 'reward' folds the KL into per-token rewards, which only the token-level "
+                             f"estimators {list(TOKEN_LEVEL_ESTIMATORS)} use; advantage.estimator "
+                             f"{self.advantage.estimator!r} would ignore it: choose one of them or placement 'loss'")
         return self
 
 

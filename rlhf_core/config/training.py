@@ -7,7 +7,7 @@ The same objects are the Prefect task's inputs (and so its cache key), the torch
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,6 +16,9 @@ from rlhf_core.config.common import (KLConfig, LoraConfig, LossConfig, ModelConf
                                      RuntimeConfig)
 from rlhf_core.config.offline import DPOConfig, KTOConfig, RewardModelConfig
 from rlhf_core.config.online import GRPOConfig, PPOConfig, ValueConfig
+
+if TYPE_CHECKING:  # the SFT config imports the data configs, which need nothing from here
+    from rlhf_core.config.sft import SFTConfig
 
 
 class _Args(BaseModel):
@@ -109,7 +112,7 @@ class _EpochArgs(_UpdateArgs):
                     max_grad_norm=self.optim.max_grad_norm, seed=self.shuffle_seed)
 
     @classmethod
-    def _epoch_fields(cls, config: DPOConfig | KTOConfig | RewardModelConfig, epoch: int) -> dict:
+    def _epoch_fields(cls, config: SFTConfig | DPOConfig | KTOConfig | RewardModelConfig, epoch: int) -> dict:
         return dict(epoch=epoch, optim=config.optim, seed=config.seed)
 
 
@@ -152,8 +155,16 @@ class RewardModelUpdateArgs(_EpochArgs):
         return cls(**cls._epoch_fields(config, epoch), max_length=config.max_length, center_coef=config.center_coef)
 
 
-UpdateArgs = Annotated[Union[GRPOUpdateArgs, PPOUpdateArgs, DPOUpdateArgs, KTOUpdateArgs, RewardModelUpdateArgs],
-                       Field(discriminator="algorithm")]
+class SFTUpdateArgs(_EpochArgs):
+    algorithm: Literal["sft"] = "sft"
+
+    @classmethod
+    def from_config(cls, config: SFTConfig, epoch: int) -> "SFTUpdateArgs":
+        return cls(**cls._epoch_fields(config, epoch))
+
+
+UpdateArgs = Annotated[Union[SFTUpdateArgs, GRPOUpdateArgs, PPOUpdateArgs, DPOUpdateArgs, KTOUpdateArgs,
+                             RewardModelUpdateArgs], Field(discriminator="algorithm")]
 
 
 class LogprobPass(_Args):
