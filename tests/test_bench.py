@@ -47,3 +47,22 @@ def test_ragged_batch_and_positions_computed_by_hand():
     by_hand = sum(2 * int(prompt_lens[rows].max() + response_lens[rows].max()) for rows in ([0, 1], [2, 3]))
     assert positions_computed(batch, order, 2) == by_hand
     assert positions_computed(batch, length_sorted(batch, order), 2) <= by_hand
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_to_completion_in_its_dry_mode(tmp_path):
+    """bench/gpu_check.sh is meant for a GPU lent once, for minutes: its dry mode on this CPU (tiny shapes) runs
+    every step, so the script is known to work before then."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), "--dry", "--device", "cpu", "--out",
+                           str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [s["status"] for s in report["steps"]] == [0] * len(report["steps"]) and len(report["steps"]) >= 3
+    assert {r["algorithm"] for r in json.loads((tmp_path / "bench" / "tiny.json").read_text())["results"]} == set(
+        STEPS)
+    assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check (dry run")

@@ -61,6 +61,9 @@ def test_prefect_yaml_deploys_grpo_with_a_validated_form(prefect_harness, reliab
         assert evaluate.parameters["config"]["baseline"] == "champion"
         with pytest.raises(Exception, match="(?i)validation"):
             client.create_flow_run_from_deployment(evaluate.id, parameters={"config": {"min_win_rate": 1.5}})
+        with pytest.raises(Exception, match="(?i)validation"):  # a reward item with neither source: refused by
+            client.create_flow_run_from_deployment(evaluate.id, parameters={"config": {  # the form, not 7 s later
+                "rewards": [{"function": None, "model": None, "weight": 1.0}]}})
         deployed = {d.name for d in client.read_deployments()}
         assert deployed == {"sft", "grpo", "grpo-nightly", "evaluate", "reward-model", "ppo", "dpo",
                             "preference-data", "preference-data-human", "kto", "pipeline"}

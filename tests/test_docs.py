@@ -189,3 +189,27 @@ def test_the_metric_check_refuses_an_uncatalogued_key(monkeypatch):
     monkeypatch.setenv("RLHF_CHECK_METRIC_NAMES", "0")
     tracker.log_metrics({"anything/else": 1.0}, step=0)
     assert logged == ["loss/policy", "time/generation_s", "anything/else"]
+
+
+def test_descriptions_survive_markdown_and_list_defaults_show_in_the_form():
+    """Prefect's form renders each description as markdown: a `<name>` outside a code span would vanish, a leading
+    `>` would turn into a quote. And a list field's default must be in the schema, or the form shows an empty list
+    although a default applies."""
+    import html
+
+    import markdown
+
+    from flows.cli import FLOWS
+    from rlhf_core.config.fields import config_fields
+
+    lost = []
+    for name, flow in FLOWS.items():
+        for field in config_fields(flow.config, flow.config()):
+            shown = html.unescape(re.sub(r"<[^>]+>", "", markdown.markdown(field.description)))
+            if " ".join(shown.split()) != " ".join(field.description.replace("`", "").split()):
+                lost.append(f"{name}: {field.name}")
+        schema = flow.config.model_json_schema()
+        for key, info in flow.config.model_fields.items():
+            if "list" in str(info.annotation) and not info.is_required():
+                assert "default" in schema["properties"][key], f"{name}: {key} shows no default in the form"
+    assert lost == [], f"descriptions that markdown mangles: {lost}"

@@ -147,6 +147,10 @@ REWARDS_DESCRIPTION = ("the reward sources, summed by weight: reward functions (
 class RewardSpec(_Config):
     """One reward source: a reward function or a reward model (exactly one of the two)."""
 
+    # the rule in the JSON schema too, so the UI's form (validated by the server) refuses an item with neither
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": [source], "properties": {source: {"type": "string"}}} for source in ("function", "model")]})
+
     function: str | None = Field(None, description="a built-in reward name or an import path package.module:function")
     model: str | None = Field(None, description="a reward model: a local folder or an MLflow URI "
                                                 "(models:/reward-model@newest); it scores the decoded text")

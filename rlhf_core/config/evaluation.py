@@ -21,7 +21,7 @@ class EvaluationConfig(_Config):
     measure KL to the reference and response length; move the champion alias when the candidate wins."""
 
     candidate: str = Field("models:/grpo-policy@newest", description=(
-        "the model under test: a registry URI (models:/<name>@<alias> or models:/<name>/<version>; needed to "
+        "the model under test: a registry URI (`models:/<name>@<alias>` or `models:/<name>/<version>`; needed to "
         "promote it), a local folder or a built-in name"))
     baseline: str = Field("champion", description=(
         "'champion': models:/<candidate's name>@champion, or the reference while there is no champion yet; "
@@ -32,7 +32,7 @@ class EvaluationConfig(_Config):
     data: DataConfig = DataConfig(path="data/arithmetic_eval.jsonl")
     num_prompts: int | None = Field(None, ge=1, description="held-out prompts used (None: all of them)")
     generation: GenerationConfig = GenerationConfig(group_size=4, max_new_tokens=32, temperature=0.7)
-    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(function="arithmetic_answer")],
+    rewards: list[RewardSpec] = Field([RewardSpec(function="arithmetic_answer")],
                                       min_length=1, description="the judge: reward functions and/or models, summed")
     seed: int = Field(0, ge=0, description="sampling seeds, the same for candidate and baseline")
     micro_batch_size: int = Field(16, ge=1, description="sequences per forward pass when scoring")

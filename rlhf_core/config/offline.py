@@ -88,7 +88,7 @@ class JudgeConfig(_Config):
     kind: Literal["reward", "human"] = Field("reward", description=(
         "reward: score = the weighted sum of `rewards`; human: the flow pauses and asks in the Prefect UI which "
         "response to each prompt is best (1.0 for it, 0.0 for the others)"))
-    rewards: list[RewardSpec] = Field(default_factory=_default_judge_rewards, min_length=1, description=(
+    rewards: list[RewardSpec] = Field(_default_judge_rewards(), min_length=1, description=(
         "reward functions and reward models, summed by weight (kind=reward only)"))
     human_batch_size: int = Field(8, ge=1, le=100, description="prompts shown per pause of the human judge")
     human_timeout_s: int = Field(86400, ge=1, description=(

@@ -25,7 +25,7 @@ class GRPOConfig(_Config):
     runtime: RuntimeConfig = RuntimeConfig()
     data: DataConfig = DataConfig()
     generation: GenerationConfig = GenerationConfig()
-    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(function="arithmetic_answer")],
+    rewards: list[RewardSpec] = Field([RewardSpec(function="arithmetic_answer")],
                                       min_length=1, description=REWARDS_DESCRIPTION)
     kl: KLConfig = KLConfig()
     advantage: AdvantageConfig = AdvantageConfig()
@@ -108,7 +108,7 @@ class PPOConfig(_Config):
     runtime: RuntimeConfig = RuntimeConfig()
     data: DataConfig = DataConfig(path="data/review_prompts.jsonl", extra_columns=[])
     generation: GenerationConfig = GenerationConfig(group_size=1, max_new_tokens=32, temperature=0.7)
-    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(model="models:/reward-model@newest")],
+    rewards: list[RewardSpec] = Field([RewardSpec(model="models:/reward-model@newest")],
                                       min_length=1, description=REWARDS_DESCRIPTION)
     kl: PPOKLConfig = PPOKLConfig()
     gae: GAEConfig = GAEConfig()
