@@ -133,8 +133,11 @@ def up(host: str, prefect_port: int, mlflow_port: int, timeout_s: float, max_run
     prefect_url, mlflow_url = f"http://{host}:{prefect_port}", f"http://{host}:{mlflow_port}"
     services: list[Service] = []
     try:
+        # the UI asks its API at PREFECT_UI_API_URL, which defaults to port 4200 whatever --port says: "/api" is
+        # this server as the browser reached it, on any port and host name (a value the user set wins)
         server = start("prefect-server", [bin_path("prefect"), "server", "start", "--host", host,
-                                          "--port", str(prefect_port)], service_env(), prefect_url)
+                                          "--port", str(prefect_port)],
+                       {"PREFECT_UI_API_URL": "/api", **service_env()}, prefect_url)
         services.append(server)
         mlflow = start("mlflow-server", [
             bin_path("mlflow"), "server", "--host", host, "--port", str(mlflow_port), "--workers", "1",

@@ -357,14 +357,15 @@ def _read_jsonl_columns(path: Path) -> _Columns | None:
     (two objects on a line are an error to the row reader)."""
     import pyarrow.json as pj
 
+    lines = _object_lines(path)
+    if lines is None:
+        return None
     try:
         table = pj.read_json(path, read_options=pj.ReadOptions(block_size=8 << 20))
         table.validate(full=True)  # the JSON reader does not check that strings are UTF-8
         pa.default_memory_pool().release_unused()  # the parser's buffers, so the Python objects reuse them
     except Exception:  # ArrowInvalid, UnicodeDecodeError, ...: the row reader names the line
         return None
-    with path.open("rb") as f:  # Arrow read the file, so it is UTF-8 JSON: a blank line is ASCII whitespace
-        lines = np.fromiter((n for n, raw in enumerate(f, start=1) if raw.strip()), dtype=np.int64)
     if len(lines) != table.num_rows:
         return None
 
@@ -378,6 +379,20 @@ def _read_jsonl_columns(path: Path) -> _Columns | None:
         return [found[i] for i in indices]
 
     return _Columns(table, lambda i: f"line {lines[i]}", records)
+
+
+def _object_lines(path: Path) -> np.ndarray | None:
+    """The numbers of the non-blank lines, or None when one of them does not start with `{`. Only such files go
+    to Arrow: pyarrow 25's JSON reader kills the process (a segmentation fault) when the first value is `null`."""
+    numbers = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            text = raw.strip().removeprefix(b"\xef\xbb\xbf").lstrip() if number == 1 else raw.strip()
+            if text:
+                if not text.startswith(b"{"):
+                    return None
+                numbers.append(number)
+    return np.asarray(numbers, dtype=np.int64)
 
 
 def _column_is_valid(column, expected: type | Check, required: bool) -> bool:

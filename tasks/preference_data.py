@@ -98,7 +98,7 @@ def review_form(batch: pd.DataFrame) -> type[RunInput]:
         shown = group["sample_index"][~is_empty(group["response"])]
         choices = tuple(str(k + 1) for k in shown) + (SKIP,)
         fields[f"prompt_{n}"] = (Literal[choices], pydantic.Field(title=f"Prompt {n}",
-                                                                   description=" ".join(prompt.split())[:200]))
+                                                                   description=_markdown_line(prompt[:200])))
         lines.append(f"**Prompt {n}.** {_markdown_line(prompt)}\n")
         # explicit numbers, not a markdown list: a list would renumber around an empty response
         lines += [f"- **{k + 1}** " + (_markdown_line(r) if r.strip() else "_(empty response: not selectable)_")

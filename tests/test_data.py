@@ -313,6 +313,20 @@ def test_repeated_rows_dropped_with_a_count_or_kept_on_request(tmp_path, capsys,
                        "loads, each repeated row dropped once, the count and the first lines printed")
 
 
+@pytest.mark.parametrize("content", ["null", "\ufeffnull\n", "\n  null\n", "null\n{\"prompt\": \"a\"}\n",
+                                     '{"prompt": "a"}\nnull\n'])
+def test_a_null_line_is_named_not_a_crash(tmp_path, content, reliability):
+    """pyarrow 25's JSON reader segfaults on a file whose first value is `null` (found by the fuzz test below):
+    such lines never reach it."""
+    path = tmp_path / "nulls.jsonl"
+    path.write_text(content, encoding="utf-8")
+    line = 1 + content.lstrip("\ufeff").split("null")[0].count("\n")
+    with pytest.raises(DatasetError, match=rf"nulls.jsonl.*line {line}\b"):
+        load_table(path, {"prompt": str})
+    reliability.record("bad input", "a JSONL line holding `null` (crashed the process inside pyarrow's reader)",
+                       "DatasetError naming the file and the line")
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(content=st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode)))
 def test_any_bytes_in_a_jsonl_file_load_or_raise_a_dataset_error_naming_the_file(tmp_path_factory, reliability,
