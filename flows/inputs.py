@@ -8,12 +8,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
-from rlhf_core.config import DataConfig, ModelConfig, RewardSpec, RuntimeConfig
+from rlhf_core.config import DataConfig, KLConfig, ModelConfig, RewardSpec, RuntimeConfig
 from rlhf_core.data import check_prompt_lengths
 from rlhf_core.errors import UserInputError
 from rlhf_core.chat import chat_prompt_ids
 from rlhf_core.models import load_tokenizer, model_config
-from rlhf_core.model_files import REGISTRY_PREFIX, check_reward_model
+from rlhf_core.model_files import REGISTRY_PREFIX, check_causal_lm, check_reward_model
 from rlhf_core.rewards import check_reward_columns, reward_source_fingerprint
 from tasks.data import chat_prompts, dataset_fingerprints, load_prompt_dataset
 from tasks.models import RegisteredModelMissing, registered_version, resolve_model, resolve_start_model
@@ -33,12 +33,14 @@ class OnlineInputs(NamedTuple):
 def resolve_rewards(rewards: list[RewardSpec], extra_columns: list[str]) -> RewardSources:
     """The reward sources with their functions' source hashes and their resolved reward models: every function
     imports and every model resolves, or this raises naming it."""
-    models = [resolve_model(r.model) if r.model else None for r in rewards]
+    models = [resolve_model(r.model or r.judge) if r.model or r.judge else None for r in rewards]
     for spec, model in zip(rewards, models):
-        if model is not None:
+        if spec.model:
             check_reward_model(Path(model.path), spec.allow_new_head)
+        elif spec.judge:
+            check_causal_lm(Path(model.path), f"the judge {spec.judge}")
         else:
-            check_reward_columns(spec.function, extra_columns)
+            check_reward_columns(spec.function, extra_columns, spec.options)
     return RewardSources(specs=rewards,
                          fingerprints=[reward_source_fingerprint(r.function) if r.function else None for r in rewards],
                          models=models, extra_columns=extra_columns)
@@ -122,6 +124,22 @@ def resolve_online_inputs(config) -> OnlineInputs:
     check_num_prompts(config.prompts_per_iteration, inputs.dataset.rows, config.data.path, "prompts_per_iteration")
     check_prompts_fit(inputs.dataset, inputs.policy, config.data, config.generation.max_new_tokens)
     return inputs
+
+
+def resolve_kl_reference(kl: KLConfig, policy: CheckpointRef) -> CheckpointRef | None:
+    """What the KL term is measured to: nothing (kl.coef 0), the start model, or a teacher (kl.reference) whose
+    vocabulary is the policy's: per-token log-probs of two tokenizers cannot be compared."""
+    if kl.coef == 0:
+        return None
+    if kl.reference is None:
+        return policy
+    teacher = resolve_model(kl.reference)
+    check_causal_lm(Path(teacher.path), "kl.reference")
+    student_vocab, teacher_vocab = (load_tokenizer(Path(m.path))[0].get_vocab() for m in (policy, teacher))
+    if student_vocab != teacher_vocab:
+        raise UserInputError(f"kl.reference {kl.reference}: its tokenizer is not the policy's ({len(teacher_vocab)} "
+                             f"vs {len(student_vocab)} tokens, or other ids): per-token log-probs cannot be compared")
+    return teacher
 
 
 def check_prompts_fit(dataset: ArtifactRef, policy: CheckpointRef, data: DataConfig, max_new_tokens: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.heldout import HeldOutEvaluation
 from flows.inputs import lineage_tags, resolve_online_inputs, resolve_run_seed
 from flows.tracking import StageClock, log_online_iteration, mlflow_run
 from rlhf_core.config import PPOConfig
@@ -41,6 +42,8 @@ def ppo(config: PPOConfig = PPOConfig()) -> str:
                      lineage=lineage_tags(config.model, policy, [config.data.path],
                                           dataset_fingerprints(config.data))) as tracker,
           shard_runner(config.runtime) as shards):
+        heldout = HeldOutEvaluation(config, policy)
+        heldout.run(policy, 0, tracker, shards)
         for iteration in range(config.iterations):
             clock = StageClock()
             with clock("prompts"):
@@ -70,4 +73,5 @@ def ppo(config: PPOConfig = PPOConfig()) -> str:
             checkpoints.append(policy)
             prune_checkpoints(checkpoints, keep=config.keep_checkpoints)
             print(f"iteration {iteration}: score {stats['ppo/score_mean']:.3f}, KL {stats['kl/mean']:.3f}")
+            heldout.run(policy, iteration + 1, tracker, shards)
     return policy.path

@@ -62,7 +62,11 @@ def check_rewards(rewards: list[RewardSpec], extra_columns: list[str]) -> None:
     disk, has a trained score head."""
     for spec in rewards:
         if spec.function:
-            check_reward_columns(spec.function, extra_columns)
+            check_reward_columns(spec.function, extra_columns, spec.options)
+        elif spec.judge:
+            check_model_name(spec.judge)
+            if folder := local_model_folder(spec.judge):
+                check_causal_lm(folder, f"the judge {spec.judge}")
         else:
             check_model_name(spec.model)
             if folder := local_model_folder(spec.model):
@@ -107,9 +111,17 @@ def check_servers() -> None:
 def _online(config: GRPOConfig | PPOConfig) -> None:
     check_rewards(config.rewards, config.data.extra_columns)
     prompts = check_prompts(config.data, config.prompts_per_iteration, "prompts_per_iteration")
+    heldout = config.heldout
+    if heldout.every:
+        check_rewards(heldout.rewards or config.rewards, heldout.data.extra_columns)
+        heldout_prompts = check_prompts(heldout.data, heldout.num_prompts, "heldout.num_prompts")
     check_start_model(config.model)
+    if getattr(config.kl, "reference", None):
+        check_model_name(config.kl.reference)
     if folder := local_model_folder(config.model.name_or_path):  # reads the tokenizer, not the weights
         check_prompt_list_fits(prompts, folder, config.data, config.generation.max_new_tokens)
+        if heldout.every:
+            check_prompt_list_fits(heldout_prompts, folder, heldout.data, config.generation.max_new_tokens)
 
 
 def _preference_data(config: PreferenceDatasetConfig) -> None:

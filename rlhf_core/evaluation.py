@@ -8,7 +8,11 @@ estimate of KL(pi || ref) per response.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
+
+from rlhf_core.verifiable import extract_final_number
 
 
 def paired_outcomes(candidate_rewards: np.ndarray, baseline_rewards: np.ndarray) -> np.ndarray:
@@ -63,3 +67,29 @@ def promotion_decision(summary: dict[str, float], min_win_rate: float, max_kl: f
         return False, f"win rate {rate:.3f} > {min_win_rate:.3f} but KL {kl:.3f} > max_kl {max_kl:.3f}"
     within = f", KL {kl:.3f} <= {max_kl:.3f}" if max_kl is not None else ""
     return True, f"win rate {rate:.3f} > {min_win_rate:.3f}{within}"
+
+
+def answer_of(response: str) -> str:
+    """What maj@k votes on: the response's last number where it has one (the arithmetic task's answer), else its
+    text with whitespace folded."""
+    number = extract_final_number(response)
+    return str(number) if number is not None else " ".join(response.split())
+
+
+def sample_metrics(rewards: np.ndarray, group_ids: np.ndarray, answers: list[str], threshold: float,
+                   prefix: str = "heldout/") -> dict[str, float]:
+    """k responses per prompt -> mean reward, pass@k (share of prompts with a response whose reward >= threshold:
+    with n = k samples, the unbiased estimator 1 - C(n - c, k) / C(n, k) of Chen et al. 2021 is exactly this) and
+    maj@k (share of prompts whose most frequent answer, ties to the earliest, is correct; an answer's correctness is
+    that of its first response). rewards, group_ids: [B]; answers: B strings."""
+    correct = rewards >= threshold
+    passed, majority = [], []
+    for group in np.unique(group_ids):
+        rows = np.flatnonzero(group_ids == group)
+        votes = Counter(answers[i] for i in rows)
+        top = max(votes.values())
+        winner = next(answers[i] for i in rows if votes[answers[i]] == top)
+        passed.append(bool(correct[rows].any()))
+        majority.append(bool(correct[next(i for i in rows if answers[i] == winner)]))
+    return {f"{prefix}reward_mean": float(np.mean(rewards)), f"{prefix}pass_at_k": float(np.mean(passed)),
+            f"{prefix}maj_at_k": float(np.mean(majority))}

@@ -4,10 +4,12 @@ Every reward function has one signature, batched so a user function can vectoris
     fn(prompts: list[str], responses: list[str], **columns: list) -> Sequence[float]   # [B] -> [B]
 `columns` are the dataset's other columns for the same rows (e.g. answer=[...]) and `prompt_messages`: each
 prompt as the list of `{"role", "content"}` messages the chat template rendered (a plain string prompt is one user
-turn; `prompts` holds the text: the user's message, or every turn as "role: content" for a multi-turn prompt); a
-function takes **columns and ignores what it does not use. A function is a built-in name ("arithmetic_answer") or
-an import path "package.module:function". Outputs are checked (length, finite floats) here, because a NaN reward would
-otherwise surface steps later as a NaN loss with no hint of which function produced it.
+turn; `prompts` holds the text: the user's message, or every turn as "role: content" for a multi-turn prompt), and
+`response_length`: each response's length in tokens (EOS included) where the rows are generated rollouts; a
+spec's `options` come as keyword arguments too. A function takes **columns and ignores what it does not use. A
+function is a built-in name ("arithmetic_answer") or an import path "package.module:function". Outputs are checked
+(length, finite floats) here, because a NaN reward would otherwise surface steps later as a NaN loss with no hint
+of which function produced it.
 """
 
 import hashlib
@@ -67,6 +69,18 @@ def response_length(prompts: list[str], responses: list[str], **columns: list) -
     return [-len(r.split()) / 100 for r in responses]
 
 
+@register(REWARD_FUNCTIONS, "overlong_penalty")
+def overlong_penalty(prompts: list[str], responses: list[str], *, response_length: list, max_new_tokens: int,
+                     buffer_tokens: int, **columns: list) -> list[float]:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), with L_max = max_new_tokens and L_cache =
+    buffer_tokens (both from the spec's `options`; max_new_tokens as in the generation section): 0 for a response
+    of up to L_max - L_cache tokens, then (L_max - L_cache - n) / L_cache, down to -1 at L_max tokens."""
+    if not 1 <= buffer_tokens <= max_new_tokens:
+        raise ValueError(f"options need 1 <= buffer_tokens <= max_new_tokens; got {buffer_tokens}, {max_new_tokens}")
+    start = max_new_tokens - buffer_tokens
+    return [max(-1.0, min(0.0, (start - int(n)) / buffer_tokens)) for n in response_length]
+
+
 @register(REWARD_FUNCTIONS, "vader_sentiment")
 def vader_sentiment(prompts: list[str], responses: list[str], **columns: list) -> list[float]:
     """VADER's compound sentiment score of the response, in [-1, 1] (Hutto & Gilbert 2014; rule-based, no model).
@@ -108,10 +122,13 @@ def resolve_reward_function(name: str) -> Callable:
     return obj
 
 
-def check_reward_columns(name: str, extra_columns: list[str]) -> None:
-    """The columns the function's signature requires (keyword arguments without a default, beyond prompts and
-    responses) are among `extra_columns`, the ones the flow passes: checked before any response is generated, not
-    when the first batch is scored."""
+ALWAYS_PASSED = ["prompt_messages", "response_length"]  # besides data.extra_columns (response_length: tokens)
+
+
+def check_reward_columns(name: str, extra_columns: list[str], options: Mapping | None = None) -> None:
+    """The keyword arguments the function's signature requires (those without a default, beyond prompts and
+    responses) are among `extra_columns` (the ones the flow passes), ALWAYS_PASSED and the spec's `options`:
+    checked before any response is generated, not when the first batch is scored."""
     function = resolve_reward_function(name)
     try:
         parameters = list(inspect.signature(function).parameters.values())
@@ -119,9 +136,10 @@ def check_reward_columns(name: str, extra_columns: list[str]) -> None:
         return
     required = [p.name for p in parameters[2:] if p.default is inspect.Parameter.empty
                 and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
-    if missing := [column for column in required if column not in [*extra_columns, "prompt_messages"]]:
-        raise UserInputError(f"reward function {name!r} needs the column(s) {missing}, which data.extra_columns "
-                             f"({extra_columns}) does not pass: add them, or use another reward")
+    if missing := [column for column in required if column not in [*extra_columns, *ALWAYS_PASSED, *(options or {})]]:
+        raise UserInputError(f"reward function {name!r} needs the argument(s) {missing}, which neither "
+                             f"data.extra_columns ({extra_columns}) nor its options pass: add them, or use another "
+                             "reward")
 
 
 def _checked(name: str, output: object, n_rows: int) -> np.ndarray:
@@ -171,10 +189,11 @@ def compute_rewards(
     responses: list[str],
     columns: Mapping[str, list],
     timeouts: Mapping[str, float | None] | None = None,
+    options: Mapping[str, Mapping] | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Weighted sum of reward functions over a batch. specs: [(name, weight)]; prompts, responses: [B];
-    each column: [B]; timeouts: seconds each function's call may take (absent or None: no limit). Returns
-    (sum_k weight_k * reward_k: [B] float64, {name: raw reward_k [B]})."""
+    each column: [B]; timeouts: seconds each function's call may take (absent or None: no limit); options: keyword
+    arguments per function. Returns (sum_k weight_k * reward_k: [B] float64, {name: raw reward_k [B]})."""
     names = [name for name, _ in specs]
     if not specs or len(set(names)) != len(names):
         raise ValueError(f"reward specs must name at least one function, each once; got {names}")
@@ -188,7 +207,7 @@ def compute_rewards(
         fn = resolve_reward_function(name)
         try:
             output = call_with_timeout(fn, (timeouts or {}).get(name), name, list(prompts), list(responses),
-                                       **{k: list(v) for k, v in columns.items()})
+                                       **{k: list(v) for k, v in columns.items()}, **(options or {}).get(name, {}))
         except RewardError:
             raise
         except Exception as e:

@@ -106,7 +106,7 @@ def config_reference() -> str:
 # ----------------------------------------------------------------------------------------------------- metrics
 
 METRIC_GROUPS = [  # (title, key prefixes): the page's sections, in order
-    ("Rollouts (GRPO, PPO)", ("reward/", "response/", "perf/", "rollout/")),
+    ("Rollouts (GRPO, PPO)", ("reward/", "response/", "perf/", "rollout/", "sampling/", "heldout/")),
     ("Policy update (GRPO, PPO, DPO, KTO)", ("loss/policy", "policy/", "kl/")),
     ("PPO: scores, GAE and the critic", ("ppo/", "loss/value", "value/")),
     ("DPO and KTO", ("rewards/", "logps/", "loss/dpo", "loss/kto", "loss/train", "kl", "eval/")),

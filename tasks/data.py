@@ -26,6 +26,7 @@ from rlhf_core.config import DataConfig, PreferenceDataConfig, SFTDataConfig, Un
 from rlhf_core.conversation import (as_messages, conversation_key, preference_pair, prompt_messages, prompt_text,
                                     reply_messages, reply_text, sft_messages)
 from rlhf_core.data import Check, DatasetError, dataset_fingerprint, is_hub_id, load_table
+from rlhf_core.dynamic_sampling import round_seed
 from rlhf_core.formats import data_format
 from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.paths import resolve_data_path
@@ -115,9 +116,15 @@ def epoch_order(num_rows: int, count: int, start: int, seed: int) -> np.ndarray:
 
 
 @task(name="sample-prompts", **STAGE_TASK_OPTIONS)
-def sample_prompts(dataset: ArtifactRef, num_prompts: int, iteration: int, seed: int) -> ArtifactRef:
+def sample_prompts(dataset: ArtifactRef, num_prompts: int, iteration: int, seed: int,
+                   sampling_round: int = 0) -> ArtifactRef:
+    """Iteration `iteration`'s prompts: its slice of the seeded epochs; an extra round of dynamic sampling draws
+    from a stream of its own (round_seed), so the next iterations' prompts do not depend on how many rounds ran."""
     df = dataset.read()
-    rows = epoch_order(len(df), num_prompts, iteration * num_prompts, seed)
+    if sampling_round == 0:
+        rows = epoch_order(len(df), num_prompts, iteration * num_prompts, seed)
+    else:
+        rows = epoch_order(len(df), num_prompts, 0, round_seed(seed, iteration, sampling_round))
     return publish(df.iloc[rows].reset_index(drop=True), "prompts")
 
 

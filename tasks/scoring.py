@@ -1,5 +1,5 @@
-"""The scoring stage: rewards from reward functions and reward models and, when the loss or the reward needs
-them, reference log-probs."""
+"""The scoring stage: rewards from reward functions, reward models and LLM judges and, when the loss or the reward
+needs them, reference log-probs."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict
 
 from rlhf_core.batch import collate, response_lists
+from rlhf_core.judge import answer_token_ids, judge_prompts, yes_probability
 from rlhf_core.config import RewardSpec, RuntimeConfig
 from rlhf_core.config.training import LogprobPass
 from rlhf_core.logprobs import batched_response_logprobs
@@ -20,7 +21,7 @@ from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.data import chat_prompts
 from tasks.distributed import distributed_scores
 from tasks.refs import ArtifactRef, CheckpointRef, publish
-from tasks.runtime import reference_model
+from tasks.runtime import load_model, reference_model
 
 REWARD_MODEL_MAX_LENGTH = 512
 
@@ -52,11 +53,17 @@ def reward_values(df: pd.DataFrame, sources: RewardSources, runtime: RuntimeConf
     values = {}
     if functions:
         timeouts = {spec.function: spec.timeout_s for spec in sources.specs if spec.function}
+        options = {spec.function: spec.options for spec in sources.specs if spec.function}
         columns = {c: df[c].tolist() for c in sources.extra_columns}
         if "prompt_messages" in df:  # every function also gets each prompt as messages (multi-turn, system turn)
             columns["prompt_messages"] = chat_prompts(df)
-        _, values = compute_rewards(functions, prompts, responses, columns, timeouts)
+        if "response_length" in df:  # and each response's length in tokens (overlong_penalty)
+            columns["response_length"] = df["response_length"].tolist()
+        _, values = compute_rewards(functions, prompts, responses, columns, timeouts, options)
     for spec, checkpoint in zip(sources.specs, sources.models):
+        if spec.judge:
+            values[spec.judge] = judge_scores(checkpoint, spec, prompts, responses, runtime, batch_size)
+            continue
         if not spec.model:
             continue
         if model_scores is not None:
@@ -72,12 +79,21 @@ def reward_values(df: pd.DataFrame, sources: RewardSources, runtime: RuntimeConf
     return values
 
 
+def judge_scores(judge: CheckpointRef, spec: RewardSpec, prompts: list[str], responses: list[str],
+                 runtime: RuntimeConfig, batch_size: int) -> np.ndarray:
+    """An LLM judge's P(good answer) per response (rlhf_core/judge.py), in this process."""
+    model, tokenizer = load_model(judge, runtime)
+    ids = judge_prompts(tokenizer, spec.judge_template, prompts, responses)
+    return yes_probability(model, ids, answer_token_ids(tokenizer, spec.judge_answers), tokenizer.pad_token_id,
+                           batch_size).numpy()
+
+
 def with_rewards(df: pd.DataFrame, total_column: str, sources: RewardSources, runtime: RuntimeConfig,
                  batch_size: int, model_scores: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
     """`df` with the weighted sum of the reward sources in `total_column` and one `reward[<source>]` column per
     source (unweighted)."""
     values = reward_values(df, sources, runtime, batch_size, model_scores)
-    total = sum(spec.weight * values[spec.name] for spec in sources.specs)
+    total = sum((spec.weight * values[spec.name] for spec in sources.specs), np.zeros(len(df)))  # none: 0.0
     return df.assign(**{total_column: total}, **{reward_column(name): v for name, v in values.items()})
 
 

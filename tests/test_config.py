@@ -2,6 +2,7 @@
 config file with flags (flags win), prints a round-trippable config with --dry-run, and exits 2 on bad input."""
 
 import re
+from pathlib import Path
 from typing import get_args
 
 import pytest
@@ -275,9 +276,9 @@ def test_main_unknown_flow_exits_2_with_usage(argv, capsys):
 
 
 def test_a_reward_spec_names_exactly_one_source():
-    with pytest.raises(ValidationError, match="exactly one of `function` or `model`"):
+    with pytest.raises(ValidationError, match="exactly one of `function`, `model` or `judge`"):
         RewardSpec()
-    with pytest.raises(ValidationError, match="exactly one of `function` or `model`"):
+    with pytest.raises(ValidationError, match="exactly one of `function`, `model` or `judge`"):
         RewardSpec(function="arithmetic_answer", model="models:/reward-model@newest")
     assert RewardSpec(model="/some/reward-model").name == "/some/reward-model"
 
@@ -313,3 +314,13 @@ def test_every_float_field_of_every_flow_refuses_nan_and_inf(reliability):
     assert checked > 40
     reliability.record("bad input", f"NaN or inf in any of the {checked} float config fields (and a reward weight)",
                        "refused before any work: 'Input should be a finite number', naming the field")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_file_is_a_valid_config_of_its_flow(path):
+    from flows.arguments import read_config_file
+    from rlhf_core.config import GRPOConfig, PPOConfig
+
+    flow_config = {"grpo": GRPOConfig, "ppo": PPOConfig}[path.name.split("_")[0]]
+    flow_config.model_validate(read_config_file(str(path))[1])

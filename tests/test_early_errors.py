@@ -73,7 +73,7 @@ CASES = [
      "in every one of its 4 pairs the chosen and rejected responses are the same text"),
     ("a reward function needing a column extra_columns does not pass", lambda t, m: [
         "grpo", "--model.name-or-path", str(m), "--data.extra-columns", "[]"],
-     "reward function 'arithmetic_answer' needs the column(s) ['answer']"),
+     "reward function 'arithmetic_answer' needs the argument(s) ['answer']"),
     ("a causal LM as a reward model", lambda t, m: ["grpo", "--rewards", json.dumps([{"model": str(m)}])],
      "is a LlamaForCausalLM with no trained score head"),
     ("a sequence classifier as the policy", lambda t, m: [

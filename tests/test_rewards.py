@@ -8,9 +8,10 @@ import uuid
 import numpy as np
 import pytest
 
+from rlhf_core.config import RewardSpec
 from rlhf_core.errors import UserInputError
-from rlhf_core.rewards import (REWARD_FUNCTIONS, RewardError, compute_rewards, resolve_reward_function,
-                               reward_source_fingerprint)
+from rlhf_core.rewards import (REWARD_FUNCTIONS, RewardError, check_reward_columns, compute_rewards,
+                               resolve_reward_function, reward_source_fingerprint)
 
 
 @pytest.fixture
@@ -37,7 +38,40 @@ def rewards_of(name, responses, **columns):
 
 
 def test_builtins_are_registered():
-    assert set(REWARD_FUNCTIONS) == {"arithmetic_answer", "answer_format", "response_length", "vader_sentiment"}
+    assert set(REWARD_FUNCTIONS) == {"arithmetic_answer", "answer_format", "response_length", "vader_sentiment",
+                                     "overlong_penalty"}
+
+
+def test_overlong_penalty_by_hand_and_as_dapo_writes_it():
+    """L_max = 10, L_cache = 4: 0 up to 6 tokens, then -1/4 per token, -1 at 10 (and beyond, clamped)."""
+    lengths = [1, 6, 7, 8, 9, 10, 12]
+    got = rewards_of("overlong_penalty", ["r"] * len(lengths), response_length=lengths, max_new_tokens=10,
+                     buffer_tokens=4)
+    assert got == [0.0, 0.0, -0.25, -0.5, -0.75, -1.0, -1.0]
+
+    def dapo_eq_13(n, l_max, l_cache):  # the paper's three cases
+        if n <= l_max - l_cache:
+            return 0.0
+        if n <= l_max:
+            return ((l_max - l_cache) - n) / l_cache
+        return -1.0
+
+    lengths = list(range(0, 40))
+    assert rewards_of("overlong_penalty", ["r"] * 40, response_length=lengths, max_new_tokens=32,
+                      buffer_tokens=8) == [dapo_eq_13(n, 32, 8) for n in lengths]
+    with pytest.raises(ValueError, match="buffer_tokens"):
+        rewards_of("overlong_penalty", ["r"], response_length=[3], max_new_tokens=4, buffer_tokens=5)
+
+
+def test_options_reach_the_function_and_count_as_its_arguments():
+    total, _ = compute_rewards([("overlong_penalty", 2.0)], ["q"] * 2, ["a", "b"], {"response_length": [2, 4]},
+                               options={"overlong_penalty": {"max_new_tokens": 4, "buffer_tokens": 2}})
+    assert total.tolist() == [0.0, -2.0]
+    check_reward_columns("overlong_penalty", [], {"max_new_tokens": 4, "buffer_tokens": 2})
+    with pytest.raises(UserInputError, match=r"needs the argument\(s\) \['buffer_tokens'\]"):
+        check_reward_columns("overlong_penalty", [], {"max_new_tokens": 4})
+    with pytest.raises(ValueError, match="options are keyword arguments of a reward function"):
+        RewardSpec(model="some/folder", options={"x": 1})
 
 
 def test_arithmetic_answer():
@@ -261,3 +295,16 @@ def test_source_fingerprint_without_source_uses_the_qualified_name():
     # math.fabs is written in C: inspect.getsource raises, so the name stands in for the source
     fabs, floor = reward_source_fingerprint("math:fabs"), reward_source_fingerprint("math:floor")
     assert fabs != floor and len(fabs) == 16
+
+
+def test_the_scoring_stage_gives_functions_the_response_lengths_and_the_options():
+    import pandas as pd
+
+    from rlhf_core.config import RuntimeConfig
+    from tasks.scoring import RewardSources, reward_values
+
+    spec = RewardSpec(function="overlong_penalty", options={"max_new_tokens": 8, "buffer_tokens": 4})
+    rollouts = pd.DataFrame({"prompt": ["q"] * 3, "response": ["a", "b", "c"], "response_length": [3, 6, 8]})
+    sources = RewardSources(specs=[spec], fingerprints=[None], models=[None])
+    assert reward_values(rollouts, sources, RuntimeConfig(), batch_size=4)["overlong_penalty"].tolist() == [
+        0.0, -0.5, -1.0]

@@ -11,7 +11,8 @@ from rlhf_core.config.common import (AdvantageConfig, GenerationConfig, KLConfig
 from rlhf_core.config.data import DataConfig, PreferenceDataConfig, SFTDataConfig, UnpairedDataConfig
 from rlhf_core.config.evaluation import EvaluationConfig, EvaluationTrackingConfig
 from rlhf_core.config.offline import DPOConfig, JudgeConfig, KTOConfig, PreferenceDatasetConfig, RewardModelConfig
-from rlhf_core.config.online import GAEConfig, GRPOConfig, PPOConfig, PPOKLConfig, ScoreConfig, ValueConfig
+from rlhf_core.config.online import (DynamicSamplingConfig, GAEConfig, GRPOConfig, HeldOutConfig, PPOConfig,
+                                     PPOKLConfig, ScoreConfig, ValueConfig)
 from rlhf_core.config.sft import SFTConfig
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "OfflineOptimConfig", "OptimConfig", "RewardSpec", "RuntimeConfig", "TrackingConfig", "check_lengths",
     "check_online_config",
     "DPOConfig", "JudgeConfig", "KTOConfig", "PreferenceDataConfig", "PreferenceDatasetConfig", "RewardModelConfig",
-    "UnpairedDataConfig", "EvaluationConfig", "EvaluationTrackingConfig", "GAEConfig", "GRPOConfig", "PPOConfig",
-    "PPOKLConfig", "ScoreConfig", "ValueConfig", "SFTConfig", "SFTDataConfig",
+    "UnpairedDataConfig", "EvaluationConfig", "EvaluationTrackingConfig", "DynamicSamplingConfig", "GAEConfig",
+    "HeldOutConfig", "GRPOConfig", "PPOConfig", "PPOKLConfig", "ScoreConfig", "ValueConfig", "SFTConfig",
+    "SFTDataConfig",
 ]

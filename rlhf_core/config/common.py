@@ -144,12 +144,17 @@ REWARDS_DESCRIPTION = ("the reward sources, summed by weight: reward functions (
                        "(`model`)")
 
 
-class RewardSpec(_Config):
-    """One reward source: a reward function or a reward model (exactly one of the two)."""
+DEFAULT_JUDGE_TEMPLATE = ("Is the response below a correct and helpful reply to the request? Answer Yes or No.\n\n"
+                          "Request: {prompt}\n\nResponse: {response}")
 
-    # the rule in the JSON schema too, so the UI's form (validated by the server) refuses an item with neither
+
+class RewardSpec(_Config):
+    """One reward source: a reward function, a reward model or an LLM judge (exactly one of the three)."""
+
+    # the rule in the JSON schema too, so the UI's form (validated by the server) refuses an item with none
     model_config = ConfigDict(json_schema_extra={"anyOf": [
-        {"required": [source], "properties": {source: {"type": "string"}}} for source in ("function", "model")]})
+        {"required": [source], "properties": {source: {"type": "string"}}}
+        for source in ("function", "model", "judge")]})
 
     function: str | None = Field(None, description="a built-in reward name or an import path package.module:function")
     model: str | None = Field(None, description="a reward model: a local folder or an MLflow URI "
@@ -161,18 +166,38 @@ class RewardSpec(_Config):
     allow_new_head: bool = Field(False, description=(
         "model only: accept a model without a trained score head (a causal LM or a bare encoder), which scores "
         "with a freshly initialised head, i.e. noise (tests, smoke runs)"))
+    judge: str | None = Field(None, description=(
+        "an LLM judge: a causal LM (a built-in name, a local folder or an MLflow URI) asked judge_template; the "
+        "score is its probability of the first of judge_answers against the second, in [0, 1]"))
+    judge_template: str = Field(DEFAULT_JUDGE_TEMPLATE, description=(
+        "judge only: the grading request, with {prompt} and {response} where they go; rendered with the judge's "
+        "chat template as one user turn"))
+    judge_answers: list[str] = Field(["Yes", "No"], min_length=2, max_length=2, description=(
+        "judge only: the good and the bad answer; the score is P(first) / (P(first) + P(second)) at the judge's "
+        "first reply token"))
+    options: dict[str, float | int | str | bool] = Field({}, description=(
+        "function only: keyword arguments given to the function on every call, e.g. {max_new_tokens: 32, "
+        "buffer_tokens: 8} for overlong_penalty"))
 
     @model_validator(mode="after")
     def _one_source(self) -> "RewardSpec":
-        if (self.function is None) == (self.model is None):
-            raise ValueError("a reward needs exactly one of `function` or `model`")
+        if sum(source is not None for source in (self.function, self.model, self.judge)) != 1:
+            raise ValueError("a reward needs exactly one of `function`, `model` or `judge`")
         if self.allow_new_head and self.model is None:
-            raise ValueError("allow_new_head applies to a reward model, not to a function")
+            raise ValueError("allow_new_head applies to a reward model, not to a function or a judge")
+        if self.options and self.function is None:
+            raise ValueError("options are keyword arguments of a reward function, not of a reward model or judge")
+        if self.judge is not None:
+            try:
+                self.judge_template.format(prompt="", response="")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"judge_template: only {{prompt}} and {{response}} may be filled in ({e!r}); "
+                                 "write a literal brace as {{ or }}") from None
         return self
 
     @property
     def name(self) -> str:
-        return self.function or self.model
+        return self.function or self.model or self.judge
 
 
 class KLConfig(_Config):
@@ -192,12 +217,18 @@ class KLConfig(_Config):
     clamp: float | None = Field(None, gt=0.0, description=(
         "bound c on |log(pi/ref)| per token before the estimator (k3 then stays below e^c - 1 - c, no overflow); "
         "the gradient is 0 where it binds; None: no clamp"))
+    reference: str | None = Field(None, description=(
+        "the model the KL is measured to: None, the start model (frozen); else a teacher (a built-in name, a local "
+        "folder or a registry URI with the policy's tokenizer): on-policy distillation, its per-token reverse KL "
+        "in the reward (placement reward) or the loss"))
 
     @model_validator(mode="after")
     def _options_need_a_kl_term(self) -> "KLConfig":
-        if self.coef == 0 and (self.placement != "loss" or self.importance_corrected or self.clamp is not None):
-            raise ValueError("kl.placement, kl.importance_corrected and kl.clamp shape the KL term, but kl.coef is 0 "
-                             "(no KL term, no reference model): set kl.coef > 0 or leave them at their defaults")
+        if self.coef == 0 and (self.placement != "loss" or self.importance_corrected or self.clamp is not None
+                               or self.reference is not None):
+            raise ValueError("kl.placement, kl.importance_corrected, kl.clamp and kl.reference shape the KL term, but "
+                             "kl.coef is 0 (no KL term, no reference model): set kl.coef > 0 or leave them at their "
+                             "defaults")
         if self.importance_corrected and self.placement == "reward":
             raise ValueError("kl.importance_corrected reweights the KL term in the loss by pi/pi_old; with "
                              "kl.placement 'reward' the KL is computed before the update, from the sampler's "

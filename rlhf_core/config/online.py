@@ -4,12 +4,39 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from rlhf_core.config.common import (GROUP_BASELINED_ESTIMATORS, REWARDS_DESCRIPTION, SEED_DESCRIPTION,
                                      TOKEN_LEVEL_ESTIMATORS, AdvantageConfig, DataConfig, GenerationConfig, KLConfig,
                                      LossConfig, ModelConfig, OptimConfig, RewardSpec, RunSeed, RuntimeConfig,
                                      TrackingConfig, _Config, check_online_config)
+
+
+class HeldOutConfig(_Config):
+    """Evaluation during training: the policy answers held-out prompts `samples` times each, on the start model, then
+    every `every` iterations and after the last; mean reward, pass@k and maj@k go to MLflow (step = iterations done)."""
+
+    every: int = Field(0, ge=0, description="iterations between held-out evaluations (0: none)")
+    data: DataConfig = Field(DataConfig(path="data/arithmetic_eval.jsonl"), description="the held-out prompts")
+    num_prompts: int | None = Field(None, ge=1, description="held-out prompts used, a seeded sample (None: all)")
+    rewards: list[RewardSpec] | None = Field(None, description=(
+        "the held-out judge: reward functions and/or models, summed (None: the flow's own rewards)"))
+    samples: int = Field(4, ge=1, le=256, description=(
+        "k: responses per prompt, sampled with the generation section's settings and the same seeds every time"))
+    pass_threshold: float = Field(1.0, description=(
+        "a response is correct when its summed reward is at least this (pass@k: a prompt with a correct response "
+        "among its k; maj@k: a prompt whose most frequent answer is correct)"))
+
+
+class DynamicSamplingConfig(_Config):
+    """DAPO's dynamic sampling (Yu et al. 2025, section 3.2): groups whose rewards are all equal carry no
+    gradient under a group baseline; they are dropped and more prompts are sampled, generated and scored until the
+    batch holds prompts_per_iteration informative groups."""
+
+    enabled: bool = Field(False, description="drop groups whose rewards are all equal and sample more prompts")
+    max_rounds: int = Field(3, ge=1, le=100, description=(
+        "generation rounds per iteration at most, the first included; a batch still short after them is filled "
+        "with the earliest dropped groups (advantage 0: only the KL and entropy terms see them)"))
 
 
 class GRPOConfig(_Config):
@@ -25,13 +52,24 @@ class GRPOConfig(_Config):
     runtime: RuntimeConfig = RuntimeConfig()
     data: DataConfig = DataConfig()
     generation: GenerationConfig = GenerationConfig()
-    rewards: list[RewardSpec] = Field([RewardSpec(function="arithmetic_answer")],
-                                      min_length=1, description=REWARDS_DESCRIPTION)
-    kl: KLConfig = KLConfig()
+    kl: KLConfig = KLConfig()  # before rewards: their check reads it
+    rewards: list[RewardSpec] = Field([RewardSpec(function="arithmetic_answer")], description=(
+        f"{REWARDS_DESCRIPTION}; empty only where the KL is the reward (distillation: kl.placement reward)"))
     advantage: AdvantageConfig = AdvantageConfig()
+    dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
+    heldout: HeldOutConfig = HeldOutConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("rewards")
+    @classmethod
+    def _some_reward(cls, rewards: list[RewardSpec], info: ValidationInfo) -> list[RewardSpec]:
+        kl = info.data.get("kl")
+        if not rewards and not (kl is not None and kl.placement == "reward" and kl.coef > 0):
+            raise ValueError("no reward source: name one, or make the KL the reward (kl.coef > 0, kl.placement "
+                             "reward: on-policy distillation from kl.reference)")
+        return rewards
 
     @model_validator(mode="after")
     def _consistent(self) -> "GRPOConfig":
@@ -47,6 +85,11 @@ class GRPOConfig(_Config):
             raise ValueError(f"advantage.estimator {self.advantage.estimator!r} baselines each reward by the other "
                              "responses to its prompt: with generation.group_size 1 every advantage is 0 and "
                              "nothing is learnt; sample 2 or more per prompt, or use reinforce_pp")
+        if self.dynamic_sampling.enabled and (self.generation.group_size == 1 or
+                                              self.advantage.estimator not in GROUP_BASELINED_ESTIMATORS):
+            raise ValueError("dynamic_sampling drops groups whose rewards are all equal, which only carry no "
+                             "gradient when each reward is baselined by its group: it needs generation.group_size "
+                             f">= 2 and a group-baselined advantage.estimator {sorted(GROUP_BASELINED_ESTIMATORS)}")
         if self.kl.placement == "reward" and self.advantage.estimator not in TOKEN_LEVEL_ESTIMATORS:
             raise ValueError(f"kl.placement 'reward' folds the KL into per-token rewards, which only the token-level "
                              f"estimators {list(TOKEN_LEVEL_ESTIMATORS)} use; advantage.estimator "
@@ -111,6 +154,8 @@ class PPOConfig(_Config):
     rewards: list[RewardSpec] = Field([RewardSpec(model="models:/reward-model@newest")],
                                       min_length=1, description=REWARDS_DESCRIPTION)
     kl: PPOKLConfig = PPOKLConfig()
+    heldout: HeldOutConfig = HeldOutConfig(data=DataConfig(path="data/review_prompts_eval.jsonl", extra_columns=[]),
+                                           pass_threshold=0.0)
     gae: GAEConfig = GAEConfig()
     value: ValueConfig = ValueConfig()
     scores: ScoreConfig = ScoreConfig()
