@@ -28,7 +28,7 @@ from rlhf_core.config.training import LogprobPass
 from rlhf_core.evaluation import promotion_decision
 from rlhf_core.model_files import REGISTRY_PREFIX, check_causal_lm
 from tasks.data import sample_prompts
-from tasks.evaluation import compare_models, summarize_pairs
+from tasks.evaluation import compare_models, judge_pairs, summarize_pairs
 from tasks.models import RegisteredModelMissing, registered_version, resolve_model
 from tasks.rollouts import generate_rollouts
 from tasks.scoring import score_rollouts
@@ -58,8 +58,10 @@ def evaluate(config: EvaluationConfig = EvaluationConfig()) -> dict:
     models = {"candidate": config.candidate, "baseline": baseline_uri}
     refs = {side: resolve_model(uri) for side, uri in models.items()}
     reference = resolve_model(config.reference)
-    for role, ref in [*refs.items(), ("reference", reference)]:
-        check_causal_lm(Path(ref.path), f"the {role}")
+    judge = resolve_model(config.pairwise_judge.model) if config.pairwise_judge else None
+    for role, ref in [*refs.items(), ("reference", reference), ("pairwise judge", judge)]:
+        if ref is not None:
+            check_causal_lm(Path(ref.path), f"the {role}")
     rewards = resolve_rewards(config.rewards, config.data.extra_columns)
     dataset = resolve_prompts(config.data)
     check_num_prompts(config.num_prompts, dataset.rows, config.data.path)
@@ -75,6 +77,9 @@ def evaluate(config: EvaluationConfig = EvaluationConfig()) -> dict:
                                          config.seed, 0, trust)
             scored[side] = score_rollouts(rollouts, rewards, reference, logprobs, config.runtime, trust)
         comparison = compare_models(scored["candidate"], scored["baseline"])
+        if config.pairwise_judge:  # the judge decides each pair instead of the rewards
+            comparison = judge_pairs(comparison, judge, config.pairwise_judge, config.runtime,
+                                     config.micro_batch_size)
         pairs = comparison.read()
         summary = summarize_pairs(pairs)
         table = log_evaluation(tracker, pairs, comparison.path, summary, models,

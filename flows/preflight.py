@@ -150,8 +150,9 @@ def _kto(config: KTOConfig) -> None:
 def _evaluation(config: EvaluationConfig) -> None:
     check_rewards(config.rewards, config.data.extra_columns)
     check_prompts(config.data, config.num_prompts)
+    judge = [("the pairwise judge", config.pairwise_judge.model)] if config.pairwise_judge else []
     for role, name in (("the candidate", config.candidate), ("the reference", config.reference),
-                       ("the baseline", config.baseline)):
+                       ("the baseline", config.baseline), *judge):
         if role == "the baseline" and name in ("champion", "reference"):
             continue
         check_model_name(name)

@@ -38,10 +38,12 @@ def sequence_kl(logprobs: list[list[float]], ref_logprobs: list[list[float]]) ->
 
 
 def comparison_summary(candidate_rewards: np.ndarray, baseline_rewards: np.ndarray, candidate_kl: np.ndarray,
-                       baseline_kl: np.ndarray, candidate_lengths: np.ndarray,
-                       baseline_lengths: np.ndarray) -> dict[str, float]:
-    """The evaluation's numbers, all [N] inputs paired row by row -> scalar metrics."""
-    outcomes = paired_outcomes(candidate_rewards, baseline_rewards)
+                       baseline_kl: np.ndarray, candidate_lengths: np.ndarray, baseline_lengths: np.ndarray,
+                       outcomes: np.ndarray | None = None) -> dict[str, float]:
+    """The evaluation's numbers, all [N] inputs paired row by row -> scalar metrics. outcomes: [N] +1/0/-1 per pair
+    from another judge (a pairwise one), else the rewards' paired_outcomes."""
+    if outcomes is None:
+        outcomes = paired_outcomes(candidate_rewards, baseline_rewards)
     return {
         "pairs": float(len(outcomes)),
         "win_rate": win_rate(outcomes),

@@ -1,8 +1,9 @@
-"""LLM-as-judge, pointwise: a causal LM reads a grading prompt (the template with the prompt and the response put in,
+"""LLM-as-judge. Pointwise: a causal LM reads a grading prompt (the template with the prompt and the response put in,
 rendered with its chat template as one user turn) and the score is the probability it gives to the "yes" answer
 among the two answers, read from its next-token distribution: P(yes) / (P(yes) + P(no)) in [0, 1]. Nothing is
 sampled or parsed, so the score is deterministic and never fails to parse (the G-Eval / "probability of the grade
-token" style of judging; Liu et al. 2023)."""
+token" style of judging; Liu et al. 2023). Pairwise: the same reading of "A" against "B" for two responses shown
+side by side, asked in both orders (Zheng et al. 2023, "Judging LLM-as-a-judge", swap to cancel position bias)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,19 @@ def yes_probability(model, input_ids: Sequence[Sequence[int]], answer_ids: Seque
         answers = torch.log_softmax(logits, dim=-1)[:, list(answer_ids)]
         scores.append(torch.softmax(answers, dim=-1)[:, 0].cpu())
     return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
+
+
+def pairwise_preference(model, tokenizer, template: str, prompts: Sequence[str], first: Sequence[str],
+                        second: Sequence[str], answers: Sequence[str], batch_size: int = 8) -> Tensor:
+    """How strongly the judge prefers `first` to `second`, in both orders to cancel its position bias:
+    (P(A | first shown as A) + P(B | first shown as B)) / 2, each P renormalised over the two answers (A, B).
+    template has {prompt}, {a} and {b}. prompts, first, second: [N] -> [N] float64 in [0, 1] (0.5: no preference)."""
+    answer_ids = answer_token_ids(tokenizer, answers)
+
+    def shown(a_side, b_side):
+        return [prompt_ids(tokenizer, template.format(prompt=p, a=a, b=b)) for p, a, b in zip(prompts, a_side,
+                                                                                                b_side, strict=True)]
+
+    first_as_a = yes_probability(model, shown(first, second), answer_ids, tokenizer.pad_token_id, batch_size)
+    first_as_b = yes_probability(model, shown(second, first), answer_ids, tokenizer.pad_token_id, batch_size)
+    return (first_as_a + (1 - first_as_b)) / 2

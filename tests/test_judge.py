@@ -66,3 +66,44 @@ def test_grpo_rewarded_by_a_judge(prefect_harness, rlhf_home, tiny_model_dir):
     judged = scored[f"reward[{tiny_model_dir}]"]
     assert ((judged > 0) & (judged < 1)).all() and (scored["rewards"] == judged).all()
     assert judged.nunique() > 1  # a score per response, not one constant
+
+
+def test_the_pairwise_preference_is_both_orders_averaged(tiny_model):
+    from rlhf_core.judge import pairwise_preference
+
+    model, tokenizer = tiny_model
+    template = "Better for {prompt}? A: {a} B: {b}. Answer A or B."
+    first, second = ["4", "41", "hi"], ["5", "42", "hello"]
+    prefers = pairwise_preference(model, tokenizer, template, PROMPTS[:3], first, second, ["A", "B"], batch_size=1)
+    a, b = answer_token_ids(tokenizer, ["A", "B"])
+    for row in range(3):  # by hand from the two renderings
+        shown = [prompt_ids(tokenizer, template.format(prompt=PROMPTS[row], a=x, b=y))
+                 for x, y in ((first[row], second[row]), (second[row], first[row]))]
+        p_first_as_a, p_second_as_a = (float(p) for p in yes_probability(model, shown, [a, b],
+                                                                         tokenizer.pad_token_id, batch_size=1))
+        assert float(prefers[row]) == pytest.approx((p_first_as_a + 1 - p_second_as_a) / 2, rel=1e-12)
+    swapped = pairwise_preference(model, tokenizer, template, PROMPTS[:3], second, first, ["A", "B"], batch_size=1)
+    assert (prefers + swapped).tolist() == pytest.approx([1.0] * 3, abs=1e-12)  # asking the other way round
+    same = pairwise_preference(model, tokenizer, template, PROMPTS[:3], first, first, ["A", "B"], batch_size=1)
+    assert same.tolist() == pytest.approx([0.5] * 3, abs=1e-12)  # no position bias left on identical responses
+
+
+@pytest.mark.slow
+def test_the_evaluation_decides_pairs_by_a_pairwise_judge(prefect_harness, rlhf_home, tmp_path, tiny_model_dir,
+                                                          tokenizer_dir):
+    from test_flow_evaluation import evaluation
+    from tiny_models import save_tiny_model
+
+    from flows.evaluation import evaluate
+    from rlhf_core.config import PairwiseJudgeConfig
+
+    other = save_tiny_model(tmp_path / "other", tokenizer_dir, seed=1)
+    config = evaluation(str(tiny_model_dir), candidate=str(other), baseline=str(tiny_model_dir), promote=False,
+                        pairwise_judge=PairwiseJudgeConfig(model=str(tiny_model_dir), margin=0.001))
+    summary = evaluate(config)
+    tables = [pd.read_parquet(p) for p in (rlhf_home / "artifacts" / "comparisons").glob("*.parquet")]
+    (pairs,) = [df for df in tables if "judge_preference" in df]  # beside the rewards' comparison
+    expected = [1 if p > 0.501 else -1 if p < 0.499 else 0 for p in pairs["judge_preference"]]
+    assert pairs["outcome"].tolist() == expected
+    outcomes = pairs["outcome"].to_numpy()
+    assert summary["win_rate"] == pytest.approx(((outcomes == 1).sum() + 0.5 * (outcomes == 0).sum()) / len(pairs))

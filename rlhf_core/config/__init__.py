@@ -9,7 +9,7 @@ from rlhf_core.config.common import (AdvantageConfig, GenerationConfig, KLConfig
                                      OfflineOptimConfig, OptimConfig, RewardSpec, RuntimeConfig, TrackingConfig,
                                      check_lengths, check_online_config)
 from rlhf_core.config.data import DataConfig, PreferenceDataConfig, SFTDataConfig, UnpairedDataConfig
-from rlhf_core.config.evaluation import EvaluationConfig, EvaluationTrackingConfig
+from rlhf_core.config.evaluation import EvaluationConfig, EvaluationTrackingConfig, PairwiseJudgeConfig
 from rlhf_core.config.offline import DPOConfig, JudgeConfig, KTOConfig, PreferenceDatasetConfig, RewardModelConfig
 from rlhf_core.config.online import (DynamicSamplingConfig, GAEConfig, GRPOConfig, HeldOutConfig, PPOConfig,
                                      PPOKLConfig, ScoreConfig, ValueConfig)
@@ -22,5 +22,5 @@ __all__ = [
     "DPOConfig", "JudgeConfig", "KTOConfig", "PreferenceDataConfig", "PreferenceDatasetConfig", "RewardModelConfig",
     "UnpairedDataConfig", "EvaluationConfig", "EvaluationTrackingConfig", "DynamicSamplingConfig", "GAEConfig",
     "HeldOutConfig", "GRPOConfig", "PPOConfig", "PPOKLConfig", "ScoreConfig", "ValueConfig", "SFTConfig",
-    "SFTDataConfig",
+    "SFTDataConfig", "PairwiseJudgeConfig",
 ]

@@ -16,6 +16,30 @@ class EvaluationTrackingConfig(_Config):
     log_rollouts: bool = Field(True, description="log the per-response comparison as Parquet")
 
 
+class PairwiseJudgeConfig(_Config):
+    """A causal LM that reads both responses to a prompt and says which is better, asked in both orders; its
+    preference decides each pair instead of the rewards (which are still measured and logged)."""
+
+    model: str = Field(DEFAULT_MODEL, description="the judge: a built-in name, a local folder or an MLflow URI")
+    template: str = Field(
+        "Which response answers the request better? Answer A or B.\n\nRequest: {prompt}\n\nResponse A: {a}\n\n"
+        "Response B: {b}", description="the question, with {prompt}, {a} and {b} where they go; rendered with the "
+                                       "judge's chat template as one user turn")
+    answers: list[str] = Field(["A", "B"], min_length=2, max_length=2, description=(
+        "the answers naming the first and the second response; read from the judge's first reply token"))
+    margin: float = Field(0.0, ge=0.0, lt=0.5, description=(
+        "a pair is a tie unless the judge's preference (0..1, both orders averaged) is beyond 0.5 +- margin"))
+
+    @model_validator(mode="after")
+    def _template(self) -> "PairwiseJudgeConfig":
+        try:
+            self.template.format(prompt="", a="", b="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"template: only {{prompt}}, {{a}} and {{b}} may be filled in ({e!r}); write a literal "
+                             "brace as {{ or }}") from None
+        return self
+
+
 class EvaluationConfig(_Config):
     """Sample the candidate and the baseline on the same held-out prompts with the same seeds, judge each pair,
     measure KL to the reference and response length; move the champion alias when the candidate wins."""
@@ -34,6 +58,8 @@ class EvaluationConfig(_Config):
     generation: GenerationConfig = GenerationConfig(group_size=4, max_new_tokens=32, temperature=0.7)
     rewards: list[RewardSpec] = Field([RewardSpec(function="arithmetic_answer")],
                                       min_length=1, description="the judge: reward functions and/or models, summed")
+    pairwise_judge: PairwiseJudgeConfig | None = Field(None, description=(
+        "decide each pair by an LLM judge comparing the two responses (None: by the rewards)"))
     seed: int = Field(0, ge=0, description="sampling seeds, the same for candidate and baseline")
     micro_batch_size: int = Field(16, ge=1, description="sequences per forward pass when scoring")
     promote: bool = Field(True, description="move the champion alias to the candidate when it wins")
