@@ -14,6 +14,7 @@ The result is a folder holding pairs.parquet and unpaired.parquet: `output_dir` 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from prefect import flow
 from prefect.runtime import flow_run
@@ -23,11 +24,12 @@ from flows.inputs import (check_num_prompts, check_output_folder, check_runtime,
 from flows.tracking import StageClock, Tracker, mlflow_run
 from rlhf_core.config import PreferenceDatasetConfig, TrackingConfig
 from rlhf_core.errors import UserInputError
+from rlhf_core.model_files import check_causal_lm
 from rlhf_core.preference_data import preference_metrics
 from tasks.data import sample_prompts
-from tasks.models import resolve_start_model
+from tasks.models import resolve_model, resolve_start_model
 from tasks.preference_data import (PreferenceRefs, build_preference_data, export_preference_data, judge_by_human,
-                                   judge_with_rewards)
+                                   judge_pairwise, judge_with_rewards)
 from tasks.refs import ArtifactRef
 from tasks.rollouts import generate_rollouts
 
@@ -38,6 +40,9 @@ def preference_data(config: PreferenceDatasetConfig = PreferenceDatasetConfig())
     check_runtime(config.runtime)
     judge = config.judge
     sources = resolve_rewards(judge.rewards, config.data.extra_columns) if judge.kind == "reward" else None
+    judge_model = resolve_model(judge.pairwise.model) if judge.kind == "pairwise" else None
+    if judge_model is not None:
+        check_causal_lm(Path(judge_model.path), f"the pairwise judge {judge.pairwise.model}")
     dataset = resolve_prompts(config.data)
     policy = resolve_start_model(config.model)
     check_output_folder(config.output_dir)
@@ -55,6 +60,8 @@ def preference_data(config: PreferenceDatasetConfig = PreferenceDatasetConfig())
     with clock("judge"):
         if judge.kind == "human":
             judged = judge_by_human(rollouts, judge.human_batch_size, judge.human_timeout_s, judge.poll_interval_s)
+        elif judge.kind == "pairwise":  # every two responses to a prompt, both orders: batches of batch_size
+            judged = judge_pairwise(rollouts, judge_model, judge.pairwise, config.runtime, config.generation.batch_size)
         else:  # reward models score in batches of generation.batch_size texts
             judged = judge_with_rewards(rollouts, sources, config.runtime, config.generation.batch_size)
 

@@ -128,6 +128,8 @@ def _preference_data(config: PreferenceDatasetConfig) -> None:
     check_output_folder(config.output_dir)
     if config.judge.kind == "reward":
         check_rewards(config.judge.rewards, config.data.extra_columns)
+    if config.judge.kind == "pairwise":
+        check_model_name(config.judge.pairwise.model)
     check_prompts(config.data, config.num_prompts)
     check_start_model(config.model)
 

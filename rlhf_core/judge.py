@@ -63,3 +63,14 @@ def pairwise_preference(model, tokenizer, template: str, prompts: Sequence[str],
     first_as_a = yes_probability(model, shown(first, second), answer_ids, tokenizer.pad_token_id, batch_size)
     first_as_b = yes_probability(model, shown(second, first), answer_ids, tokenizer.pad_token_id, batch_size)
     return (first_as_a + (1 - first_as_b)) / 2
+
+
+def round_robin_scores(prefers: Tensor) -> Tensor:
+    """Each response's mean preference over the other responses to its prompt (a Borda count of the judge's
+    pairwise verdicts). prefers: [G, G], prefers[i, j] the judge's preference for i over j, read in both orders
+    (so prefers[j, i] = 1 - prefers[i, j]); the diagonal is ignored -> [G] in [0, 1] (G = 1: 0.5)."""
+    size = prefers.shape[0]
+    if size == 1:
+        return torch.full((1,), 0.5, dtype=prefers.dtype)
+    off_diagonal = ~torch.eye(size, dtype=torch.bool)
+    return (prefers * off_diagonal).sum(dim=1) / (size - 1)

@@ -30,6 +30,7 @@ from typing import Callable, Literal
 import numpy as np
 import pandas as pd
 import pydantic
+import torch
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
@@ -37,12 +38,14 @@ from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput, delete_flow_run_input, keyset_from_base_key, read_flow_run_input
 from prefect.utilities.urls import url_for
 
-from rlhf_core.config import RuntimeConfig
+from rlhf_core.config import PairwiseJudgeConfig, RuntimeConfig
 from rlhf_core.io import copy_file, write_atomically
+from rlhf_core.judge import pairwise_preference, round_robin_scores
 from rlhf_core.preference_data import SKIP, choice_scores, is_empty, make_pairs, make_unpaired, review_batches
 from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.paths import rlhf_home
-from tasks.refs import ArtifactRef, publish
+from tasks.refs import ArtifactRef, CheckpointRef, publish
+from tasks.runtime import load_model
 from tasks.scoring import RewardSources, with_rewards
 
 FORM_HEADER = ("### Which response is best?\n"
@@ -55,6 +58,28 @@ def judge_with_rewards(rollouts: ArtifactRef, sources: RewardSources, runtime: R
                        batch_size: int) -> ArtifactRef:
     """Adds `score` (the weighted sum of the rewards) and one `reward[<source>]` column per source."""
     return publish(with_rewards(rollouts.read(), "score", sources, runtime, batch_size), "judged")
+
+
+@task(name="judge-pairwise", **STAGE_TASK_OPTIONS)
+def judge_pairwise(rollouts: ArtifactRef, judge: CheckpointRef, config: PairwiseJudgeConfig, runtime: RuntimeConfig,
+                   batch_size: int) -> ArtifactRef:
+    """Adds `score`: each response's mean preference over the other responses to its prompt, the LLM judge asked
+    about every two of them in both orders (rlhf_core/judge.py: pairwise_preference, round_robin_scores)."""
+    df = rollouts.read()
+    model, tokenizer = load_model(judge, runtime)
+    groups = [np.flatnonzero(df["prompt_id"].to_numpy() == p) for p in df["prompt_id"].unique()]
+    pairs = [(rows[i], rows[j]) for rows in groups for i in range(len(rows)) for j in range(i + 1, len(rows))]
+    first, second = (np.array([pair[k] for pair in pairs], dtype=np.int64) for k in (0, 1))
+    prefers = pairwise_preference(model, tokenizer, config.template, df["prompt"].iloc[first].tolist(),
+                                  df["response"].iloc[first].tolist(), df["response"].iloc[second].tolist(),
+                                  config.answers, batch_size) if pairs else torch.zeros(0, dtype=torch.float64)
+    verdicts = dict(zip(zip(first.tolist(), second.tolist()), prefers.tolist()))
+    scores = np.zeros(len(df))
+    for rows in groups:
+        matrix = torch.tensor([[verdicts.get((a, b), 1 - verdicts.get((b, a), 0.5)) for b in rows] for a in rows],
+                              dtype=torch.float64)
+        scores[rows] = round_robin_scores(matrix).numpy()
+    return publish(df.assign(score=scores), "judged")
 
 
 class PreferenceRefs(pydantic.BaseModel):

@@ -107,3 +107,44 @@ def test_the_evaluation_decides_pairs_by_a_pairwise_judge(prefect_harness, rlhf_
     assert pairs["outcome"].tolist() == expected
     outcomes = pairs["outcome"].to_numpy()
     assert summary["win_rate"] == pytest.approx(((outcomes == 1).sum() + 0.5 * (outcomes == 0).sum()) / len(pairs))
+
+
+def test_round_robin_scores_by_hand():
+    from rlhf_core.judge import round_robin_scores
+
+    prefers = torch.tensor([[0.5, 0.9, 0.6], [0.1, 0.5, 0.2], [0.4, 0.8, 0.5]], dtype=torch.float64)
+    assert round_robin_scores(prefers).tolist() == pytest.approx([0.75, 0.15, 0.6])
+    assert float(round_robin_scores(prefers).sum()) == pytest.approx(3 / 2)  # every verdict shared by two
+    assert round_robin_scores(torch.ones(1, 1, dtype=torch.float64)).tolist() == [0.5]
+
+
+@pytest.mark.slow
+def test_the_preference_data_flow_with_a_pairwise_judge(prefect_harness, rlhf_home, tmp_path, tiny_model_dir):
+    from test_flow_preference_data import only_parquet, small_config
+
+    from flows.preference_data import preference_data
+    from rlhf_core.config import GenerationConfig, JudgeConfig, PairwiseJudgeConfig
+    from rlhf_core.judge import pairwise_preference, round_robin_scores
+    from rlhf_core.models import load_causal_lm
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "Name a colour, please ({i})."}}\n' for i in range(4)))
+    judge = PairwiseJudgeConfig(model=str(tiny_model_dir))
+    one_at_a_time = GenerationConfig(group_size=4, max_new_tokens=12, temperature=1.0, batch_size=1)  # as below
+    folder = preference_data(small_config(prompts, tiny_model_dir, judge=JudgeConfig(kind="pairwise", pairwise=judge),
+                                          min_gap=1e-9, generation=one_at_a_time))  # a random judge: ~0.5
+    judged = only_parquet(rlhf_home / "artifacts" / "judged")
+    assert judged.groupby("prompt_id")["score"].sum().tolist() == pytest.approx([4 / 2] * 4)  # G/2 per prompt
+    # prompt 0 by hand: the judge on its 6 pairs, both orders, then each response's mean preference
+    group = judged[judged["prompt_id"] == judged["prompt_id"].iloc[0]]
+    model, tokenizer = load_causal_lm(tiny_model_dir)
+    texts = group["response"].tolist()
+    matrix = torch.full((4, 4), 0.5, dtype=torch.float64)
+    for i in range(4):
+        for j in range(4):
+            if i != j:
+                matrix[i, j] = pairwise_preference(model.eval(), tokenizer, judge.template, [group["prompt"].iloc[0]],
+                                                   [texts[i]], [texts[j]], judge.answers)[0]
+    by_hand = round_robin_scores(matrix).numpy()
+    assert group["score"].to_numpy() == pytest.approx(by_hand, rel=1e-12)
+    assert (pd.read_parquet(f"{folder}/pairs.parquet")["judge"] == f"pairwise:{tiny_model_dir}").all()

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from rlhf_core.config.common import (GenerationConfig, ModelConfig, OfflineOptimConfig, RewardSpec, RuntimeConfig,
                                      TrackingConfig, _Config, check_lengths)
+from rlhf_core.config.evaluation import PairwiseJudgeConfig
 from rlhf_core.config.data import (SHIPPED_EVAL_NOTE, SHIPPED_PAIRS, SHIPPED_UNPAIRED,  # noqa: F401 (re-exported)
                                    DataConfig, PreferenceDataConfig, UnpairedDataConfig, held_out_of_the_users_data)
 from rlhf_core.model_files import DEFAULT_MODEL, DEFAULT_REWARD_BACKBONE
@@ -85,9 +86,12 @@ class JudgeConfig(_Config):
     answering forms in the Prefect UI. Rule: the human judge uses no reward, so `rewards` must stay at its
     default with kind='human' (a custom list would be silently ignored, so it is rejected)."""
 
-    kind: Literal["reward", "human"] = Field("reward", description=(
+    kind: Literal["reward", "human", "pairwise"] = Field("reward", description=(
         "reward: score = the weighted sum of `rewards`; human: the flow pauses and asks in the Prefect UI which "
-        "response to each prompt is best (1.0 for it, 0.0 for the others)"))
+        "response to each prompt is best (1.0 for it, 0.0 for the others); pairwise: an LLM judge compares every "
+        "two responses to a prompt (both orders), score = a response's mean preference over the others"))
+    pairwise: PairwiseJudgeConfig = Field(PairwiseJudgeConfig(), description=(
+        "the LLM judge of kind=pairwise"))
     rewards: list[RewardSpec] = Field(_default_judge_rewards(), min_length=1, description=(
         "reward functions and reward models, summed by weight (kind=reward only)"))
     human_batch_size: int = Field(8, ge=1, le=100, description="prompts shown per pause of the human judge")
@@ -100,9 +104,11 @@ class JudgeConfig(_Config):
         names = [r.name for r in self.rewards]
         if len(set(names)) != len(names):
             raise ValueError(f"judge.rewards: a source is listed twice: {names}")
-        if self.kind == "human" and self.rewards != _default_judge_rewards():
-            raise ValueError("judge.rewards is not used by the human judge (kind='human'): leave it at its "
-                             "default, or set kind='reward'")
+        if self.kind != "reward" and self.rewards != _default_judge_rewards():
+            raise ValueError(f"judge.rewards is not used by the {self.kind} judge (kind={self.kind!r}): leave it at "
+                             "its default, or set kind='reward'")
+        if self.kind != "pairwise" and self.pairwise != PairwiseJudgeConfig():
+            raise ValueError("judge.pairwise is only used by kind='pairwise': leave it at its default, or set kind")
         return self
 
     @property
@@ -110,6 +116,8 @@ class JudgeConfig(_Config):
         """The `judge` column: "human", or the reward sources ("vader_sentiment", "0.5*a+1*b")."""
         if self.kind == "human":
             return "human"
+        if self.kind == "pairwise":
+            return f"pairwise:{self.pairwise.model}"
         if len(self.rewards) == 1 and self.rewards[0].weight == 1:
             return self.rewards[0].name
         return "+".join(f"{r.weight:g}*{r.name}" for r in self.rewards)
