@@ -42,7 +42,7 @@ def grpo(config: GRPOConfig = GRPOConfig()) -> str:
                      lineage=lineage_tags(config.model, policy, [config.data.path],
                                           dataset_fingerprints(config.data))) as tracker,
           shard_runner(config.runtime) as shards):
-        heldout = HeldOutEvaluation(config, policy)
+        heldout = HeldOutEvaluation.of_online(config, policy)
         heldout.run(policy, 0, tracker, shards)
         for iteration in range(config.iterations):
             clock = StageClock()

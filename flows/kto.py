@@ -15,6 +15,7 @@ import torch
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.heldout import HeldOutEvaluation
 from flows.inputs import check_runtime, held_out_tags, lineage_tags
 from flows.tracking import StageClock, log_offline_epoch, mlflow_run
 from rlhf_core.config import KTOConfig
@@ -47,6 +48,8 @@ def kto(config: KTOConfig = KTOConfig()) -> str:
     with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name,
                     held_out_tags(fingerprints, data),
                     lineage_tags(config.model, policy, [data.path, data.eval_path], fingerprints)) as tracker:
+        heldout = HeldOutEvaluation.of_offline(config, policy)
+        heldout.run(policy, 0, tracker)
         for epoch in range(config.optim.epochs):
             clock = StageClock()
             with clock("train"):
@@ -62,6 +65,7 @@ def kto(config: KTOConfig = KTOConfig()) -> str:
             print(f"epoch {epoch}: train loss {metrics['loss/train']:.4f}, held-out accuracy "
                   f"{metrics['eval/rewards/accuracies']:.3f}, margin {metrics['eval/rewards/margins']:.3f}, KL "
                   f"{metrics['eval/kl']:.3f} ({scores.rows} examples), {sum(clock.values()):.1f} s")
+            heldout.run(policy, epoch + 1, tracker)
     return policy.path
 
 

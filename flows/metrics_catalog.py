@@ -26,13 +26,16 @@ METRICS: dict[str, str] = {
                                      "rounds whose rewards were all equal (dropped unless the batch was short).",
     "sampling/informative_groups": "GRPO with `dynamic_sampling.enabled`: groups in the trained batch whose rewards "
                                    "differ (`prompts_per_iteration` when the rounds found enough).",
-    "heldout/reward_mean": "GRPO, PPO with `heldout.every > 0`: mean summed reward of the policy's `heldout.samples` "
-                           "responses per held-out prompt (step = iterations done; 0 is the start model).",
-    "heldout/pass_at_k": "GRPO, PPO with `heldout.every > 0`: share of held-out prompts with at least one of their k "
-                         "responses scoring `heldout.pass_threshold` or more (pass@k).",
-    "heldout/maj_at_k": "GRPO, PPO with `heldout.every > 0`: share of held-out prompts whose most frequent answer (the "
-                        "response's last number, else its text) scores `heldout.pass_threshold` or more (maj@k).",
-    "heldout/length_mean": "GRPO, PPO with `heldout.every > 0`: mean held-out response length in tokens.",
+    "heldout/reward_mean": "GRPO, PPO, SFT, DPO, KTO with `heldout.every > 0`: mean summed reward of the policy's "
+                           "`heldout.samples` responses per held-out prompt (step = iterations or epochs done; 0 is "
+                           "the start model).",
+    "heldout/pass_at_k": "GRPO, PPO, SFT, DPO, KTO with `heldout.every > 0`: share of held-out prompts with at least "
+                         "one of their k responses scoring `heldout.pass_threshold` or more (pass@k).",
+    "heldout/maj_at_k": "GRPO, PPO, SFT, DPO, KTO with `heldout.every > 0`: share of held-out prompts whose most "
+                        "frequent answer (the response's last number, else its text) scores `heldout.pass_threshold` "
+                        "or more (maj@k).",
+    "heldout/length_mean": "GRPO, PPO, SFT, DPO, KTO with `heldout.every > 0`: mean held-out response length in "
+                           "tokens.",
     "response/length_mean": "GRPO, PPO: mean response length in tokens (EOS included).",
     "response/length_max": "GRPO, PPO: longest response of the iteration, in tokens.",
     "response/truncated_frac": "GRPO, PPO: share of responses that hit `generation.max_new_tokens` without "

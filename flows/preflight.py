@@ -14,8 +14,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from rlhf_core.config import (DataConfig, DPOConfig, EvaluationConfig, GRPOConfig, KTOConfig, ModelConfig, PPOConfig,
-                              PreferenceDatasetConfig, RewardModelConfig, RewardSpec)
+from rlhf_core.config import (DataConfig, DPOConfig, EvaluationConfig, GenerationConfig, GRPOConfig, HeldOutConfig,
+                              KTOConfig, ModelConfig, PPOConfig, PreferenceDatasetConfig, RewardModelConfig,
+                              RewardSpec)
 from flows.inputs import check_num_prompts, check_output_folder, check_prompt_list_fits, check_runtime
 from rlhf_core.config.pipeline import PipelineConfig
 from rlhf_core.config.sft import SFTConfig
@@ -111,17 +112,29 @@ def check_servers() -> None:
 def _online(config: GRPOConfig | PPOConfig) -> None:
     check_rewards(config.rewards, config.data.extra_columns)
     prompts = check_prompts(config.data, config.prompts_per_iteration, "prompts_per_iteration")
-    heldout = config.heldout
-    if heldout.every:
-        check_rewards(heldout.rewards or config.rewards, heldout.data.extra_columns)
-        heldout_prompts = check_prompts(heldout.data, heldout.num_prompts, "heldout.num_prompts")
     check_start_model(config.model)
     if getattr(config.kl, "reference", None):
         check_model_name(config.kl.reference)
     if folder := local_model_folder(config.model.name_or_path):  # reads the tokenizer, not the weights
         check_prompt_list_fits(prompts, folder, config.data, config.generation.max_new_tokens)
-        if heldout.every:
-            check_prompt_list_fits(heldout_prompts, folder, heldout.data, config.generation.max_new_tokens)
+    _heldout(config.heldout, config.heldout.rewards or config.rewards, config.heldout.generation or config.generation,
+             config.model)
+
+
+def _heldout(heldout: HeldOutConfig, rewards: list[RewardSpec], generation: GenerationConfig,
+             model: ModelConfig) -> None:
+    """The held-out set of evaluation during training, when it is on: its judge, its prompts and their length."""
+    if not heldout.every:
+        return
+    check_rewards(rewards, heldout.data.extra_columns)
+    prompts = check_prompts(heldout.data, heldout.num_prompts, "heldout.num_prompts")
+    if folder := local_model_folder(model.name_or_path):
+        check_prompt_list_fits(prompts, folder, heldout.data, generation.max_new_tokens)
+
+
+def _offline_heldout(config: SFTConfig | DPOConfig | KTOConfig) -> None:
+    _heldout(config.heldout, config.heldout.rewards or [], config.heldout.generation or GenerationConfig(),
+             config.model)
 
 
 def _preference_data(config: PreferenceDatasetConfig) -> None:
@@ -142,11 +155,13 @@ def _reward_model(config: RewardModelConfig) -> None:
 def _dpo(config: DPOConfig) -> None:
     split_pairs(config.data, config.seed)
     check_start_model(config.model)
+    _offline_heldout(config)
 
 
 def _kto(config: KTOConfig) -> None:
     split_examples(config.data, config.seed)
     check_start_model(config.model)
+    _offline_heldout(config)
 
 
 def _evaluation(config: EvaluationConfig) -> None:
@@ -165,6 +180,7 @@ def _evaluation(config: EvaluationConfig) -> None:
 def _sft(config: SFTConfig) -> None:
     split_conversations(config.data, config.seed)
     check_start_model(config.model)
+    _offline_heldout(config)
 
 
 def _pipeline(config: PipelineConfig) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.heldout import HeldOutEvaluation
 from flows.inputs import check_runtime, held_out_tags, lineage_tags
 from flows.tracking import StageClock, log_offline_epoch, mlflow_run
 from rlhf_core.config import SFTConfig
@@ -40,6 +41,8 @@ def sft(config: SFTConfig = SFTConfig()) -> str:
     with mlflow_run(config.tracking.experiment, config, flow_run.id, flow_run.name,
                     held_out_tags(fingerprints, data),
                     lineage_tags(config.model, policy, [data.path, data.eval_path], fingerprints)) as tracker:
+        heldout = HeldOutEvaluation.of_offline(config, policy)
+        heldout.run(policy, 0, tracker)
         for epoch in range(config.optim.epochs):
             clock = StageClock()
             with clock("train"):
@@ -54,4 +57,5 @@ def sft(config: SFTConfig = SFTConfig()) -> str:
             print(f"epoch {epoch}: train loss {metrics['loss/train']:.4f}, held-out loss {metrics['eval/loss']:.4f}, "
                   f"token accuracy {metrics['eval/token_accuracy']:.3f} ({scores.rows} conversations), "
                   f"{sum(clock.values()):.1f} s")
+            heldout.run(policy, epoch + 1, tracker)
     return policy.path

@@ -96,3 +96,31 @@ def test_grpo_logs_heldout_metrics_at_the_start_every_k_iterations_and_the_end(p
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("parity_rewards", None)
+
+
+@pytest.mark.slow
+def test_dpo_logs_heldout_metrics_per_epoch(prefect_harness, rlhf_home, tmp_path, tiny_model_dir):
+    from flow_helpers import mlflow_run_of
+    from test_flow_dpo import small_config, write_review_pairs
+
+    from flows.dpo import dpo
+    from rlhf_core.config import DataConfig, GenerationConfig, HeldOutConfig, RewardSpec
+
+    heldout = HeldOutConfig(every=1, data=DataConfig(path="data/review_prompts_eval.jsonl", extra_columns=[]),
+                            num_prompts=3, samples=2, rewards=[RewardSpec(function="response_length")],
+                            generation=GenerationConfig(max_new_tokens=6, temperature=1.0), pass_threshold=-0.02)
+    config = small_config(write_review_pairs(tmp_path / "pairs.jsonl"), tiny_model_dir, heldout=heldout)
+    state = dpo(config, return_state=True)
+    assert state.is_completed()
+    history = mlflow.MlflowClient().get_metric_history(mlflow_run_of(state.state_details.flow_run_id).info.run_id,
+                                                         "heldout/reward_mean")
+    assert sorted(m.step for m in history) == list(range(config.optim.epochs + 1))  # the start, every epoch
+    assert all(-0.07 <= m.value <= 0 for m in history)  # response_length: -words / 100, 6 tokens at most
+
+
+def test_offline_flows_need_a_heldout_judge():
+    from rlhf_core.config import DPOConfig, SFTConfig
+
+    with pytest.raises(ValueError, match="heldout.rewards: SFT, DPO and KTO have no rewards of their own"):
+        SFTConfig(heldout={"every": 1, "rewards": None})
+    assert DPOConfig(heldout={"every": 1}).heldout.rewards[0].function == "vader_sentiment"

@@ -11,6 +11,7 @@ from rlhf_core.config.common import (GenerationConfig, ModelConfig, OfflineOptim
 from rlhf_core.config.evaluation import PairwiseJudgeConfig
 from rlhf_core.config.data import (SHIPPED_EVAL_NOTE, SHIPPED_PAIRS, SHIPPED_UNPAIRED,  # noqa: F401 (re-exported)
                                    DataConfig, PreferenceDataConfig, UnpairedDataConfig, held_out_of_the_users_data)
+from rlhf_core.config.online import HeldOutConfig, check_offline_heldout, offline_heldout
 from rlhf_core.model_files import DEFAULT_MODEL, DEFAULT_REWARD_BACKBONE
 from rlhf_core.preference_losses import PREFERENCE_LOSSES
 
@@ -35,6 +36,11 @@ class RewardModelConfig(_Config):
                                                        "registry keeps every epoch's weights")
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig(experiment="reward-model", registered_model="reward-model")
+
+
+# the shipped preference sets are reviews judged by VADER: held-out review prompts, judged the same way
+REVIEW_HELDOUT = offline_heldout(DataConfig(path="data/review_prompts_eval.jsonl", extra_columns=[]),
+                                 [RewardSpec(function="vader_sentiment")], pass_threshold=0.5)
 
 
 class DPOConfig(_Config):
@@ -65,9 +71,12 @@ class DPOConfig(_Config):
                                                        "registry keeps every epoch's weights")
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig(experiment="dpo", registered_model="dpo-policy")
+    heldout: HeldOutConfig = Field(REVIEW_HELDOUT, description=(
+        "evaluation during training: sampled answers to held-out prompts after epochs, judged by heldout.rewards"))
 
     @model_validator(mode="after")
     def _no_unused_fields(self) -> "DPOConfig":
+        check_offline_heldout(self.heldout)
         if self.data.margin_column is not None:  # an option that does nothing must not look like it works
             raise ValueError("data.margin_column is used by the reward model only; DPO's losses take no margin")
         if self.label_smoothing > 0 and "label_smoothing" not in PREFERENCE_LOSSES[self.loss_type].options:
@@ -191,8 +200,11 @@ class KTOConfig(_Config):
     runtime: RuntimeConfig = Field(RuntimeConfig(), description="device, dtype and threads of every model stage")
     tracking: TrackingConfig = Field(TrackingConfig(experiment="kto", registered_model="kto-policy"),
                                      description="MLflow experiment and registered model of the trained policy")
+    heldout: HeldOutConfig = Field(REVIEW_HELDOUT, description=(
+        "evaluation during training: sampled answers to held-out prompts after epochs, judged by heldout.rewards"))
 
     @model_validator(mode="after")
     def _consistent(self) -> "KTOConfig":
+        check_offline_heldout(self.heldout)
         check_lengths(self.max_length, self.max_prompt_length)
         return self

@@ -14,18 +14,34 @@ from rlhf_core.config.common import (GROUP_BASELINED_ESTIMATORS, REWARDS_DESCRIP
 
 class HeldOutConfig(_Config):
     """Evaluation during training: the policy answers held-out prompts `samples` times each, on the start model, then
-    every `every` iterations and after the last; mean reward, pass@k and maj@k go to MLflow (step = iterations done)."""
+    every `every` iterations (epochs) and after the last; mean reward, pass@k and maj@k go to MLflow (step =
+    iterations or epochs done)."""
 
-    every: int = Field(0, ge=0, description="iterations between held-out evaluations (0: none)")
+    every: int = Field(0, ge=0, description="iterations (SFT, DPO, KTO: epochs) between held-out evaluations "
+                                            "(0: none)")
     data: DataConfig = Field(DataConfig(path="data/arithmetic_eval.jsonl"), description="the held-out prompts")
     num_prompts: int | None = Field(None, ge=1, description="held-out prompts used, a seeded sample (None: all)")
     rewards: list[RewardSpec] | None = Field(None, description=(
-        "the held-out judge: reward functions and/or models, summed (None: the flow's own rewards)"))
+        "the held-out judge: reward functions, reward models and/or LLM judges, summed (None: the flow's own "
+        "rewards; needed by SFT, DPO and KTO, which have none)"))
+    generation: GenerationConfig | None = Field(None, description=(
+        "how the held-out responses are sampled (None: the flow's generation section; SFT, DPO, KTO: the defaults)"))
     samples: int = Field(4, ge=1, le=256, description=(
-        "k: responses per prompt, sampled with the generation section's settings and the same seeds every time"))
+        "k: responses per prompt, sampled with the same seeds every time (generation.group_size is replaced by k)"))
     pass_threshold: float = Field(1.0, description=(
         "a response is correct when its summed reward is at least this (pass@k: a prompt with a correct response "
         "among its k; maj@k: a prompt whose most frequent answer is correct)"))
+
+
+def offline_heldout(data: DataConfig, rewards: list[RewardSpec], pass_threshold: float) -> HeldOutConfig:
+    """The `heldout` default of a flow without rewards of its own (SFT, DPO, KTO): its judge named, off (every 0)."""
+    return HeldOutConfig(data=data, rewards=rewards, pass_threshold=pass_threshold)
+
+
+def check_offline_heldout(heldout: HeldOutConfig) -> None:
+    if heldout.every and not heldout.rewards:
+        raise ValueError("heldout.rewards: SFT, DPO and KTO have no rewards of their own to judge the held-out "
+                         "responses with: name them")
 
 
 class DynamicSamplingConfig(_Config):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from rlhf_core.config.common import ModelConfig, OfflineOptimConfig, RuntimeConfig, TrackingConfig, _Config
+from rlhf_core.config.common import (DataConfig, ModelConfig, OfflineOptimConfig, RewardSpec, RuntimeConfig,
+                                     TrackingConfig, _Config)
 from rlhf_core.config.data import SFTDataConfig
+from rlhf_core.config.online import HeldOutConfig, check_offline_heldout, offline_heldout
 
 
 class SFTConfig(_Config):
@@ -25,3 +27,13 @@ class SFTConfig(_Config):
     runtime: RuntimeConfig = Field(RuntimeConfig(), description="device, dtype and processes of every model stage")
     tracking: TrackingConfig = Field(TrackingConfig(experiment="sft", registered_model="sft-policy"),
                                      description="MLflow experiment and registered model")
+    heldout: HeldOutConfig = Field(
+        offline_heldout(DataConfig(path="data/arithmetic_eval.jsonl"), [RewardSpec(function="arithmetic_answer")],
+                        pass_threshold=1.0),
+        description="evaluation during training: sampled answers to held-out prompts after epochs, judged by "
+                    "heldout.rewards")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SFTConfig":
+        check_offline_heldout(self.heldout)
+        return self
