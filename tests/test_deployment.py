@@ -47,7 +47,7 @@ def test_prefect_yaml_deploys_grpo_with_a_validated_form(prefect_harness, reliab
         human = client.read_deployment_by_name("preference-data/preference-data-human")
         assert human.parameters["config"]["judge"]["kind"] == "human"
         assert human.parameter_openapi_schema["definitions"]["JudgeConfig"]["properties"]["kind"]["enum"] == [
-            "reward", "human"]
+            "reward", "human", "pairwise"]
         kto = client.read_deployment_by_name("kto/kto")
         with pytest.raises(Exception, match="(?i)validation"):
             client.create_flow_run_from_deployment(kto.id, parameters={"config": {"desirable_weight": 0}})
