@@ -70,6 +70,8 @@ def sample_and_score(config: GRPOConfig, iteration: int, policy: CheckpointRef, 
     prompts_per_iteration groups have rewards that differ (at most max_rounds). Returns the scored batch, the
     stages' tables by name (for MLflow) and the sampling metrics."""
     dynamic, num_groups = config.dynamic_sampling, config.prompts_per_iteration
+    if reference is not None and not config.kl.reference:  # the start model, frozen (under LoRA: adapter off)
+        reference = reference_checkpoint(reference, policy, config.model.lora)
     stages, rounds, found, dropped = {}, [], 0, 0
     for sampling_round in range(dynamic.max_rounds if dynamic.enabled else 1):
         with clock("prompts"):
@@ -79,8 +81,7 @@ def sample_and_score(config: GRPOConfig, iteration: int, policy: CheckpointRef, 
                                         round_seed(config.seed, iteration, sampling_round), iteration,
                                         config.model.trust_remote_code, shards)
         with clock("scoring"):
-            frozen = reference if config.kl.reference else reference_checkpoint(reference, policy, config.model.lora)
-            scored = scoring_stage(rollouts, rewards, reference and frozen, logprobs, config.runtime,
+            scored = scoring_stage(rollouts, rewards, reference, logprobs, config.runtime,
                                    config.model.trust_remote_code, shards)
         suffix = f"_round{sampling_round}" if sampling_round else ""
         stages |= {f"prompts{suffix}": prompts, f"rollouts{suffix}": rollouts, f"scored{suffix}": scored}

@@ -57,7 +57,7 @@ def _group_reduce(values: Tensor, group_ids: Tensor, reduce: str) -> Tensor:
     return per_group[dense_ids]
 
 
-def _is_constant_group(rewards: Tensor, group_ids: Tensor) -> Tensor:
+def is_constant_group(rewards: Tensor, group_ids: Tensor) -> Tensor:
     """For each sample, whether all rewards in its group are equal (exact: min == max). [B], [B] -> bool [B]"""
     return _group_reduce(rewards, group_ids, "amax") == _group_reduce(rewards, group_ids, "amin")
 
@@ -68,7 +68,7 @@ def _centered_rewards(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tenso
     centered = rewards - _group_reduce(rewards, group_ids, "sum") / size
     # Trap: the mean of G equal rewards (e.g. 16 x 0.7) is off by an ulp, and grpo's division by a std of
     # ~1e-8 turns that into advantages of ~0.1. A group with no signal must get exactly 0.
-    return torch.where(_is_constant_group(rewards, group_ids), 0.0, centered), size
+    return torch.where(is_constant_group(rewards, group_ids), 0.0, centered), size
 
 
 @register(OUTCOME_ADVANTAGES, "grpo")
@@ -145,5 +145,5 @@ ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {**OUTCOME_ADVANTAGES, 
 def zero_std_group_fraction(rewards: Tensor, group_ids: Tensor) -> float:
     """Fraction of groups whose rewards are all equal: they get zero advantage, hence give no learning signal.
     rewards, group_ids: [B] -> float"""
-    constant = _is_constant_group(rewards, group_ids)
+    constant = is_constant_group(rewards, group_ids)
     return torch.unique(group_ids[constant]).numel() / torch.unique(group_ids).numel()

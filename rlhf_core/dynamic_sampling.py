@@ -15,6 +15,9 @@ import hashlib
 
 import numpy as np
 import pandas as pd
+import torch
+
+from rlhf_core.advantages import is_constant_group
 
 
 def round_seed(seed: int, iteration: int, sampling_round: int) -> int:
@@ -27,10 +30,9 @@ def round_seed(seed: int, iteration: int, sampling_round: int) -> int:
 
 
 def informative(rewards: np.ndarray, group_ids: np.ndarray) -> np.ndarray:
-    """Per row, whether its group's rewards are not all equal. rewards, group_ids: [B] -> [B] bool."""
-    frame = pd.DataFrame({"reward": rewards, "group": group_ids})
-    spread = frame.groupby("group")["reward"].transform("max") - frame.groupby("group")["reward"].transform("min")
-    return (spread > 0).to_numpy()
+    """Per row, whether its group's rewards are not all equal (the advantages' own test, exact min == max).
+    rewards, group_ids: [B] -> [B] bool."""
+    return ~is_constant_group(torch.as_tensor(rewards), torch.as_tensor(group_ids)).numpy()
 
 
 def fill_batch(rounds: list[pd.DataFrame], num_groups: int) -> pd.DataFrame:
