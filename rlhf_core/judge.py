@@ -14,6 +14,8 @@ from torch import Tensor
 
 from rlhf_core.chat import prompt_ids
 from rlhf_core.errors import UserInputError
+from rlhf_core.generation import pad_sequences
+from rlhf_core.logprobs import position_ids_from_mask
 
 def answer_token_ids(tokenizer, answers: Sequence[str]) -> list[int]:
     """The first token of each answer ("Yes", "No"), as the judge would start its reply; they must differ."""
@@ -38,12 +40,9 @@ def yes_probability(model, input_ids: Sequence[Sequence[int]], answer_ids: Seque
     device = next(model.parameters()).device
     scores = []
     for start in range(0, len(input_ids), batch_size):
-        rows = input_ids[start:start + batch_size]
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].double()
+        ids, mask = pad_sequences([list(r) for r in input_ids[start:start + batch_size]], pad_id, "left", device)
+        logits = model(input_ids=ids, attention_mask=mask.long(),
+                       position_ids=position_ids_from_mask(mask)).logits[:, -1].double()
         answers = torch.log_softmax(logits, dim=-1)[:, list(answer_ids)]
         scores.append(torch.softmax(answers, dim=-1)[:, 0].cpu())
     return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
