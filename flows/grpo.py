@@ -16,15 +16,15 @@ from flows.inputs import lineage_tags, resolve_kl_reference, resolve_online_inpu
 from flows.tracking import StageClock, log_online_iteration, mlflow_run
 from rlhf_core.config import GRPOConfig
 from rlhf_core.config.training import GRPOUpdateArgs, LogprobPass, TrainingSetup
-from tasks.advantages import compute_advantages
 from rlhf_core.dynamic_sampling import round_seed
+from tasks.advantages import compute_advantages
 from tasks.data import dataset_fingerprints, sample_prompts
 from tasks.dynamic_sampling import fill_batch_stage, group_counts
 from tasks.grpo import update_policy
-from tasks.runtime import reference_checkpoint
-from tasks.sharded_stages import generation_stage, scoring_stage
 from tasks.refs import ArtifactRef, CheckpointRef
+from tasks.runtime import reference_checkpoint
 from tasks.scoring import RewardSources
+from tasks.sharded_stages import generation_stage, scoring_stage
 from tasks.sharding import ShardRunner, shard_runner
 from tasks.train import prune_checkpoints
 
