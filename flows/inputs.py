@@ -21,6 +21,7 @@ from tasks.paths import resolve_data_path
 from tasks.refs import ArtifactRef, CheckpointRef
 from tasks.scoring import RewardSources
 from tasks.runtime import check_device
+from tasks.ray_cluster import check_ray
 from tasks.sharding import check_task_runner
 
 
@@ -109,9 +110,10 @@ def resolve_run_seed(config, scheduled_start: datetime | None):
 
 
 def check_runtime(runtime: RuntimeConfig) -> None:
-    """The device exists on this machine and a sharded run's task runner is installed."""
+    """The device exists on this machine, and a sharded run's task runner and a Ray launcher are installed."""
     check_device(runtime)
     check_task_runner(runtime)
+    check_ray(runtime)
 
 
 def resolve_online_inputs(config) -> OnlineInputs:

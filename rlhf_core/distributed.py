@@ -48,12 +48,14 @@ def global_sum(value: float, device) -> float:
 
 def init_process_group(device: str) -> str:
     """Join the group torchrun set up (RANK, WORLD_SIZE, MASTER_ADDR in the environment): NCCL on CUDA, gloo on
-    CPU. Returns this rank's device: cuda:<LOCAL_RANK> when `device` is CUDA, else `device`."""
+    CPU; a Ray Train worker finds its group already initialised by Ray. Returns this rank's device:
+    cuda:<LOCAL_RANK> when `device` is CUDA, else `device`."""
     cuda = device.startswith("cuda")
     if cuda:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
     return device
 
 

@@ -1,4 +1,5 @@
-"""`python -m rlhf_core.distributed_worker JOB.json`: one rank of a distributed job, started by torchrun.
+"""`python -m rlhf_core.distributed_worker JOB.json`: one rank of a distributed job, started by torchrun (or, through
+`run_job`, by Ray Train).
 
 The task side (`tasks/distributed.py`) writes one typed job (`Job`: the same pydantic models at both ends) and runs
 `torchrun --nproc_per_node N -m rlhf_core.distributed_worker JOB.json`. Four kinds. `train`: every rank runs the
@@ -220,7 +221,9 @@ def run_values(job: ValuesJob) -> None:
 RUNS = {"train": run_train, "score": run_scoring, "sequence_logps": run_sequence_logps, "values": run_values}
 
 
-def main(job_path: str) -> None:
+def run_job(job_path: str) -> None:
+    """This rank's part of the job in JOB_PATH; a failure is reported in the job's folder, then re-raised. Also
+    the body of a Ray Train worker (tasks/ray_cluster.py), whose process group Ray sets up and tears down."""
     job = JobFile.model_validate_json(Path(job_path).read_text()).job
     try:
         RUNS[job.kind](job)
@@ -228,6 +231,11 @@ def main(job_path: str) -> None:
         report = {"type": type(error).__name__, "message": str(error), "traceback": traceback.format_exc()}
         (Path(job.work_dir) / f"error-{rank()}.json").write_text(json.dumps(report))
         raise
+
+
+def main(job_path: str) -> None:
+    try:
+        run_job(job_path)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

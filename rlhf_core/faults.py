@@ -5,8 +5,9 @@ kill it with SIGKILL: no exception handler, `finally` block or atexit hook runs,
 a pulled plug. Unset, a kill point is one environment lookup. The points (see the reliability tests):
 `publish:<stage>` before a stage's Parquet output is written; `write-parquet` and `write-dir` between writing a
 temporary file or folder and renaming it into place; `progress:<stage>` at every progress step (a decode step of
-generation, an optimizer step of an update); `mlflow-log` between registering an iteration's checkpoint and
-logging its metrics.
+generation, an optimizer step of an update); `optimizer-step:rank<r>` after each optimizer step of rank r inside
+the update (torchrun and Ray Train workers too, which report no progress); `mlflow-log` between registering an
+iteration's checkpoint and logging its metrics.
 """
 
 from __future__ import annotations

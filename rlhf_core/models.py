@@ -19,7 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from rlhf_core.io import write_folder_atomically
 from rlhf_core.lora import adapter_folder
 from rlhf_core.model_files import (DEFAULT_MODEL, REGISTRY_PREFIX, ModelLoadError,  # noqa: F401 (re-exported)
-                                   check_model_folder, smollm2_gguf_path)
+                                   check_model_folder, safetensors_files, smollm2_gguf_path)
 
 PAD_TOKEN = "<|pad|>"
 
@@ -103,6 +103,28 @@ def load_lm(path: str | Path, runtime, device: str, trust_remote_code: bool = Fa
     model, tokenizer = load_causal_lm(Path(path), device, runtime.dtype, trust_remote_code, with_adapter)
     use_mixed_precision(model, device, runtime.mixed_precision)
     return model.eval(), tokenizer
+
+
+def load_weights_in_place(model: torch.nn.Module, folder: str | Path) -> None:
+    """Copy the weights of the checkpoint in `folder` into `model`, a module of the same architecture already on its
+    device and in its dtype (cast on copy). Every parameter and buffer the files name must exist in the model, and
+    every one of the model's they leave out must share its storage with one they name (tied embeddings)."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in safetensors_files(Path(folder)):
+        state.update(load_file(str(file)))
+    targets = model.state_dict()
+    loaded = {targets[name].untyped_storage().data_ptr() for name in state if name in targets}
+    unexpected = sorted(set(state) - set(targets))
+    untied = sorted(name for name in set(targets) - set(state)
+                    if targets[name].untyped_storage().data_ptr() not in loaded)
+    if unexpected or untied:
+        raise ModelLoadError(f"{folder}: its weights do not fit the model in memory (unexpected: {unexpected[:3]}, "
+                             f"missing: {untied[:3]})")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            targets[name].copy_(tensor)
 
 
 def use_mixed_precision(model: PreTrainedModel, device: str, mixed_precision: str) -> PreTrainedModel:

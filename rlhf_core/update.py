@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from rlhf_core.batch import ceil_div, length_sorted, select_rows
-from rlhf_core.distributed import global_sum, gradient_sync, local_value, rank_share, world_size
+from rlhf_core.distributed import global_sum, gradient_sync, local_value, rank, rank_share, world_size
+from rlhf_core.faults import kill_point
 
 
 class NonFiniteError(FloatingPointError):
@@ -133,6 +134,7 @@ def run_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
             grad_norm = local_value(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
             check_finite(grad_norm.detach(), f"gradient norm (epoch {epoch}, mini-batch {mini_index})")
             optimizer.step()
+            kill_point(f"optimizer-step:rank{rank()}")
             check_weights_finite(params, f"epoch {epoch}, mini-batch {mini_index}")
             history.append({**totals, "policy/grad_norm": float(grad_norm)})
             if on_step is not None:  # progress reporting lives with the caller

@@ -10,8 +10,9 @@ import torch
 
 from rlhf_core.config import LoraConfig, RuntimeConfig
 from rlhf_core.lora import adapter_disabled, adapter_folder, has_adapter
-from rlhf_core.models import load_lm
+from rlhf_core.models import load_lm, load_weights_in_place
 from rlhf_core.value_head import load_actor_critic as load_actor_critic_of
+from rlhf_core.vllm_generation import architecture_fingerprint
 from tasks.refs import CheckpointRef
 
 
@@ -53,6 +54,8 @@ class ModelCache:
     def __init__(self, capacity: int = 3):
         self.capacity = capacity
         self.entries: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (model, tokenizer, TrainingState or None)
+        self.loads = 0  # models built from disk by load_model
+        self.reloads = 0  # checkpoints copied into a cached model (reload_in_place)
 
     @staticmethod
     def key(sha256: str, runtime: RuntimeConfig, trust_remote_code: bool) -> tuple:
@@ -66,6 +69,19 @@ class ModelCache:
 
     def take(self, key: tuple) -> tuple | None:
         return self.entries.pop(key, None)
+
+    def reload_in_place(self, old: CheckpointRef, new: CheckpointRef) -> None:
+        """Every cached model of checkpoint `old` (read-only entries) becomes checkpoint `new`: its weights copied
+        into the module already built, instead of building another (a Ray rollout actor's next policy). Nothing
+        happens for LoRA checkpoints or another architecture: the next load_model builds `new` from disk."""
+        if adapter_folder(old.path) or adapter_folder(new.path) or \
+                architecture_fingerprint(old.path) != architecture_fingerprint(new.path):
+            return
+        for key in [k for k, entry in self.entries.items() if k[0] == old.sha256 and entry[2] is None]:
+            model, tokenizer, _ = self.entries.pop(key)
+            load_weights_in_place(model, new.path)
+            self.put((new.sha256, *key[1:]), model, tokenizer)
+            self.reloads += 1
 
     def put(self, key: tuple, model, tokenizer, training=None) -> None:
         """training: the `rlhf_core.training.TrainingState` (module and optimizer) the next training stage
@@ -96,6 +112,7 @@ def load_model(checkpoint: CheckpointRef, runtime: RuntimeConfig, trust_remote_c
             return cached[0], cached[1]
         model, tokenizer = load_lm(checkpoint.path, runtime, runtime.device, trust_remote_code,
                                    with_adapter=continue_adapter)
+        MODELS.loads += 1
         if not for_training:
             MODELS.put(key, model, tokenizer)
     return model, tokenizer

@@ -3,8 +3,9 @@ stage of tasks/rollouts.py and tasks/scoring.py), or shard tasks on the configur
 is the unsharded one (tasks/sharding.py).
 
 Shard tasks are cached like every stage, so a run resumed after a crash skips the shards that finished. In a
-Dask or Ray worker process each shard loads its model from disk (the in-process model cache of tasks/runtime.py
-misses there): workers need the flow's RLHF_HOME (shared storage when they run on other machines).
+Dask worker process each shard loads its model from disk (the in-process model cache of tasks/runtime.py misses
+there); a Ray actor keeps its models across iterations (tasks/ray_cluster.ShardWorker). Workers need the flow's
+RLHF_HOME (shared storage when they run on other machines).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from tasks.paths import rlhf_home
 from tasks.refs import ArtifactRef, CheckpointRef, publish
 from tasks.rollouts import generate_rollouts, rollout_frame
 from tasks.scoring import RewardSources, score_rollouts, scored_frame
-from tasks.sharding import ShardRunner, check_data_home, parquet_rows, run_sharded, shard_bounds, shard_runtime
+from tasks.sharding import (ShardRunner, check_data_home, on_shard_worker, parquet_rows, run_sharded, shard_bounds,
+                            shard_runtime)
 
 
 @task(name="generate-rollouts-shard", **STAGE_TASK_OPTIONS)
@@ -27,8 +29,10 @@ def generate_rollouts_shard(policy: CheckpointRef, prompts: ArtifactRef, generat
                             trust_remote_code: bool, data_home: str, row_range: list[int]) -> ArtifactRef:
     """Rows [start, stop) of the rollout table."""
     check_data_home(data_home)
-    return publish(rollout_frame(policy, prompts, generation, runtime, system_prompt, seed, iteration,
-                                 trust_remote_code, row_range=(row_range[0], row_range[1])), "rollouts-shards")
+    return publish(on_shard_worker(
+        "generate", rollout_frame, row_range, policy=policy, prompts=prompts, generation=generation, runtime=runtime,
+        system_prompt=system_prompt, seed=seed, iteration=iteration, trust_remote_code=trust_remote_code,
+        row_range=(row_range[0], row_range[1])), "rollouts-shards")
 
 
 @task(name="score-rollouts-shard", **STAGE_TASK_OPTIONS)
@@ -38,7 +42,9 @@ def score_rollouts_shard(rollouts: ArtifactRef, sources: RewardSources, referenc
     """Rows [start, stop) of the scored table."""
     check_data_home(data_home)
     rows = rollouts.read().iloc[row_range[0]:row_range[1]].reset_index(drop=True)
-    return publish(scored_frame(rows, sources, reference, logprobs, runtime, trust_remote_code), "scored-shards")
+    return publish(on_shard_worker("score", scored_frame, row_range, df=rows, sources=sources, reference=reference,
+                                   logprobs=logprobs, runtime=runtime, trust_remote_code=trust_remote_code),
+                   "scored-shards")
 
 
 def generation_stage(policy: CheckpointRef, prompts: ArtifactRef, generation: GenerationConfig,

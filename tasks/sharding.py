@@ -1,6 +1,6 @@
 """Sharded stages: a stage's rows cut into contiguous shards, each shard a cached Prefect task run on the task
-runner the config names (threads, a Dask or a Ray cluster), the shards' tables merged back into the table the
-unsharded stage writes.
+runner the config names (threads, a Dask cluster, or threads whose work runs on Ray actors: tasks/ray_cluster.py),
+the shards' tables merged back into the table the unsharded stage writes.
 
 Cuts fall only between the stage's batches, so every batch holds the rows it holds unsharded (same padding, same
 floats); rows carry their own seeds (tasks/rollouts.row_seed), so no sample depends on its shard either. Dask and
@@ -24,10 +24,13 @@ from rlhf_core.config import RuntimeConfig
 from rlhf_core.errors import UserInputError
 from tasks.cache import STAGE_TASK_OPTIONS
 from tasks.paths import rlhf_home
+from tasks.ray_cluster import RAY_REQUIREMENT, ShardActors
 from tasks.refs import ArtifactRef, publish
 
 # task_runner -> (module, requirement): the extras of pyproject.toml
-RUNNER_EXTRAS = {"dask": ("prefect_dask", "prefect-dask==0.3.7"), "ray": ("prefect_ray", "prefect-ray==0.6.0")}
+RUNNER_EXTRAS = {"dask": ("prefect_dask", "prefect-dask==0.3.7"), "ray": ("ray", RAY_REQUIREMENT)}
+# flow run id -> the Ray actors its shard tasks hand their work to (task_runner: ray)
+_SHARD_ACTORS: dict[str, ShardActors] = {}
 
 
 class ShardingError(ValueError):
@@ -89,7 +92,8 @@ def check_task_runner(runtime: RuntimeConfig) -> None:
 def shard_runtime(runtime: RuntimeConfig) -> RuntimeConfig:
     """The runtime a shard task gets: where shards run changes no value, so the runner settings are left out of
     its cache key and a run resumed on another runner (same shard count) reuses the finished shards."""
-    return runtime.model_copy(update={"task_runner": "thread", "shards": 1, "runner_address": None})
+    return runtime.model_copy(update={"task_runner": "thread", "shards": 1, "runner_address": None,
+                                      "ray_address": None if runtime.launcher != "ray" else runtime.ray_address})
 
 
 def check_data_home(expected: str) -> None:
@@ -101,13 +105,10 @@ def check_data_home(expected: str) -> None:
 
 
 def make_task_runner(runtime: RuntimeConfig):
-    """A Prefect task runner (not started) for `runtime.shards` shards."""
+    """A Prefect task runner (not started) for `runtime.shards` shards. Ray: threads of this process, each handing
+    its shard's work to an actor (`on_shard_worker`)."""
     check_task_runner(runtime)
     workers = runtime.shards
-    if runtime.task_runner == "thread":
-        from prefect.task_runners import ThreadPoolTaskRunner
-
-        return ThreadPoolTaskRunner(max_workers=workers)
     if runtime.task_runner == "dask":
         from prefect_dask import DaskTaskRunner
 
@@ -116,9 +117,29 @@ def make_task_runner(runtime: RuntimeConfig):
         # processes: each worker its own interpreter (no GIL sharing) and its own model; no more than the cores
         return DaskTaskRunner(cluster_kwargs={"n_workers": min(workers, os.cpu_count() or 1), "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": None})
-    from prefect_ray import RayTaskRunner
+    from prefect.task_runners import ThreadPoolTaskRunner
 
-    return RayTaskRunner(address=runtime.runner_address, init_kwargs={"include_dashboard": False})
+    return ThreadPoolTaskRunner(max_workers=workers)
+
+
+def flow_run_id() -> str:
+    """The current flow run's id, from the flow or from one of its tasks ("" outside any)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    task_run = TaskRunContext.get()
+    if task_run is not None:
+        return str(task_run.task_run.flow_run_id)
+    flow_run = FlowRunContext.get()
+    return str(flow_run.flow_run.id) if flow_run is not None and flow_run.flow_run is not None else ""
+
+
+def on_shard_worker(method: str, local, shard: list[int], **kwargs) -> pd.DataFrame:
+    """A shard task's table: `local(**kwargs)` in this process, or the same call on the Ray actor of this shard
+    (ShardWorker.<method>) when the flow run's shards run on Ray. shard: the task's [start, stop) row range."""
+    actors = _SHARD_ACTORS.get(flow_run_id())
+    if actors is None:
+        return local(**kwargs)
+    return actors.call(method, shard, kwargs)
 
 
 class ShardRunner:
@@ -129,17 +150,26 @@ class ShardRunner:
         check_task_runner(runtime)
         self.runtime = runtime
         self._runner = None
+        self.actors: ShardActors | None = None
 
     def run(self, shard_task: Task, parameters: dict, bounds: list[tuple[int, int]], stage: str) -> ArtifactRef:
         """`shard_task(**parameters, row_range=...)` once per range, then the merged table published as `stage`.
         Every shard finishes (and is cached) before a failed one raises, so a rerun redoes only the failed ones."""
         if self._runner is None:
             self._runner = make_task_runner(self.runtime).__enter__()
+            if self.runtime.task_runner == "ray":
+                self.actors = _SHARD_ACTORS[flow_run_id()] = ShardActors(self.runtime)
+        if self.actors is not None:
+            self.actors.assign(bounds)
         futures = [self._runner.submit(shard_task, {**parameters, "row_range": list(b)}) for b in bounds]
         wait(futures)
         return merge_shard_tables([f.result() for f in futures], [list(b) for b in bounds], stage)
 
     def close(self) -> None:
+        if self.actors is not None:
+            actors, self.actors = self.actors, None
+            _SHARD_ACTORS.pop(flow_run_id(), None)
+            actors.close()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             runner.__exit__(None, None, None)

@@ -27,17 +27,20 @@ def data_folder(tmp_path, processes: int, micro_batch_size: int):
 
 
 def with_one_and_two_processes(run_flow, make_config, micro_batch_sizes: tuple[int, int], strategy: str, tmp_path,
-                               monkeypatch, check_run=lambda run: None) -> tuple[dict, dict]:
+                               monkeypatch, check_run=lambda run: None,
+                               launch: dict | None = None) -> tuple[dict, dict]:
     """Run a flow with runtime.num_processes 1 and 2 (micro-batches of micro_batch_sizes[0]), and with 1 process
     and micro-batches of micro_batch_sizes[1] as the reference's difference from itself; each in its own data
-    folder (and MLflow store: `check_run` reads a run while its store is the current one).
+    folder (and MLflow store: `check_run` reads a run while its store is the current one). `launch`: runtime
+    settings of the 2-process run (e.g. the Ray launcher).
     `make_config(runtime, micro_batch_size)` -> the flow's config.
     -> ({1, 2, OTHER_SPLIT: final checkpoint}, {1, 2, OTHER_SPLIT: the run's MLflow run})"""
     finals, runs = {}, {}
     for key, processes, micro_batch_size in [(1, 1, micro_batch_sizes[0]), (2, 2, micro_batch_sizes[0]),
                                              (OTHER_SPLIT, 1, micro_batch_sizes[1])]:
         monkeypatch.setenv("RLHF_HOME", str(data_folder(tmp_path, processes, micro_batch_size)))
-        runtime = RuntimeConfig(num_processes=processes, distributed=strategy, num_threads=1)
+        runtime = RuntimeConfig(num_processes=processes, distributed=strategy, num_threads=1,
+                                **((launch or {}) if processes == 2 else {}))
         state = run_flow(make_config(runtime, micro_batch_size), return_state=True)
         finals[key] = CheckpointRef(path=state.result(), sha256="-")
         runs[key] = mlflow_run_of(state.state_details.flow_run_id)
@@ -47,8 +50,9 @@ def with_one_and_two_processes(run_flow, make_config, micro_batch_sizes: tuple[i
     return finals, runs
 
 
-def assert_two_processes_match_one(finals: dict, start: CheckpointRef, what: str, head: bool = False) -> None:
-    assert_checkpoint_matches(finals[2], finals[1], finals[OTHER_SPLIT], start, what, head)
+def assert_two_processes_match_one(finals: dict, start: CheckpointRef, what: str, head: bool = False) -> float:
+    """-> the largest bound checked (a share of the update)"""
+    return assert_checkpoint_matches(finals[2], finals[1], finals[OTHER_SPLIT], start, what, head)
 
 
 def test_grpo_flow_with_two_processes_matches_one(prefect_harness, tiny_model_dir, tmp_path, monkeypatch):

@@ -92,7 +92,7 @@ def test_generation_sharded_over_a_local_dask_cluster_equals_single_process(pref
 
 
 def test_generation_sharded_over_a_local_ray_cluster_equals_single_process(prefect_harness, inputs, rlhf_home):
-    pytest.importorskip("prefect_ray")
+    pytest.importorskip("ray")
     state = generate_both_ways(*inputs, RuntimeConfig(task_runner="ray", shards=2), return_state=True)
     assert_sharded_generation_equals_single(state, rlhf_home, 2)
 
@@ -165,7 +165,7 @@ def test_grpo_flow_with_two_shards_on_threads_equals_one_shard(prefect_harness, 
 
 def test_a_missing_extra_fails_before_any_work_naming_the_setting_and_the_pip_command(
         prefect_harness, rlhf_home, tiny_model_dir, monkeypatch):
-    monkeypatch.setitem(RUNNER_EXTRAS, "ray", ("no_such_module_for_this_test", "prefect-ray==0.6.0"))
+    monkeypatch.setitem(RUNNER_EXTRAS, "ray", ("no_such_module_for_this_test", "ray[train]==2.60.0"))
     config = tiny_config(tiny_model_dir, runtime=RuntimeConfig(task_runner="ray", shards=2))
     with pytest.raises(ShardingError) as error:
         grpo(config)
@@ -177,8 +177,14 @@ def test_a_missing_extra_fails_before_any_work_naming_the_setting_and_the_pip_co
 
 
 def test_bad_sharding_settings_are_rejected_naming_the_field(monkeypatch, tmp_path):
-    with pytest.raises(ValidationError, match="runtime.runner_address 'tcp://10.0.0.1:8786' names a cluster"):
+    with pytest.raises(ValidationError, match="runtime.runner_address 'tcp://10.0.0.1:8786' names a Dask scheduler"):
         RuntimeConfig(runner_address="tcp://10.0.0.1:8786")
+    with pytest.raises(ValidationError, match="runner_address 'h:1' names a Dask scheduler.*use runtime.ray_address"):
+        RuntimeConfig(task_runner="ray", runner_address="h:1")
+    with pytest.raises(ValidationError, match="runtime.ray_address 'h:6379' names a Ray cluster, but neither"):
+        RuntimeConfig(ray_address="h:6379")
+    RuntimeConfig(launcher="ray", ray_address="h:6379")  # either use is enough
+    RuntimeConfig(task_runner="ray", ray_address="h:6379")
     with pytest.raises(ValidationError, match="shards"):
         RuntimeConfig(shards=0)
     with pytest.raises(ValidationError, match="task_runner"):

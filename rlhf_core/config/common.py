@@ -91,17 +91,28 @@ class RuntimeConfig(_Config):
     gradient_checkpointing: bool = Field(False, description=(
         "recompute each layer's activations in the backward pass: less memory, ~30% more update time"))
     num_processes: int = Field(1, ge=1, le=1024, description=(
-        "processes the update runs on, launched with torchrun by the update task (gloo on CPU, NCCL on CUDA)"))
+        "processes the update (and the multi-process scoring passes) run on, started by `launcher` (gloo on CPU, "
+        "NCCL on CUDA)"))
+    launcher: Literal["torchrun", "ray"] = Field("torchrun", description=(
+        "what starts the num_processes > 1 processes: torchrun on this machine, or Ray Train workers on the Ray "
+        "cluster at ray_address, across machines (the ray extra; one GPU per worker when device is cuda)"))
+    ray_address: str | None = Field(None, description=(
+        "the Ray cluster of launcher: ray and task_runner: ray (head:6379 or ray://head:10001); None starts a "
+        "local Ray instance for the task and stops it after"))
+    ray_cpus_per_worker: float = Field(1.0, gt=0, le=1024, description=(
+        "CPUs each Ray Train worker reserves on the cluster (launcher: ray)"))
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description=(
         "with num_processes > 1: ddp replicates the model on every process; fsdp shards weights, gradients and "
         "optimizer state (torch fully_shard) for models that do not fit one device"))
     task_runner: Literal["thread", "dask", "ray"] = Field("thread", description=(
-        "Prefect task runner of the sharded generation and scoring stages: thread (built in), dask (prefect-dask) "
-        "or ray (prefect-ray), the last two optional extras"))
+        "where the sharded generation and scoring stages run: thread (built in), dask (Prefect's Dask task runner, "
+        "the dask extra) or ray (one Ray actor per shard on the cluster at ray_address, keeping its model across "
+        "iterations; the ray extra)"))
     shards: int = Field(1, ge=1, le=4096, description=(
         "pieces the generation and scoring stages split their input into, processed in parallel by task_runner"))
     runner_address: str | None = Field(None, description=(
-        "an existing Dask scheduler (tcp://host:8786) or Ray cluster (ray://host:10001); None starts a local one"))
+        "an existing Dask scheduler (tcp://host:8786) for task_runner: dask; None starts a local one (Ray: "
+        "ray_address)"))
 
     @field_validator("device")
     @classmethod
@@ -112,10 +123,14 @@ class RuntimeConfig(_Config):
 
     @model_validator(mode="after")
     def _address_needs_cluster_runner(self) -> "RuntimeConfig":
-        # an address with the thread runner would be silently ignored: the user meant a cluster
-        if self.runner_address and self.task_runner == "thread":
-            raise ValueError(f"runtime.runner_address {self.runner_address!r} names a cluster, but "
-                             "runtime.task_runner is 'thread': set task_runner to dask or ray")
+        # an address nothing uses would be silently ignored: the user meant a cluster
+        if self.runner_address and self.task_runner != "dask":
+            hint = "use runtime.ray_address for Ray" if self.task_runner == "ray" else "set task_runner to dask"
+            raise ValueError(f"runtime.runner_address {self.runner_address!r} names a Dask scheduler, but "
+                             f"runtime.task_runner is {self.task_runner!r}: {hint}")
+        if self.ray_address and self.launcher != "ray" and self.task_runner != "ray":
+            raise ValueError(f"runtime.ray_address {self.ray_address!r} names a Ray cluster, but neither "
+                             "runtime.launcher nor runtime.task_runner is 'ray'")
         return self
 
 
