@@ -35,20 +35,15 @@ def main() -> None:
 
 def measure_overhead(home: Path, tokenizer_dir: Path, iterations: int) -> dict:
     import mlflow
-    from transformers import LlamaForCausalLM
 
     from bench.algorithms import measure
-    from bench.workloads import WORKLOADS, llama_config
+    from bench.workloads import WORKLOADS, random_model_folder
     from flows.grpo import grpo
     from rlhf_core.config import GenerationConfig, GRPOConfig, KLConfig, ModelConfig, OptimConfig, TrackingConfig
-    from rlhf_core.models import load_tokenizer
     from tasks.paths import use_tracking_uri
 
     workload = WORKLOADS["smol"]
-    tokenizer, _ = load_tokenizer(tokenizer_dir)
-    model_dir = home / "smol-random"
-    LlamaForCausalLM(llama_config(workload)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = random_model_folder(workload, home, tokenizer_dir)
 
     config = GRPOConfig(iterations=iterations, prompts_per_iteration=workload.prompts,
                         model=ModelConfig(name_or_path=str(model_dir)),

@@ -71,21 +71,15 @@ def measure(home: Path, tokenizer_dir: Path, workload_name: str, iterations: int
             only: str = "") -> dict:
     import mlflow
     import torch
-    from transformers import LlamaForCausalLM
 
-    from bench.workloads import WORKLOADS, llama_config
+    from bench.workloads import WORKLOADS, random_model_folder
     from flows.grpo import grpo
     from rlhf_core.config import (GenerationConfig, GRPOConfig, KLConfig, ModelConfig, OptimConfig, RuntimeConfig,
                                   TrackingConfig)
-    from rlhf_core.models import load_tokenizer
     from tasks.paths import use_tracking_uri
 
     workload = WORKLOADS[workload_name]
-    tokenizer, _ = load_tokenizer(tokenizer_dir)
-    model_dir = home / f"{workload_name}-random"
-    torch.manual_seed(0)
-    LlamaForCausalLM(llama_config(workload)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = random_model_folder(workload, home, tokenizer_dir)
 
     results = {"workload": workload_name, "iterations": iterations, "cpus": os.cpu_count(),
                "load_before": os.getloadavg()[0]}

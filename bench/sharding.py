@@ -44,22 +44,16 @@ def measure(home: Path, tokenizer_dir: Path, workload_name: str, runners: list[s
     import pandas as pd
     import torch
     from prefect import flow
-    from transformers import LlamaForCausalLM
 
-    from bench.workloads import WORKLOADS, llama_config
+    from bench.workloads import WORKLOADS, random_model_folder
     from rlhf_core.config import GenerationConfig, RuntimeConfig
     from rlhf_core.io import sha256_dir
-    from rlhf_core.models import load_tokenizer
     from tasks.refs import CheckpointRef, publish
     from tasks.sharded_stages import generation_stage
     from tasks.sharding import RUNNER_EXTRAS, shard_runner
 
     workload = WORKLOADS[workload_name]
-    tokenizer, _ = load_tokenizer(tokenizer_dir)
-    model_dir = home / f"{workload_name}-random"
-    torch.manual_seed(0)
-    LlamaForCausalLM(llama_config(workload)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = random_model_folder(workload, home, tokenizer_dir)
     policy = CheckpointRef(path=str(model_dir), sha256=sha256_dir(model_dir))
     prompts = publish(pd.DataFrame({"prompt_id": range(workload.prompts),
                                     "prompt": [f"Write a short story about the number {i}." for i in

@@ -54,6 +54,19 @@ def causal_lm(workload: Workload, device: str, seed: int = 0) -> LlamaForCausalL
     return LlamaForCausalLM(llama_config(workload)).to(device).eval()
 
 
+def random_model_folder(workload: Workload, home: Path, tokenizer_dir: Path) -> Path:
+    """A random-init causal LM of the workload's shape (seed 0) saved with SmolLM2's tokenizer under `home`, for
+    the flow benchmarks."""
+    from rlhf_core.models import load_tokenizer
+
+    tokenizer, _ = load_tokenizer(tokenizer_dir)
+    folder = home / f"{workload.name}-random"
+    torch.manual_seed(0)
+    LlamaForCausalLM(llama_config(workload)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def sequence_classifier(workload: Workload, device: str, seed: int = 0) -> LlamaForSequenceClassification:
     torch.manual_seed(seed)
     return LlamaForSequenceClassification(llama_config(workload, num_labels=1)).to(device).eval()

@@ -24,6 +24,7 @@ from test_flow_grpo import tiny_config
 from tolerance import FACTOR
 
 from rlhf_core.config import KLConfig, RuntimeConfig
+from rlhf_core.config.training import TrainingSetup
 from rlhf_core.models import ModelLoadError, load_weights_in_place
 from tasks.distributed import DistributedUpdateError
 from tasks.refs import CheckpointRef
@@ -159,6 +160,29 @@ def test_rollout_shards_on_ray_actors_keep_their_model_and_equal_the_thread_runn
     assert tables["ray"] == tables["thread"] and len(tables["ray"]["rollouts"]) == 3
     stats = [line for line in caplog.messages if line.startswith("ray shard actors:")]  # the flow's log
     assert stats == ["ray shard actors: 2 actors, models loaded from disk [2, 2], reloaded in place [1, 1]"]
+
+
+def test_without_an_address_a_local_instance_trains_as_torchrun_does_and_stops(tiny_model_dir, rlhf_home, tmp_path):
+    """launcher: ray with no ray_address: the stage starts a local Ray instance and stops it when done. Both
+    launchers run the same 2 gloo ranks on this machine, so the weights come out identical, not just close."""
+    from test_distributed import GRPO_ARGS, rollouts
+
+    from rlhf_core.io import sha256_dir
+    from tasks.refs import ArtifactRef
+    from tasks.train import train_stage
+
+    table = rollouts(vocab_size=49152)
+    table.to_parquet(tmp_path / "batch.parquet")
+    batch = ArtifactRef(path=str(tmp_path / "batch.parquet"), sha256="-", rows=len(table))
+    policy = CheckpointRef(path=str(tiny_model_dir), sha256=sha256_dir(tiny_model_dir))
+    trained = {}
+    for launcher in ("torchrun", "ray"):
+        runtime = RuntimeConfig(num_processes=2, num_threads=1, launcher=launcher)
+        trained[launcher] = train_stage(policy, batch, GRPO_ARGS, TrainingSetup(runtime=runtime), "update-metrics",
+                                        "update").checkpoint
+    assert not ray.is_initialized()  # stopped with the stage
+    assert max_difference(weights(trained["ray"]), weights(policy)) > 1e-3
+    assert max_difference(weights(trained["ray"]), weights(trained["torchrun"])) == 0.0
 
 
 def test_an_address_where_no_cluster_answers_fails_before_any_work(prefect_harness, rlhf_home, tiny_model_dir):
