@@ -3,7 +3,8 @@
 Runs every (workload, algorithm, precision) in its own process (so peak RSS is its own), after measuring the
 machine's matmul peak per dtype, and prints a table; `--out` also writes the results as JSON with the machine and
 library versions. `python -m bench.run --profile grpo smol bf16` prints one step's op-level profile instead (where
-the time goes).
+the time goes); `python -m bench.run --compare BEFORE.json AFTER.json` prints the speed-ups between two `--out`
+files.
 """
 
 from __future__ import annotations
@@ -86,6 +87,41 @@ def table(results: list[dict], peaks: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+# (label, how to read it from a result, True when larger is better)
+COMPARED = [("step s", lambda r: r["step_s"], False), ("update s", lambda r: r["stages_s"]["update"], False),
+            ("gen tok/s", lambda r: r.get("generated_tokens_per_s"), True), ("MFU", lambda r: r.get("mfu"), True)]
+
+
+def compare(before: dict, after: dict) -> str:
+    """The runs both result files hold, matched by (workload, algorithm, precision): each measure before and
+    after, and the speed-up (before/after for times, after/before for throughputs and MFU: > 1 is faster). Files
+    from different machines are compared too, under a warning: only MFU is normalised by each run's own peak."""
+    def key(r: dict) -> tuple:
+        return r["workload"], r["algorithm"], r["precision"]
+
+    old = {key(r): r for r in before["results"]}
+    lines = []
+    if before["machine"].get("cpu") != after["machine"].get("cpu") or before["machine"].get("gpu") != after[
+            "machine"].get("gpu"):
+        lines.append(f"warning: different machines ({before['machine'].get('cpu')} vs "
+                     f"{after['machine'].get('cpu')}): compare MFU, not seconds")
+    head = f"{'workload':8} {'algorithm':12} {'prec':5} " + " ".join(f"{label:>24}" for label, _, _ in COMPARED)
+    lines += [head, "-" * len(head)]
+    for r in after["results"]:
+        if key(r) not in old:
+            continue
+        cells = []
+        for _, read, larger_is_better in COMPARED:
+            a, b = read(old[key(r)]), read(r)
+            if a is None or b is None or min(a, b) <= 0:
+                cells.append(f"{'-':>24}")
+                continue
+            ratio = b / a if larger_is_better else a / b
+            cells.append(f"{a:8.3g} -> {b:8.3g} {ratio:5.2f}x")
+        lines.append(f"{r['workload']:8} {r['algorithm']:12} {r['precision']:5} " + " ".join(cells))
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=[w for w in WORKLOADS if w != "tiny"],
@@ -99,7 +135,13 @@ def main() -> int:
     parser.add_argument("--one", nargs=3, metavar=("ALGORITHM", "WORKLOAD", "PRECISION"), help=argparse.SUPPRESS)
     parser.add_argument("--profile", nargs=3, metavar=("ALGORITHM", "WORKLOAD", "PRECISION"),
                         help="print one step's op-level profile instead (where the time goes)")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
+                        help="print the speed-ups between two --out files instead of running anything")
     args = parser.parse_args()
+    if args.compare:
+        before, after = (json.loads(Path(path).read_text()) for path in args.compare)
+        print(compare(before, after))
+        return 0
     if args.profile:
         print(profile_one(*args.profile, args.device))
         return 0

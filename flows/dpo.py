@@ -58,7 +58,7 @@ def dpo(config: DPOConfig = DPOConfig()) -> str:
                 scores = evaluate_dpo(update.checkpoint, eval_pairs, config.loss_type, config.beta,
                                       config.optim.micro_batch_size, runtime, trust)
             policy = update.checkpoint
-            metrics = log_offline_epoch(tracker, epoch, update, scores, clock, config.tracking,
+            metrics = log_offline_epoch(tracker, epoch, config.optim.epochs, update, scores, clock, config.tracking,
                                         summarize_held_out(scores.read()))
             checkpoints.append(policy)
             prune_checkpoints(checkpoints, keep=config.keep_checkpoints)

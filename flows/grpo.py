@@ -53,8 +53,8 @@ def grpo(config: GRPOConfig = GRPOConfig()) -> str:
             with clock("update"):
                 update = update_policy(policy, batch, GRPOUpdateArgs.from_config(config, iteration), setup)
             policy = update.checkpoint
-            log_online_iteration(tracker, iteration, stages, update, clock, config.tracking.registered_model,
-                                 config.tracking.log_rollouts, extra_metrics=sampling)
+            log_online_iteration(tracker, iteration, config.iterations, stages, update, clock, config.tracking,
+                                 extra_metrics=sampling)
             checkpoints.append(policy)
             prune_checkpoints(checkpoints, keep=config.keep_checkpoints)
             print(f"iteration {iteration}: reward mean {scored.read()['rewards'].mean():.3f}, "

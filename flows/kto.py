@@ -58,7 +58,7 @@ def kto(config: KTOConfig = KTOConfig()) -> str:
                 scores = evaluate_kto(update.checkpoint, eval_examples, config.beta, config.optim.micro_batch_size,
                                       runtime, trust)
             policy = update.checkpoint
-            metrics = log_offline_epoch(tracker, epoch, update, scores, clock, config.tracking,
+            metrics = log_offline_epoch(tracker, epoch, config.optim.epochs, update, scores, clock, config.tracking,
                                         summarize_held_out(scores.read()))
             checkpoints.append(policy)
             prune_checkpoints(checkpoints, keep=config.keep_checkpoints)

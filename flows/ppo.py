@@ -67,9 +67,9 @@ def ppo(config: PPOConfig = PPOConfig()) -> str:
                                 table["old_values"])
             stats["kl/coef"] = kl_controller.value
             kl_controller.update(stats["kl/mean"], n_steps=batch.rows)
-            log_online_iteration(tracker, iteration, {"prompts": prompts, "rollouts": rollouts, "values": valued,
-                                                      "scored": scored, "advantages": batch}, update, clock,
-                                 config.tracking.registered_model, config.tracking.log_rollouts, stats)
+            log_online_iteration(tracker, iteration, config.iterations,
+                                 {"prompts": prompts, "rollouts": rollouts, "values": valued, "scored": scored,
+                                  "advantages": batch}, update, clock, config.tracking, stats)
             checkpoints.append(policy)
             prune_checkpoints(checkpoints, keep=config.keep_checkpoints)
             print(f"iteration {iteration}: score {stats['ppo/score_mean']:.3f}, KL {stats['kl/mean']:.3f}")

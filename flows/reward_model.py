@@ -51,7 +51,8 @@ def reward_model(config: RewardModelConfig = RewardModelConfig()) -> str:
                 scores = evaluate_reward_model(update.checkpoint, pairs.eval, config.optim.batch_size,
                                                config.max_length, config.runtime, trust)
             model = update.checkpoint
-            metrics = log_reward_model_epoch(tracker, epoch, update, scores, clock, config.tracking)
+            metrics = log_reward_model_epoch(tracker, epoch, config.optim.epochs, update, scores, clock,
+                                             config.tracking)
             checkpoints.append(model)
             prune_checkpoints(checkpoints, keep=config.keep_checkpoints)
             print(f"epoch {epoch}: train accuracy {metrics['reward_model/train_accuracy']:.3f}, held-out accuracy "
@@ -59,11 +60,11 @@ def reward_model(config: RewardModelConfig = RewardModelConfig()) -> str:
     return model.path
 
 
-def log_reward_model_epoch(tracker: Tracker, epoch: int, update: UpdateResult, scores: ArtifactRef,
+def log_reward_model_epoch(tracker: Tracker, epoch: int, epochs: int, update: UpdateResult, scores: ArtifactRef,
                            stage_seconds: dict[str, float], tracking: TrackingConfig) -> dict[str, float]:
     """The epoch's Parquet files, its checkpoint as a model version, then one batch of metrics (returned)."""
     start = time.perf_counter()
-    log_epoch_outputs(tracker, epoch, update, scores, tracking)
+    log_epoch_outputs(tracker, epoch, epochs, update, scores, tracking)
     train = update.metrics.read().mean()
     pairs = scores.read()
     margin = torch.tensor(pairs["margin"].to_numpy(), dtype=torch.float32) if "margin" in pairs else None

@@ -50,7 +50,7 @@ def sft(config: SFTConfig = SFTConfig()) -> str:
             with clock("eval"):
                 scores = evaluate_sft(update.checkpoint, eval_examples, config.optim.micro_batch_size, runtime, trust)
             policy = update.checkpoint
-            metrics = log_offline_epoch(tracker, epoch, update, scores, clock, config.tracking,
+            metrics = log_offline_epoch(tracker, epoch, config.optim.epochs, update, scores, clock, config.tracking,
                                         held_out_metrics(scores.read()))
             checkpoints.append(policy)
             prune_checkpoints(checkpoints, keep=config.keep_checkpoints)

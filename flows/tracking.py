@@ -249,22 +249,31 @@ def run_summary(run) -> str:
             f"{metrics}\n\n**Registered checkpoints**\n{registered}\n")
 
 
-def log_epoch_outputs(tracker: Tracker, epoch: int, update, scores, tracking) -> None:
+def registers(step: int, steps: int, every: int) -> bool:
+    """Whether step (0-based) of `steps` registers its checkpoint: every `every`-th (1: all), and always the last;
+    every = 0: the last only."""
+    return step == steps - 1 or (every > 0 and (step + 1) % every == 0)
+
+
+def log_epoch_outputs(tracker: Tracker, epoch: int, epochs: int, update, scores, tracking) -> None:
     """What an offline flow's epoch leaves in MLflow besides metrics: its held-out scores and per-step training
-    metrics as Parquet (when tracking.log_rollouts) and its checkpoint as a registered model version."""
+    metrics as Parquet (when tracking.log_rollouts) and its checkpoint as a registered model version (when
+    tracking.register_every says so)."""
     if tracking.log_rollouts:
         tracker.log_files({"eval.parquet": scores.path, "train_metrics.parquet": update.metrics.path},
                           f"data/epoch_{epoch:03d}")
-    tracker.register_checkpoint(update.checkpoint.path, update.checkpoint.sha256, tracking.registered_model, epoch)
+    if registers(epoch, epochs, tracking.register_every):
+        tracker.register_checkpoint(update.checkpoint.path, update.checkpoint.sha256, tracking.registered_model,
+                                    epoch)
 
 
-def log_offline_epoch(tracker: Tracker, epoch: int, update, scores, stage_seconds: dict[str, float], tracking,
-                      eval_metrics: dict[str, float]) -> dict[str, float]:
+def log_offline_epoch(tracker: Tracker, epoch: int, epochs: int, update, scores, stage_seconds: dict[str, float],
+                      tracking, eval_metrics: dict[str, float]) -> dict[str, float]:
     """Everything an offline flow's epoch leaves in MLflow: `log_epoch_outputs`, then one batch of metrics
     (returned): the mean of each training metric over the epoch's steps (NaN steps skipped), `eval_metrics` under
     `eval/`, the stage times and the time this logging took."""
     start = time.perf_counter()
-    log_epoch_outputs(tracker, epoch, update, scores, tracking)
+    log_epoch_outputs(tracker, epoch, epochs, update, scores, tracking)
     metrics = {
         **update.metrics.read().mean().to_dict(),
         **{f"eval/{key}": value for key, value in eval_metrics.items()},
@@ -275,19 +284,21 @@ def log_offline_epoch(tracker: Tracker, epoch: int, update, scores, stage_second
     return metrics
 
 
-def log_online_iteration(tracker: Tracker, iteration: int, stage_refs: dict, update, stage_seconds: dict[str, float],
-                         registered_model: str, log_rollouts: bool, extra_metrics: dict | None = None) -> None:
-    """Everything one online iteration leaves in MLflow: Parquet files, samples, the checkpoint, then one batch of
-    metrics that includes the time this logging took."""
+def log_online_iteration(tracker: Tracker, iteration: int, iterations: int, stage_refs: dict, update,
+                         stage_seconds: dict[str, float], tracking, extra_metrics: dict | None = None) -> None:
+    """Everything one online iteration leaves in MLflow: Parquet files, samples, the checkpoint (when
+    tracking.register_every says so), then one batch of metrics that includes the time this logging took."""
     start = time.perf_counter()
     batch = stage_refs["advantages"].read()
     folder = f"iter_{iteration:03d}"
-    if log_rollouts:
+    if tracking.log_rollouts:
         tracker.log_files({f"{stage}.parquet": table.path for stage, table in stage_refs.items()}
                           | {"update_metrics.parquet": update.metrics.path}, f"data/{folder}")
     sample_columns = ["group_id", "prompt", "response", "rewards", "advantages"]
     tracker.log_table(batch[sample_columns].head(16), f"samples/{folder}.json")
-    tracker.register_checkpoint(update.checkpoint.path, update.checkpoint.sha256, registered_model, iteration)
+    if registers(iteration, iterations, tracking.register_every):
+        tracker.register_checkpoint(update.checkpoint.path, update.checkpoint.sha256, tracking.registered_model,
+                                    iteration)
     kill_point("mlflow-log")
     stage_seconds = {**stage_seconds, "tracking": time.perf_counter() - start}
     metrics = {

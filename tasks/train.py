@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from rlhf_core.checkpoint import OPTIMIZER_FILE
 from rlhf_core.config.training import TrainingSetup, UpdateArgs
 from rlhf_core.training import TRAINING, train
 from tasks.distributed import distributed_train
@@ -48,11 +49,17 @@ def train_stage(start: CheckpointRef, table: ArtifactRef, args: UpdateArgs, setu
 
 
 def prune_checkpoints(produced: list[CheckpointRef], keep: int) -> None:
-    """Delete all but the newest `keep` of the checkpoints a run produced (the MLflow registry holds every one's
-    weights). Only folders inside the checkpoints folder are touched, never a user's model. Safe for resume:
-    cache hits use the hashes carried by references and never reopen old folders."""
+    """Delete all but the newest `keep` of the checkpoints a run produced (the MLflow registry holds the weights of
+    those it registered), and the optimizer state of all but the newest: only the newest is ever trained from
+    again (the next update, or a resumed run's first uncached one). Only folders inside the checkpoints folder are
+    touched, never a user's model. Safe for resume: cache hits use the hashes carried by references and never
+    reopen old folders."""
     root = checkpoints_dir().resolve()
-    for checkpoint in produced[:-keep]:
+    for index, checkpoint in enumerate(produced[:-1]):
         path = Path(checkpoint.path).resolve()
-        if path.parent == root and path.is_dir():
+        if path.parent != root or not path.is_dir():
+            continue
+        if index < len(produced) - keep:
             shutil.rmtree(path)
+        else:
+            (path / OPTIMIZER_FILE).unlink(missing_ok=True)

@@ -66,3 +66,38 @@ def test_the_gpu_check_runs_to_completion_in_its_dry_mode(tmp_path):
     assert {r["algorithm"] for r in json.loads((tmp_path / "bench" / "tiny.json").read_text())["results"]} == set(
         STEPS)
     assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check (dry run")
+
+
+def test_compare_prints_speedups_of_matching_runs_by_hand():
+    """Times: before / after; throughputs and MFU: after / before (> 1 is faster either way); runs only one file
+    holds are left out; a different machine is flagged."""
+    from bench.run import compare
+
+    def result(algorithm, step, update, generated, mfu):
+        return {"workload": "smol", "algorithm": algorithm, "precision": "bf16", "step_s": step,
+                "stages_s": {"update": update}, "generated_tokens_per_s": generated, "mfu": mfu}
+
+    machine = {"cpu": "Xeon", "gpu": None}
+    before = {"machine": machine,
+              "results": [result("grpo", 10.0, 8.0, 100.0, 0.1), result("dpo", 4.0, 4.0, None, 0.2)]}
+    after = {"machine": machine,
+             "results": [result("grpo", 5.0, 2.0, 300.0, 0.4), result("kto", 1.0, 1.0, None, 0.5)]}
+    lines = compare(before, after).splitlines()
+    (grpo,) = [line for line in lines if " grpo " in line]
+    assert [cell.split()[-1] for cell in grpo.split("x")[:-1]] == ["2.00", "4.00", "3.00", "4.00"]
+    assert not any(" dpo " in line or " kto " in line for line in lines)
+    assert not lines[0].startswith("warning")
+    other = {**after, "machine": {"cpu": "EPYC", "gpu": None}}
+    assert compare(before, other).startswith("warning: different machines (Xeon vs EPYC)")
+
+
+def test_ragged_generation_counts_tokens_up_to_the_first_eos_by_hand():
+    from bench.generation import generated_tokens, ragged_eos_ids
+    from bench.workloads import PAD_ID
+
+    responses = torch.tensor([[5, 1, 7, 7], [9, 9, 9, 9], [2, 0, 0, 0]])  # EOS ids {1, 2}
+    assert generated_tokens(responses, [1, 2]) == 2 + 4 + 1
+    assert generated_tokens(responses, []) == 12
+    eos = ragged_eos_ids(49152, 64)
+    assert len(eos) == round(49152 * (1 - 0.5 ** (1 / 64))) == 529 and PAD_ID not in eos
+    assert (1 - len(eos) / 49152) ** 64 == pytest.approx(0.5, abs=0.01)  # half the rows reach the end

@@ -111,3 +111,29 @@ def test_crash_in_update_then_rerun_resumes_and_matches_uninterrupted_run(prefec
     assert states == [(stage, "Cached") for stage in STAGES] + [(stage, "Cached") for stage in STAGES[:-1]] + [
         ("update-policy", "Completed")]
     assert sha256_dir(resumed.result()) == uninterrupted
+
+
+def test_register_every_and_optimizer_state_kept_for_the_newest_only(prefect_harness, rlhf_home, tiny_model_dir):
+    """3 iterations, register_every 2: versions for iterations 1 (the 2nd) and 2 (the last); 2 checkpoints kept,
+    only the newest with Adam's state (the older keeps its weights)."""
+    from rlhf_core.checkpoint import OPTIMIZER_FILE
+    from tasks.paths import use_tracking_uri
+
+    final = grpo(tiny_config(tiny_model_dir, iterations=3, keep_checkpoints=2,
+                             tracking=TrackingConfig(experiment="e2e", registered_model="sparse", register_every=2)))
+    use_tracking_uri()
+    versions = mlflow.MlflowClient().search_model_versions("name = 'sparse'")
+    assert sorted(v.tags["iteration"] for v in versions) == ["1", "2"]
+    kept = sorted((rlhf_home / "checkpoints").iterdir(), key=lambda p: p != Path(final))  # the newest first
+    assert len(kept) == 2 and kept[0] == Path(final)
+    assert [(p / OPTIMIZER_FILE).is_file() for p in kept] == [True, False]
+    assert all((p / "model.safetensors").is_file() for p in kept)
+
+
+def test_registers_every_nth_and_always_the_last():
+    from flows.tracking import registers
+
+    assert [registers(i, 5, 1) for i in range(5)] == [True] * 5
+    assert [registers(i, 5, 2) for i in range(5)] == [False, True, False, True, True]
+    assert [registers(i, 5, 0) for i in range(5)] == [False, False, False, False, True]
+    assert [registers(i, 1, 3) for i in range(1)] == [True]

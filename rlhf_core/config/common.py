@@ -364,6 +364,9 @@ class TrackingConfig(_Config):
     experiment: str = Field("grpo", min_length=1, description="MLflow experiment")
     registered_model: str = Field("grpo-policy", min_length=1, description="MLflow registered model name")
     log_rollouts: bool = Field(True, description="log each iteration's Parquet files as MLflow artifacts")
+    register_every: int = Field(1, ge=0, le=100000, description=(
+        "register every N-th iteration's (or epoch's) checkpoint as a model version, and always the last; 0: the "
+        "last only. Each version keeps a copy of the weights in the MLflow store"))
 
 
 def check_online_config(config) -> None:

@@ -32,8 +32,8 @@ class RewardModelConfig(_Config):
     center_coef: float = Field(0.01, ge=0.0, description="weight of mean((r_chosen + r_rejected)^2): keeps rewards "
                                                          "centred on 0 (Eisenstein et al. 2023)")
     seed: int = Field(0, ge=0, description="score-head initialisation, eval hold-out and per-epoch shuffling")
-    keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (with optimizer state); the MLflow "
-                                                       "registry keeps every epoch's weights")
+    keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (the newest with its optimizer "
+                                                       "state); the registry keeps those tracking.register_every names")
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig(experiment="reward-model", registered_model="reward-model")
 
@@ -67,8 +67,8 @@ class DPOConfig(_Config):
         "AdamW and the epoch loop (DPO papers use lr 5e-7 on 7B models with large batches; a 135M model on ~200 "
         "pairs needs more)"))
     seed: int = Field(0, ge=0, description="eval hold-out (without eval_path) and per-epoch shuffling")
-    keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (with optimizer state); the MLflow "
-                                                       "registry keeps every epoch's weights")
+    keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (the newest with its optimizer "
+                                                       "state); the registry keeps those tracking.register_every names")
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig(experiment="dpo", registered_model="dpo-policy")
     heldout: HeldOutConfig = Field(REVIEW_HELDOUT, description=(
@@ -195,8 +195,8 @@ class KTOConfig(_Config):
         "mismatched pairs are fixed per dataset, but gives a noisy z0)"))
     seed: int = Field(0, ge=0, description="eval hold-out (without eval_path), mismatched pairs and per-epoch "
                                            "shuffling")
-    keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (with optimizer state); the MLflow "
-                                                       "registry keeps every epoch's weights")
+    keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (the newest with its optimizer "
+                                                       "state); the registry keeps those tracking.register_every names")
     runtime: RuntimeConfig = Field(RuntimeConfig(), description="device, dtype and threads of every model stage")
     tracking: TrackingConfig = Field(TrackingConfig(experiment="kto", registered_model="kto-policy"),
                                      description="MLflow experiment and registered model of the trained policy")

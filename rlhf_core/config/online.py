@@ -62,8 +62,8 @@ class GRPOConfig(_Config):
         "iterations of sample -> generate -> score -> advantages -> update"))
     prompts_per_iteration: int = Field(8, ge=1, le=100_000, description="P: prompts per iteration (B = P * G)")
     seed: RunSeed = Field(0, description=SEED_DESCRIPTION)
-    keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (with optimizer state); the MLflow "
-                                                       "registry keeps every checkpoint's weights")
+    keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (the newest with its optimizer "
+                                                       "state); the registry keeps those tracking.register_every names")
     model: ModelConfig = ModelConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     data: DataConfig = DataConfig()
@@ -161,8 +161,8 @@ class PPOConfig(_Config):
     prompts_per_iteration: int = Field(16, ge=1, le=100_000, description=(
         "prompts per iteration (B = prompts_per_iteration * generation.group_size)"))
     seed: RunSeed = Field(0, description=SEED_DESCRIPTION)
-    keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (with optimizer state and value "
-                                                       "head); the MLflow registry keeps every checkpoint's weights")
+    keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (the newest with its optimizer "
+                                                       "state); the registry keeps those tracking.register_every names")
     model: ModelConfig = ModelConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     data: DataConfig = DataConfig(path="data/review_prompts.jsonl", extra_columns=[])

@@ -22,8 +22,8 @@ class SFTConfig(_Config):
                                       description="AdamW and the epoch loop (lr 2e-5: SmolLM2-135M on ~250 "
                                                   "conversations)")
     seed: int = Field(0, ge=0, description="eval hold-out (without eval_path) and per-epoch shuffling")
-    keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (with optimizer state); the MLflow "
-                                                       "registry keeps every epoch's weights")
+    keep_checkpoints: int = Field(2, ge=1, description="local checkpoints kept (the newest with its optimizer "
+                                                       "state); the registry keeps those tracking.register_every names")
     runtime: RuntimeConfig = Field(RuntimeConfig(), description="device, dtype and processes of every model stage")
     tracking: TrackingConfig = Field(TrackingConfig(experiment="sft", registered_model="sft-policy"),
                                      description="MLflow experiment and registered model")
