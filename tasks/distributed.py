@@ -45,7 +45,7 @@ def torchrun_command(num_processes: int, job_file: Path) -> list[str]:
 
 
 def work_root() -> Path:
-    """Where the torchrun jobs' temporary folders live (removed when the job ends; a SIGKILLed task leaves its
+    """Where the distributed jobs' temporary folders live (removed when the job ends; a SIGKILLed task leaves its
     small folder: the job file, and for scoring the token ids)."""
     root = rlhf_home() / "tmp"
     root.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,8 @@ def run_scoring_job(job: Job) -> dict[str, torch.Tensor]:
 
 def distributed_train(start: CheckpointRef, table: ArtifactRef, args: UpdateArgs,
                       setup: TrainingSetup) -> tuple[CheckpointRef, list[dict[str, float]]]:
-    """The train stage under torchrun: (the new checkpoint, one metrics dict per optimizer step)."""
+    """The train stage on runtime.num_processes ranks (torchrun or Ray Train): (the new checkpoint, one metrics
+    dict per optimizer step)."""
     job = TrainJob(checkpoint=start.path, table=table.path, args=args, runtime=setup.runtime,
                    trust_remote_code=setup.trust_remote_code, lora=setup.lora, checkpoints_dir=str(checkpoints_dir()))
     result = run_job(job, lambda work_dir: json.loads((work_dir / RESULT_FILE).read_text()))

@@ -38,15 +38,13 @@ def uses_ray(runtime: RuntimeConfig) -> bool:
 
 
 def check_ray(runtime: RuntimeConfig) -> None:
-    """Fails before any work when the config needs Ray and the extra is not installed, or names a cluster address
-    where nothing answers (Ray itself would retry for minutes)."""
-    if not uses_ray(runtime):
-        return
-    if importlib.util.find_spec("ray") is None:
-        setting = "launcher" if runtime.launcher == "ray" else "task_runner"
-        raise RaySetupError(f"runtime.{setting}: ray needs the optional package {RAY_REQUIREMENT}, which is not "
+    """Fails before any work when the Ray launcher's extra is not installed (the Ray task runner's is checked with
+    the other runners', tasks/sharding.check_task_runner), or the config names a cluster address where nothing
+    answers (Ray itself would retry for minutes)."""
+    if runtime.launcher == "ray" and runtime.num_processes > 1 and importlib.util.find_spec("ray") is None:
+        raise RaySetupError(f"runtime.launcher: ray needs the optional package {RAY_REQUIREMENT}, which is not "
                             f"installed: pip install 'rlhf-pipeline[ray]' (or pip install '{RAY_REQUIREMENT}')")
-    if runtime.ray_address:
+    if uses_ray(runtime) and runtime.ray_address:
         host, _, port = runtime.ray_address.removeprefix("ray://").rpartition(":")
         try:
             socket.create_connection((host, int(port)), timeout=10).close()

@@ -176,6 +176,19 @@ def test_a_missing_extra_fails_before_any_work_naming_the_setting_and_the_pip_co
     grpo(tiny_config(tiny_model_dir, iterations=1, runtime=RuntimeConfig(task_runner="ray", shards=1)))
 
 
+def test_the_ray_launcher_without_ray_installed_fails_naming_the_setting(monkeypatch):
+    """The launcher's own check; one process needs no launcher, so no Ray either."""
+    import importlib.util
+
+    from tasks.ray_cluster import RaySetupError, check_ray
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(RaySetupError, match=r"runtime.launcher: ray needs .*pip install 'rlhf-pipeline\[ray\]'"):
+        check_ray(RuntimeConfig(launcher="ray", num_processes=2))
+    check_ray(RuntimeConfig(launcher="ray", num_processes=1))
+
+
 def test_bad_sharding_settings_are_rejected_naming_the_field(monkeypatch, tmp_path):
     with pytest.raises(ValidationError, match="runtime.runner_address 'tcp://10.0.0.1:8786' names a Dask scheduler"):
         RuntimeConfig(runner_address="tcp://10.0.0.1:8786")
