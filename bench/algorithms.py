@@ -155,14 +155,13 @@ def reward_model_step(setup: Setup, stages: Stages) -> None:
 
 
 def prepare(algorithm: str, workload: Workload, device: str, precision: str) -> tuple[Setup, float]:
-    """The algorithm's models and inputs, and the model FLOPs of its update. precision "bf16" is what
-    `runtime.mixed_precision: bf16` does to the flows' models."""
+    """The algorithm's models and inputs, and the model FLOPs of its update. precision "bf16" or
+    "bf16-master" is what `runtime.mixed_precision` of that name does to the flows' models."""
     setup, flops = build(algorithm, workload, device)
     models = {id(m): m for m in (getattr(setup, name, None) for name in ("policy", "reference", "reward_model"))
               if m is not None}
     for model in models.values():
-        if precision == "bf16":
-            use_mixed_precision(model, device, "bf16")
+        use_mixed_precision(model, device, "no" if precision == "fp32" else precision)
     return setup, flops
 
 

@@ -19,6 +19,7 @@ import torch
 from bench.algorithms import autocast
 from bench.peak import matmul_peak, synchronize
 from bench.workloads import PAD_ID, WORKLOADS, body_params, causal_lm, token_rows
+from rlhf_core.allocator import keep_freed_memory
 from rlhf_core.generation import pad_sequences, sample_responses
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -55,6 +56,7 @@ def generated_tokens(responses: torch.Tensor, eos_ids: list[int]) -> int:
 
 
 def main() -> None:
+    keep_freed_memory()  # as every stage's process does (tasks/runtime.apply_runtime)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workload", default="smol", choices=list(WORKLOADS))
     parser.add_argument("--precision", default="fp32", choices=list(DTYPES))

@@ -24,9 +24,12 @@ import transformers
 
 from bench.algorithms import STEPS, measure
 from bench.peak import matmul_peak
+from rlhf_core.allocator import keep_freed_memory
 from bench.workloads import WORKLOADS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# a precision's name -> the matmul peak its MFU is measured against
+PRECISIONS = {"fp32": "fp32", "bf16": "bf16", "bf16-master": "bf16"}
 
 
 def run_one(algorithm: str, workload: str, precision: str, device: str, steps: int, warmup: int) -> dict:
@@ -80,8 +83,8 @@ def table(results: list[dict], peaks: dict[str, float]) -> str:
     for r in results:
         stages = " ".join(f"{k}={v:.2f}" for k, v in r["stages_s"].items())
         generated = f"{r['generated_tokens_per_s']:9.0f}" if "generated_tokens_per_s" in r else f"{'-':>9}"
-        mfu = r["update_flops_per_s"] / peaks[r["precision"]]
-        lines.append(f"{r['workload']:8} {r['algorithm']:12} {r['precision']:5} {r['step_s']:8.2f} "
+        mfu = r["update_flops_per_s"] / peaks[PRECISIONS[r["precision"]]]
+        lines.append(f"{r['workload']:8} {r['algorithm']:12} {r['precision']:11} {r['step_s']:8.2f} "
                      f"{r['stages_s']['update']:9.2f} {generated} {r['update_tokens_per_s']:9.0f} {mfu:6.1%} "
                      f"{r['peak_rss_mb']:7.0f}  {stages}")
     return "\n".join(lines)
@@ -118,7 +121,7 @@ def compare(before: dict, after: dict) -> str:
                 continue
             ratio = b / a if larger_is_better else a / b
             cells.append(f"{a:8.3g} -> {b:8.3g} {ratio:5.2f}x")
-        lines.append(f"{r['workload']:8} {r['algorithm']:12} {r['precision']:5} " + " ".join(cells))
+        lines.append(f"{r['workload']:8} {r['algorithm']:12} {r['precision']:11} " + " ".join(cells))
     return "\n".join(lines)
 
 
@@ -127,7 +130,7 @@ def main() -> int:
     parser.add_argument("--workloads", nargs="+", default=[w for w in WORKLOADS if w != "tiny"],
                         choices=list(WORKLOADS))
     parser.add_argument("--algorithms", nargs="+", default=list(STEPS), choices=list(STEPS))
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(PRECISIONS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1)
@@ -138,6 +141,7 @@ def main() -> int:
     parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
                         help="print the speed-ups between two --out files instead of running anything")
     args = parser.parse_args()
+    keep_freed_memory()  # as every stage's process does (tasks/runtime.apply_runtime); the peak's buffers too
     if args.compare:
         before, after = (json.loads(Path(path).read_text()) for path in args.compare)
         print(compare(before, after))
@@ -160,7 +164,7 @@ def main() -> int:
                                       "--device", args.device, "--steps", str(args.steps),
                                       "--warmup", str(args.warmup)], capture_output=True, text=True, check=True)
                 results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                results[-1]["mfu"] = results[-1]["update_flops_per_s"] / peaks[precision]
+                results[-1]["mfu"] = results[-1]["update_flops_per_s"] / peaks[PRECISIONS[precision]]
                 print(table(results[-1:], peaks).splitlines()[-1], flush=True)
     print("\n" + table(results, peaks))
     if args.out:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save_file
 
+from rlhf_core.allocator import keep_freed_memory
 from rlhf_core.batch import collate
 from rlhf_core.config import LoraConfig, RuntimeConfig
 from rlhf_core.config.training import LogprobPass, TrainingSetup, UpdateArgs
@@ -225,6 +226,7 @@ def run_job(job_path: str) -> None:
     """This rank's part of the job in JOB_PATH; a failure is reported in the job's folder, then re-raised. Also
     the body of a Ray Train worker (tasks/ray_cluster.py), whose process group Ray sets up and tears down."""
     job = JobFile.model_validate_json(Path(job_path).read_text()).job
+    keep_freed_memory()  # a training process: reuse each step's memory (rlhf_core/allocator.py)
     try:
         RUNS[job.kind](job)
     except BaseException as error:

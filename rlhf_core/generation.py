@@ -1,11 +1,14 @@
 """Batched sampling of responses with a KV cache.
 
-Departs from `model.generate` in two ways that matter for RL:
+Departs from `model.generate` in four ways that matter for RL:
 - every row samples from its own seeded generator (Gumbel-max), so a response depends on its seed and prompt
   only, not on which other rows share its batch: sharding or re-batching the rollout stage changes nothing (the
   generators live on the model's device: a seed gives one response on a CPU, another on a GPU, each reproducible);
 - the log-prob recorded for each sampled token is taken from the tempered distribution *before* top-p
-  truncation, which is the distribution the trainer's log-probs are computed from (same temperature).
+  truncation, which is the distribution the trainer's log-probs are computed from (same temperature);
+- a row that emits EOS leaves the batch (its KV-cache rows, mask, positions and generator are dropped), so a ragged
+  batch costs what its tokens cost, not rows x the longest response;
+- rows with the same prompt (a GRPO/PPO group) share one prompt pass, whose KV cache is copied to each of them.
 
 Layout (shared with `logprobs.py`): prompts are left-padded to P columns, responses right-padded to T columns,
 so every response starts at column P. The response mask keeps the EOS token: the policy must learn to stop.
@@ -71,43 +74,62 @@ def sample_responses(model, prompt_ids: list[list[int]], *, eos_ids: list[int], 
                      temperature: float, top_p: float, seeds: list[int] | None,
                      on_step: Callable[[], None] | None = None) -> Rollouts:
     """Sample one response per prompt. seeds: one per prompt (None: greedy decoding).
-    temperature 0 also means greedy; log-probs are then those of the untempered distribution."""
+    temperature 0 also means greedy; log-probs are then those of the untempered distribution.
+    Rows that emit EOS leave the batch for the following steps, so a ragged batch costs what its tokens cost; rows
+    with the same prompt share its prompt pass."""
     device = next(model.parameters()).device
     greedy = seeds is None or temperature == 0
     # on the model's device: a CPU generator would make every decode step wait for a host-to-device copy
     generators = None if greedy else [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     scale = 1.0 if temperature == 0 else temperature
-    input_ids, attention_mask = pad_sequences(prompt_ids, pad_id, "left", device)
+    unique, row_prompt = distinct_prompts(prompt_ids)
+    input_ids, attention_mask = pad_sequences(unique, pad_id, "left", device)  # [U, P]
     eos = torch.tensor(eos_ids, device=device)
     batch = len(prompt_ids)
 
-    step_input = input_ids
+    # [B, T] results; after its EOS a row keeps pad_id and log-prob 0, which `_to_rollouts` cuts off
+    token_matrix = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprob_matrix = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
+    rows = torch.arange(batch, device=device)  # [b]: the full-batch index of each row still decoded
+    step_input = input_ids  # [U, P] for the prompt pass, then [b, 1]
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = None
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, logprobs = [], []
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         out = model(input_ids=step_input, attention_mask=attention_mask.long(), position_ids=position_ids,
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        step_logprobs = torch.log_softmax(out.logits[:, -1].float() / scale, dim=-1)  # [B, V]
-        token = sample_tokens(step_logprobs, top_p, generators)
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
-        tokens.append(token)
-        logprobs.append(step_logprobs.gather(-1, token[:, None]).squeeze(-1))
-        alive = ~finished  # the token just sampled is real for rows alive before this step (EOS included)
-        finished = finished | torch.isin(token, eos)
+        cache, logits = out.past_key_values, out.logits[:, -1]  # [b, V]
+        if step == 0 and len(unique) < batch:  # rows sharing a prompt (a GRPO group): one prompt pass, copied
+            index = row_prompt.to(device)
+            cache.reorder_cache(index)
+            logits, attention_mask, position_ids = logits[index], attention_mask[index], position_ids[index]
+        step_logprobs = torch.log_softmax(logits.float() / scale, dim=-1)  # [b, V]
+        token = sample_tokens(step_logprobs, top_p, generators)  # [b]
+        token_matrix[rows, step] = token
+        logprob_matrix[rows, step] = step_logprobs.gather(-1, token[:, None]).squeeze(-1)
+        alive = ~torch.isin(token, eos)  # [b]: False where the row just emitted EOS (recorded above)
         if on_step is not None:  # progress reporting lives with the caller
             on_step()
-        if bool(finished.all()):
-            break
-        attention_mask = torch.cat([attention_mask, alive[:, None]], dim=-1)
+        if not bool(alive.all()):  # rows finished: drop them from the cache and every per-row input
+            if not bool(alive.any()):
+                break
+            keep = alive.nonzero().squeeze(-1)
+            cache.reorder_cache(keep)  # index_select on dim 0 of every layer's states, whatever the layer type
+            rows, token = rows[keep], token[keep]
+            attention_mask, position_ids = attention_mask[keep], position_ids[keep]
+            generators = None if generators is None else [generators[i] for i in keep.tolist()]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=-1)
         position_ids = position_ids[:, -1:] + 1
         step_input = token[:, None]
 
-    token_matrix = torch.stack(tokens, dim=1).cpu()  # [B, T]
-    logprob_matrix = torch.stack(logprobs, dim=1).float().cpu()  # [B, T]
-    return _to_rollouts(prompt_ids, token_matrix, logprob_matrix, set(eos_ids))
+    steps = step + 1
+    return _to_rollouts(prompt_ids, token_matrix[:, :steps].cpu(), logprob_matrix[:, :steps].cpu(), set(eos_ids))
+
+
+def distinct_prompts(prompt_ids: list[list[int]]) -> tuple[list[list[int]], Tensor]:
+    """The distinct prompts in order of first appearance, and each row's index among them -> ([U] prompts, [B])."""
+    index: dict[tuple[int, ...], int] = {}
+    rows = [index.setdefault(tuple(p), len(index)) for p in prompt_ids]
+    return [list(p) for p in index], torch.tensor(rows, dtype=torch.long)
 
 
 def _to_rollouts(prompt_ids: list[list[int]], tokens: Tensor, logprobs: Tensor, eos_ids: set[int]) -> Rollouts:

@@ -21,6 +21,7 @@ from rlhf_core.distributed import map_rows_across_ranks
 from rlhf_core.kl import importance_weighted_kl, kl_estimate
 from rlhf_core.logprobs import batched_response_logprobs, response_logprobs
 from rlhf_core.policy_losses import POLICY_LOSSES, aggregate, masked_mean, policy_metrics
+from rlhf_core.precision import compute_copies, compute_dtype
 from rlhf_core.update import Normalizers, run_update
 
 
@@ -98,9 +99,10 @@ def grpo_update(model, optimizer, batch: dict[str, Tensor], *, epochs: int, mini
     With a single step per batch the data is exactly on-policy (ratio 1) and no extra forward pass is needed;
     with several, the pre-update log-probs are computed once so later steps are clipped against them."""
     if epochs * mini_batches > 1:
-        batch = {**batch, "old_logprobs": map_rows_across_ranks(lambda rows: batched_response_logprobs(
-            model, rows, micro_batch_size=micro_batch_size, temperature=loss_kwargs["temperature"],
-            chunk_size=loss_kwargs["chunk_size"]), batch)}
+        with compute_copies(model, compute_dtype(model)):  # as the update computes them: its first ratio is 1
+            batch = {**batch, "old_logprobs": map_rows_across_ranks(lambda rows: batched_response_logprobs(
+                model, rows, micro_batch_size=micro_batch_size, temperature=loss_kwargs["temperature"],
+                chunk_size=loss_kwargs["chunk_size"]), batch)}
 
     def loss_fn(m, micro, norm):
         return grpo_loss(m, micro, norm, **loss_kwargs)

@@ -20,6 +20,7 @@ from rlhf_core.io import write_folder_atomically
 from rlhf_core.lora import adapter_folder
 from rlhf_core.model_files import (DEFAULT_MODEL, REGISTRY_PREFIX, ModelLoadError,  # noqa: F401 (re-exported)
                                    check_model_folder, safetensors_files, smollm2_gguf_path)
+from rlhf_core.precision import COMPUTE_DTYPE_ATTR
 
 PAD_TOKEN = "<|pad|>"
 
@@ -131,11 +132,14 @@ def use_mixed_precision(model: PreTrainedModel, device: str, mixed_precision: st
     """mixed_precision "bf16": the model's transformer runs under bfloat16 autocast (its matmuls in bf16, ~4x
     the fp32 matmul peak on CPUs with AVX512-BF16/AMX), while weights, gradients and the optimizer stay in the
     weights' dtype and the LM head and log-softmax stay in float32 (`logprobs_from_hidden`), so log-probs, ratios
-    and KL keep their precision. "no": unchanged."""
+    and KL keep their precision. "bf16-master": the same for passes without gradients (generation, scoring), and
+    the update computes on bf16 copies of the weights with fp32 masters (`rlhf_core.precision`). "no": unchanged."""
     if mixed_precision == "no":
         return model
     for module in {model, model.base_model}:  # generation calls the model, log-probs its backbone
         module.forward = torch.autocast(device.split(":")[0], dtype=torch.bfloat16)(module.forward)
+    if mixed_precision == "bf16-master":
+        setattr(model, COMPUTE_DTYPE_ATTR, torch.bfloat16)
     return model
 
 

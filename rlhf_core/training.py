@@ -19,6 +19,7 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from rlhf_core import dpo, grpo, kto, ppo, sft
 from rlhf_core import reward_model as rm
@@ -205,8 +206,12 @@ def prepare_training(model, lora, runtime: RuntimeConfig, modules_to_save: list[
 
 
 def adamw(parameter_groups: list[dict], lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
-    """Every algorithm's optimizer (and the benchmarks'); a group's own `lr` (PPO's value head) overrides `lr`."""
-    return torch.optim.AdamW(parameter_groups, lr=lr, weight_decay=weight_decay)
+    """Every algorithm's optimizer (and the benchmarks'); a group's own `lr` (PPO's value head) overrides `lr`.
+    Fused (one kernel over all tensors: 6x faster than foreach on a 2-core CPU, bench/results) except over FSDP's
+    sharded parameters (DTensors), which keep the foreach implementation."""
+    params = [p for group in parameter_groups for p in group["params"]]
+    fused = bool(params) and not any(isinstance(p, DTensor) for p in params)
+    return torch.optim.AdamW(parameter_groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def restore_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Path) -> None:

@@ -17,6 +17,7 @@ from torch import Tensor
 from rlhf_core.batch import ceil_div, length_sorted, select_rows
 from rlhf_core.distributed import global_sum, gradient_sync, local_value, rank, rank_share, world_size
 from rlhf_core.faults import kill_point
+from rlhf_core.precision import compute_copies, compute_dtype
 
 
 class NonFiniteError(FloatingPointError):
@@ -76,9 +77,13 @@ def check_weights_finite(params: list[Tensor], where: str) -> None:
 
 def check_state_finite(tensors: dict[str, Tensor], what: str) -> None:
     """Every tensor of a state about to be saved (weights, Adam's moments) is finite; else NonFiniteError naming
-    the first bad one. The last line of defence: no checkpoint with NaN/inf is ever written."""
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    the first bad one. The last line of defence: no checkpoint with NaN/inf is ever written. One fused norm per
+    tensor reads the state once (a finite norm means finite elements); only a tensor whose norm is not finite (NaN,
+    inf, or finite values whose squares overflow) is checked element by element."""
+    floating = {name: t for name, t in tensors.items() if t.is_floating_point() and t.numel()}
+    norms = torch._foreach_norm(list(floating.values())) if floating else []
+    for (name, tensor), norm in zip(floating.items(), norms):
+        if not torch.isfinite(norm) and not torch.isfinite(tensor).all():
             raise NonFiniteError(f"{what} {name!r} holds NaN or inf: no checkpoint is written")
 
 
@@ -104,6 +109,7 @@ def run_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     # gathered (unsharded) tensors there, which hold no gradient
     params = [p for group in optimizer.param_groups for p in group["params"]]
     generator = torch.Generator().manual_seed(seed)
+    dtype = compute_dtype(model)
     history = []
     for epoch in range(epochs):
         order = torch.randperm(num_rows, generator=generator)
@@ -114,23 +120,24 @@ def run_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
                 num_tokens=global_sum(batch.get("loss_mask", batch["response_mask"])[mini_rows].sum().item(), device))
             optimizer.zero_grad(set_to_none=True)
             totals: dict[str, float] = {}
-            shared = {} if mini_batch_stats is None else mini_batch_stats(
-                model, stats_rows(batch, all_rows.to(device), mini_rows))
-            in_order = length_sorted(batch, mini_rows) if sort_by_length else mini_rows
-            pieces = micro_batches(in_order, micro_batch_size,
-                                   forward_passes(len(all_rows), micro_batch_size, world_size()))
-            for micro_index, rows in enumerate(pieces):
-                # a padding pass (this rank has fewer rows than another) runs a real row with weight 0
-                weight = 0.0 if rows is None else float(world_size())
-                rows = all_rows[:1].to(device) if rows is None else rows
-                with gradient_sync(model, enabled=micro_index == len(pieces) - 1):
-                    loss, metrics = loss_fn(model, {**select_rows(batch, rows), **shared}, norm)
-                    check_finite(loss.detach(),
-                                 f"loss (epoch {epoch}, mini-batch {mini_index}, micro-batch {micro_index})")
-                    # DDP and FSDP average gradients over ranks; the normalisers already divide by global counts.
-                    (loss * weight).backward()
-                for key, value in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + global_sum(float(value) * (weight > 0), device)
+            with compute_copies(model, dtype):  # bf16-master: bf16 weights inside, fp32 weights and grads after
+                shared = {} if mini_batch_stats is None else mini_batch_stats(
+                    model, stats_rows(batch, all_rows.to(device), mini_rows))
+                in_order = length_sorted(batch, mini_rows) if sort_by_length else mini_rows
+                pieces = micro_batches(in_order, micro_batch_size,
+                                       forward_passes(len(all_rows), micro_batch_size, world_size()))
+                for micro_index, rows in enumerate(pieces):
+                    # a padding pass (this rank has fewer rows than another) runs a real row with weight 0
+                    weight = 0.0 if rows is None else float(world_size())
+                    rows = all_rows[:1].to(device) if rows is None else rows
+                    with gradient_sync(model, enabled=micro_index == len(pieces) - 1):
+                        loss, metrics = loss_fn(model, {**select_rows(batch, rows), **shared}, norm)
+                        check_finite(loss.detach(),
+                                     f"loss (epoch {epoch}, mini-batch {mini_index}, micro-batch {micro_index})")
+                        # DDP and FSDP average gradients over ranks; the normalisers already divide by global counts
+                        (loss * weight).backward()
+                    for key, value in metrics.items():
+                        totals[key] = totals.get(key, 0.0) + global_sum(float(value) * (weight > 0), device)
             grad_norm = local_value(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
             check_finite(grad_norm.detach(), f"gradient norm (epoch {epoch}, mini-batch {mini_index})")
             optimizer.step()

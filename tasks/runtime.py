@@ -8,6 +8,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from rlhf_core.allocator import keep_freed_memory
 from rlhf_core.config import LoraConfig, RuntimeConfig
 from rlhf_core.lora import adapter_disabled, adapter_folder, has_adapter
 from rlhf_core.models import load_lm, load_weights_in_place
@@ -37,7 +38,9 @@ def check_device(runtime: RuntimeConfig) -> None:
 
 
 def apply_runtime(runtime: RuntimeConfig) -> None:
-    """Process-wide settings a stage applies before loading a model."""
+    """Process-wide settings a stage applies before loading a model: torch's threads, and malloc keeping freed
+    memory for the next step (`rlhf_core.allocator`)."""
+    keep_freed_memory()
     if runtime.num_threads:
         torch.set_num_threads(runtime.num_threads)
 

@@ -14,7 +14,7 @@ TOY = Workload("toy", {**SMOL, "hidden_size": 32, "num_hidden_layers": 1, "num_a
 
 
 @pytest.mark.parametrize("algorithm", list(STEPS))
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-master"])
 def test_every_algorithm_runs_and_reports_its_stages(algorithm, precision):
     result = measure(algorithm, TOY, "cpu", precision, steps=1, warmup=0)
     assert "update" in result["stages_s"] and all(s >= 0 for s in result["stages_s"].values())
@@ -101,3 +101,19 @@ def test_ragged_generation_counts_tokens_up_to_the_first_eos_by_hand():
     eos = ragged_eos_ids(49152, 64)
     assert len(eos) == round(49152 * (1 - 0.5 ** (1 / 64))) == 529 and PAD_ID not in eos
     assert (1 - len(eos) / 49152) ** 64 == pytest.approx(0.5, abs=0.01)  # half the rows reach the end
+
+
+def test_the_trl_comparison_feeds_texts_of_the_workloads_token_lengths(tokenizer_dir):
+    """bench.trl_dpo gives TRL texts that tokenize to the workload's lengths (TRL then appends EOS to each
+    response), so both sides train on sequences of the same shape; TRL itself is not needed for this."""
+    from transformers import AutoTokenizer
+
+    from bench.trl_dpo import pair_texts
+    from bench.workloads import WORKLOADS
+
+    w = WORKLOADS["smol"]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rows = pair_texts(tokenizer, w)
+    lengths = {k: len(tokenizer.encode(v, add_special_tokens=False)) for k, v in rows[0].items()}
+    assert len(rows) == w.prompts
+    assert lengths == {"prompt": w.prompt_len, "chosen": w.response_len - 1, "rejected": w.response_len - 1}

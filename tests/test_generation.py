@@ -147,6 +147,87 @@ def test_sample_responses_is_batch_invariant(tiny_model, prompts):
                                    torch.tensor(together.sampling_logprobs[i]), atol=1e-5, rtol=0)
 
 
+def test_finished_rows_leave_the_batch_without_changing_any_row(tiny_model, prompts):
+    # 6 rows; EOS = tokens the free run sampled mid-way, so rows leave the batch at different steps
+    batch, seeds = prompts * 2, [101, 102, 103, 104, 105, 106]
+    free = _sample(tiny_model, batch, seeds, top_p=0.95)  # the real EOS, never emitted: no row leaves
+    assert [len(r) for r in free.response_ids] == [8] * 6
+    eos_ids = [tiny_model[1].eos_token_id] + [free.response_ids[r][s] for r, s in ((0, 1), (2, 3), (4, 5))]
+    lengths = [next((i + 1 for i, t in enumerate(r) if t in eos_ids), 8) for r in free.response_ids]
+    assert 8 in lengths and len({n for n in lengths if n < 8}) >= 2  # ragged: several compactions, some rows run on
+
+    stopped = _sample(tiny_model, batch, seeds, eos_ids=eos_ids, top_p=0.95)
+    assert stopped.response_ids == [r[:n] for r, n in zip(free.response_ids, lengths)]
+    assert stopped.finished == [r[n - 1] in eos_ids for r, n in zip(free.response_ids, lengths)]
+    alone = [_sample(tiny_model, [p], [s], eos_ids=eos_ids, top_p=0.95) for p, s in zip(batch, seeds)]
+    assert [a.response_ids[0] for a in alone] == stopped.response_ids  # batch of 1: nothing to compact
+    assert [a.finished[0] for a in alone] == stopped.finished
+
+    def flat(rollouts) -> torch.Tensor:
+        return torch.tensor([lp for row in rollouts for lp in row])
+
+    # the self-difference: the batch without early stop vs its rows alone (other shapes, same decode)
+    free_alone = [_sample(tiny_model, [p], [s], top_p=0.95) for p, s in zip(batch, seeds)]
+    self_difference = (flat(free.sampling_logprobs) - flat([a.sampling_logprobs[0] for a in free_alone])).abs().max()
+    compacted = flat(stopped.sampling_logprobs)
+    difference = (compacted - flat([a.sampling_logprobs[0] for a in alone])).abs().max()
+    assert_close_to_reference(float(difference), float(self_difference), "compacted batch vs rows alone",
+                              floor=float32_floor(compacted))
+
+
+def test_finished_rows_stop_costing_compute(tiny_model, prompts):
+    model, _ = tiny_model
+    seeds = [11, 22, 33]
+    eos_ids, _ = _ragged_eos_ids(tiny_model, prompts, seeds)  # rows stop after 2, 5 and 8 tokens
+    fed = []  # per forward: (input rows, attention-mask rows, KV-cache rows or None)
+
+    def count(_module, _args, kwargs):
+        cache = kwargs["past_key_values"]
+        fed.append((kwargs["input_ids"].shape[0], kwargs["attention_mask"].shape[0],
+                    None if cache is None else cache.layers[0].keys.shape[0]))
+
+    hook = model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        rollouts = _sample(tiny_model, prompts, seeds, eos_ids=eos_ids)
+    finally:
+        hook.remove()
+    lengths = [len(r) for r in rollouts.response_ids]
+    assert lengths == [2, 5, 8]
+    rows = [n for n, _, _ in fed]
+    # forward k samples token k of every row still running: the prompt pass, then one row fewer as each finishes
+    assert rows == [3, 3, 2, 2, 2, 1, 1, 1]
+    assert sum(rows) == sum(lengths) < len(prompts) * 8  # what the tokens cost, not B x steps
+    assert all(mask == n for n, mask, _ in fed) and fed[0][2] is None
+    assert [cached for _, _, cached in fed[1:]] == rows[1:]  # the KV cache shrinks with the batch
+
+
+def test_rows_sharing_a_prompt_share_one_prompt_pass(tiny_model, prompts):
+    """A GRPO group: rows with the same prompt run its prompt pass once (3 distinct prompts, not 7 rows), and each
+    row samples what it samples alone."""
+    from rlhf_core.generation import distinct_prompts
+
+    grouped = [prompts[0]] * 3 + [prompts[1]] * 2 + [prompts[2], prompts[0]]
+    unique, row_prompt = distinct_prompts(grouped)
+    assert unique == prompts and row_prompt.tolist() == [0, 0, 0, 1, 1, 2, 0]
+    model, _ = tiny_model
+    prompt_pass = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: prompt_pass.append(kwargs["input_ids"].shape) if not prompt_pass else None,
+        with_kwargs=True)
+    seeds = list(range(100, 107))
+    try:
+        together = _sample(tiny_model, grouped, seeds)
+    finally:
+        hook.remove()
+    assert prompt_pass[0][0] == 3
+    assert len(set(map(tuple, together.response_ids[:3]))) == 3  # one prompt, three seeds: three samples
+    for i, (prompt, seed) in enumerate(zip(grouped, seeds)):
+        alone = _sample(tiny_model, [prompt], [seed])
+        assert alone.response_ids[0] == together.response_ids[i]
+        torch.testing.assert_close(torch.tensor(alone.sampling_logprobs[0]),
+                                   torch.tensor(together.sampling_logprobs[i]), atol=1e-5, rtol=0)
+
+
 def test_sample_responses_seeds_reproduce_and_differ(tiny_model, prompts):
     first = _sample(tiny_model, prompts, [1, 2, 3])
     again = _sample(tiny_model, prompts, [1, 2, 3])

@@ -268,6 +268,11 @@ def test_weights_made_infinite_by_the_optimizer_stop_the_update_after_that_step(
 
 def test_a_state_with_nan_or_inf_is_never_saved():
     check_state_finite({"w": torch.ones(3), "step": torch.tensor(4)}, "weight")
+    # finite values whose squares overflow the fused norm pass; so do other dtypes and empty tensors
+    check_state_finite({"big": torch.full((4,), 3e38), "half": torch.ones(2, dtype=torch.bfloat16),
+                        "empty": torch.ones(0)}, "weight")
+    with pytest.raises(NonFiniteError, match="'b'"):
+        check_state_finite({"a": torch.ones(2), "b": torch.tensor([3e38, float("inf")], dtype=torch.bfloat16)}, "w")
     for bad in (float("nan"), float("inf")):
         with pytest.raises(NonFiniteError, match="optimizer state '0.exp_avg_sq' holds NaN or inf"):
             check_state_finite({"0.exp_avg": torch.ones(2), "0.exp_avg_sq": torch.tensor([1.0, bad])},

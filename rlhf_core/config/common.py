@@ -85,9 +85,11 @@ class RuntimeConfig(_Config):
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and compute dtype")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
-    mixed_precision: Literal["no", "bf16"] = Field("no", description=(
+    mixed_precision: Literal["no", "bf16", "bf16-master"] = Field("no", description=(
         "bf16: the transformer's matmuls under bfloat16 autocast (weights, optimizer, LM head and log-probs stay in "
-        "dtype); for CPUs with AVX512-BF16/AMX and GPUs with bf16"))
+        "dtype); bf16-master: the update computes on bf16 copies of the weights made once per optimizer step, "
+        "gradients accumulated in fp32, fp32 master weights and optimizer (faster on CPUs; one process); for CPUs "
+        "with AVX512-BF16/AMX and GPUs with bf16"))
     gradient_checkpointing: bool = Field(False, description=(
         "recompute each layer's activations in the backward pass: less memory, ~30% more update time"))
     num_processes: int = Field(1, ge=1, le=1024, description=(
@@ -128,6 +130,9 @@ class RuntimeConfig(_Config):
             hint = "use runtime.ray_address for Ray" if self.task_runner == "ray" else "set task_runner to dask"
             raise ValueError(f"runtime.runner_address {self.runner_address!r} names a Dask scheduler, but "
                              f"runtime.task_runner is {self.task_runner!r}: {hint}")
+        if self.mixed_precision == "bf16-master" and (self.num_processes > 1 or self.dtype != "float32"):
+            raise ValueError("runtime.mixed_precision 'bf16-master' needs num_processes 1 and dtype float32 (its "
+                             "masters); with DDP or FSDP use 'bf16'")
         if self.ray_address and self.launcher != "ray" and self.task_runner != "ray":
             raise ValueError(f"runtime.ray_address {self.ray_address!r} names a Ray cluster, but neither "
                              "runtime.launcher nor runtime.task_runner is 'ray'")
