@@ -24,8 +24,8 @@ import transformers
 
 from bench.algorithms import STEPS, measure
 from bench.peak import matmul_peak
-from rlhf_core.allocator import keep_freed_memory
 from bench.workloads import WORKLOADS
+from rlhf_core.allocator import keep_freed_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # a precision's name -> the matmul peak its MFU is measured against

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters (malloc.h)
@@ -21,9 +22,10 @@ TOP_PAD = 512 * 1024 * 1024  # heap growth per brk, so a step's allocations rare
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: free memory at the heap's top is kept up to 2 GiB
 
 
+@functools.cache  # once per process: every stage calls it (tasks.runtime.apply_runtime)
 def keep_freed_memory() -> bool:
     """Tune glibc's malloc as above, for the rest of this process; True if it applied (False on another libc or
-    OS, where nothing changes). Safe to call more than once."""
+    OS, where nothing changes)."""
     if not sys.platform.startswith("linux"):
         return False
     try:

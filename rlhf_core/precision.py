@@ -27,14 +27,16 @@ def compute_dtype(model: torch.nn.Module) -> torch.dtype | None:
 def compute_copies(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
     """Inside: every floating-point parameter of `model` holds a `dtype` copy of its weights (frozen ones too, so
     no matmul mixes dtypes), and each trainable one's gradient accumulates in fp32 beside it. On exit the fp32
-    weights are back and each trainable parameter's `.grad` is the fp32 sum of the gradients computed inside.
+    weights are back and each trainable parameter's `.grad` is the fp32 sum of the gradients computed inside (added
+    to the one it had before, if any).
     A no-op when dtype is None. Tied parameters are one Parameter, so they stay tied."""
     if dtype is None:
         yield
         return
     params = list({id(p): p for p in model.parameters() if p.is_floating_point() and p.dtype != dtype}.values())
     masters = [p.data for p in params]
-    grads = {}  # id(param) -> fp32 gradient, created at its first micro-batch
+    # id(param) -> fp32 gradient: a gradient from before (none under run_update), or the first micro-batch's
+    grads = {id(p): p.grad for p in params if p.grad is not None}
 
     def add_to_fp32(param: torch.Tensor) -> None:
         fp32 = grads.get(id(param))
@@ -45,7 +47,6 @@ def compute_copies(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterato
         param.grad = None
 
     handles = [p.register_post_accumulate_grad_hook(add_to_fp32) for p in params if p.requires_grad]
-    earlier = {id(p): p.grad for p in params}  # gradients from before (none under run_update: set to None)
     for p in params:
         p.grad = None
         p.data = p.data.to(dtype)
@@ -56,6 +57,4 @@ def compute_copies(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterato
             handle.remove()
         for p, master in zip(params, masters):
             p.data = master
-            fp32 = grads.get(id(p))
-            before = earlier[id(p)]
-            p.grad = fp32 if before is None else (before if fp32 is None else before + fp32)
+            p.grad = grads.get(id(p))

@@ -87,6 +87,28 @@ def check_state_finite(tensors: dict[str, Tensor], what: str) -> None:
             raise NonFiniteError(f"{what} {name!r} holds NaN or inf: no checkpoint is written")
 
 
+def accumulate_gradients(model: torch.nn.Module, batch: dict[str, Tensor], loss_fn: LossFn, norm: Normalizers,
+                         shared: dict[str, Tensor], pieces: list[Tensor | None], padding_row: Tensor,
+                         where: str) -> dict[str, float]:
+    """Forward and backward of each micro-batch of rows in `pieces` (None: a padding pass, `padding_row` at weight
+    0), each with the mini-batch's `shared` statistics, gradients accumulating; the cross-rank reduction runs in
+    the last one. -> the loss's metrics summed over the micro-batches and ranks."""
+    device = padding_row.device
+    totals: dict[str, float] = {}
+    for micro_index, rows in enumerate(pieces):
+        # a padding pass (this rank has fewer rows than another) runs a real row with weight 0
+        weight = 0.0 if rows is None else float(world_size())
+        rows = padding_row if rows is None else rows
+        with gradient_sync(model, enabled=micro_index == len(pieces) - 1):
+            loss, metrics = loss_fn(model, {**select_rows(batch, rows), **shared}, norm)
+            check_finite(loss.detach(), f"loss ({where}, micro-batch {micro_index})")
+            # DDP and FSDP average gradients over ranks; the normalisers already divide by global counts.
+            (loss * weight).backward()
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + global_sum(float(value) * (weight > 0), device)
+    return totals
+
+
 def run_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Tensor], loss_fn: LossFn,
                *, epochs: int, mini_batches: int, micro_batch_size: int, max_grad_norm: float,
                seed: int, on_step: Callable[[dict[str, float]], None] | None = None,
@@ -119,25 +141,14 @@ def run_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
                 num_seqs=global_sum(len(mini_rows), device),
                 num_tokens=global_sum(batch.get("loss_mask", batch["response_mask"])[mini_rows].sum().item(), device))
             optimizer.zero_grad(set_to_none=True)
-            totals: dict[str, float] = {}
             with compute_copies(model, dtype):  # bf16-master: bf16 weights inside, fp32 weights and grads after
                 shared = {} if mini_batch_stats is None else mini_batch_stats(
                     model, stats_rows(batch, all_rows.to(device), mini_rows))
                 in_order = length_sorted(batch, mini_rows) if sort_by_length else mini_rows
                 pieces = micro_batches(in_order, micro_batch_size,
                                        forward_passes(len(all_rows), micro_batch_size, world_size()))
-                for micro_index, rows in enumerate(pieces):
-                    # a padding pass (this rank has fewer rows than another) runs a real row with weight 0
-                    weight = 0.0 if rows is None else float(world_size())
-                    rows = all_rows[:1].to(device) if rows is None else rows
-                    with gradient_sync(model, enabled=micro_index == len(pieces) - 1):
-                        loss, metrics = loss_fn(model, {**select_rows(batch, rows), **shared}, norm)
-                        check_finite(loss.detach(),
-                                     f"loss (epoch {epoch}, mini-batch {mini_index}, micro-batch {micro_index})")
-                        # DDP and FSDP average gradients over ranks; the normalisers already divide by global counts
-                        (loss * weight).backward()
-                    for key, value in metrics.items():
-                        totals[key] = totals.get(key, 0.0) + global_sum(float(value) * (weight > 0), device)
+                totals = accumulate_gradients(model, batch, loss_fn, norm, shared, pieces, all_rows[:1].to(device),
+                                              f"epoch {epoch}, mini-batch {mini_index}")
             grad_norm = local_value(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
             check_finite(grad_norm.detach(), f"gradient norm (epoch {epoch}, mini-batch {mini_index})")
             optimizer.step()
